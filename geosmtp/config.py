@@ -1,0 +1,301 @@
+"""Load geosmtp's TOML configuration and validate it once, reporting every error by key.
+
+Only `server` and `cli` read this module; every other part gets plain values in its
+constructor, so tests build them without a file.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from geosmtp.protocol import PathError, parse_address
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists one line per bad key."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """`30`, `30s`, `5m`, `4h`, `5d` → seconds. Used for every time value in the file."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    else:
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: object) -> int:
+    """`10485760`, `"10M"`, `"512k"` → bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 10485760 or \"10M\"")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    else:
+        raise ValueError("expected a size such as 10485760 or \"10M\"")
+    if size <= 0:
+        raise ValueError("must be greater than zero")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    spool_dir: Path = Path("./var/spool")
+    # RFC 5321 2.3.8: lines end in CRLF. A bare LF or CR in DATA is rejected (550 5.6.0), or
+    # with "normalize" rewritten to CRLF. The end of data is <CRLF>.<CRLF> either way.
+    bare_newline: Literal["reject", "normalize"] = "reject"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", v):
+            raise ValueError("must be a host name such as mail.example.com")
+        return v.lower()
+
+
+class ListenerConfig(_Section):
+    name: str
+    address: str
+    mode: Literal["smtp", "submission"] = "smtp"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        split_hostport(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.address)[1]
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """`"127.0.0.1:2525"`, `"[::1]:25"` → (host, port); ValueError otherwise."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    if not m:
+        raise ValueError('must be "host:port", e.g. "127.0.0.1:2525" or "[::1]:2525"')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError("port must be 1-65535")
+    return host, port
+
+
+class LimitsConfig(_Section):
+    max_message_size: Size = 36_700_160  # 35 MiB
+    max_recipients: int = Field(100, ge=100)  # RFC 5321 4.5.3.1.8: at least 100
+    max_line_length: int = Field(10_000, ge=1000)  # RFC 5321 4.5.3.1.6 allows no fewer than 1000
+    command_timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    data_timeout: Duration = 180.0  # RFC 5321 4.5.3.2.5: data block 3 minutes
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_ip: int = Field(20, ge=1)
+    max_errors: int = Field(20, ge=1)
+
+
+def _address_key(value: str, where: str) -> str:
+    try:
+        addr = parse_address(value, allow_utf8=True)
+    except PathError as exc:
+        raise ValueError(f"{where} {value!r}: {exc.reason}") from None
+    return addr.key
+
+
+class LocalConfig(_Section):
+    domains: list[str] = []
+    maildir_root: Path = Path("./var/mail")
+    users: list[str] = []
+    aliases: dict[str, list[str]] = {}
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        out = []
+        for d in v:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", d):
+                raise ValueError(f"{d!r} is not a domain name")
+            out.append(d.lower())
+        return out
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, v: list[str]) -> list[str]:
+        out = []
+        for u in v:
+            key = _address_key(u, "user")
+            local = key.rpartition("@")[0]
+            # the local part becomes a directory name under maildir_root/<domain>/
+            if local.startswith(".") or "/" in local or "\0" in local:
+                raise ValueError(f"user {u!r}: local part cannot be a mailbox directory name")
+            out.append(key)
+        return out
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for name, targets in v.items():
+            if not targets:
+                raise ValueError(f"alias {name!r} has no targets")
+            out[_address_key(name, "alias")] = [_address_key(t, "alias target") for t in targets]
+        return out
+
+    @model_validator(mode="after")
+    def _all_local(self) -> "LocalConfig":
+        for addr in [*self.users, *self.aliases]:
+            if addr.rpartition("@")[2] not in self.domains:
+                raise ValueError(f"{addr!r} is not in one of local.domains")
+        for name, targets in self.aliases.items():
+            for t in targets:
+                if t.rpartition("@")[2] in self.domains and t not in self.users and t not in self.aliases:
+                    raise ValueError(f"alias {name!r}: {t!r} is neither a user nor an alias")
+        return self
+
+
+def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(value, str):
+        raise ValueError("expected a CIDR string such as \"127.0.0.0/8\"")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network such as \"127.0.0.0/8\"") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+
+
+class RelayConfig(_Section):
+    trusted_networks: list[Network] = []
+
+
+class QueueConfig(_Section):
+    concurrency: int = Field(20, ge=1, le=1000)
+    # RFC 5321 4.5.4.1: retry at least 30 minutes apart, give up after 4-5 days. Postfix starts
+    # at 5 minutes and doubles; the last interval repeats.
+    retry_schedule: list[Duration] = [300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0, 14400.0]
+    max_lifetime: Duration = 5 * 86400.0
+    scan_interval: Duration = 30.0  # how often deferred/ is looked at
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("needs at least one interval")
+        return v
+
+
+class LogConfig(_Section):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    file: Path | None = None
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    listener: list[ListenerConfig] = Field(min_length=1)
+    limits: LimitsConfig = LimitsConfig()
+    local: LocalConfig = LocalConfig()
+    relay: RelayConfig = RelayConfig()
+    queue: QueueConfig = QueueConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _unique_listeners(self) -> "Config":
+        names = [item.name for item in self.listener]
+        if len(names) != len(set(names)):
+            raise ValueError("listener names must be unique")
+        addresses = [item.address for item in self.listener]
+        if len(addresses) != len(set(addresses)):
+            raise ValueError("two listeners cannot share an address")
+        return self
+
+
+def _where(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def validate(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{_where(err['loc'])}: {msg}")
+        raise ConfigError(source, problems) from None
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file; ConfigError lists every problem at once."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return validate(data, str(path))

@@ -1,0 +1,198 @@
+"""The byte stream of one SMTP connection: bounded line reads, the DATA reader, buffered writes.
+
+Every read is bounded in size and time. Replies are buffered and flushed only before a read
+would block, which is what RFC 2920 (PIPELINING) asks of a server. The session owns one
+Connection; a STARTTLS upgrade replaces the socket and throws the old buffer away.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+
+import gevent
+
+RECV_SIZE = 256 * 1024
+# A command line longer than the limit is discarded up to its LF; past this much discarded
+# input with no LF at all, the client is not speaking SMTP and is disconnected.
+FLOOD_LIMIT = 64 * 1024
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection or the socket failed."""
+
+
+class ReadTimeout(Exception):
+    """No complete command (or no DATA bytes) within the allowed time."""
+
+
+class LineTooLong(Exception):
+    """A line over the limit; it has been read and discarded through its end."""
+
+
+class LineFlood(Exception):
+    """Far too much input without a line end; the connection should be closed."""
+
+
+class BareNewline(Exception):
+    """A command line ended in a bare LF, or held a lone CR; it has been consumed."""
+
+
+@dataclass(slots=True)
+class DataResult:
+    size: int  # octets of the message after dot-unstuffing (what was given to the sink)
+    problem: str | None  # None, "size", "line" or "bare": the message must not be queued
+
+
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+
+
+class Connection:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+
+    # -- output -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                self.sock.sendall(data)
+            except (OSError, socket.timeout) as exc:
+                raise ConnectionClosed(str(exc)) from None
+
+    # -- input ------------------------------------------------------------------------------
+    def pending(self) -> int:
+        """Bytes received but not yet consumed (pipelined input, or injected before TLS)."""
+        return len(self._buf)
+
+    def discard_pending(self) -> int:
+        n = len(self._buf)
+        self._buf.clear()
+        return n
+
+    def _fill(self) -> None:
+        self.flush()  # never wait for input while the client may be waiting for our replies
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            raise ReadTimeout() from None
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        if not data:
+            raise ConnectionClosed("closed by peer")
+        self._buf += data
+
+    def read_line(self, limit: int, timeout: float) -> bytes:
+        """One line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4: 512).
+
+        The whole line must arrive within `timeout` seconds, however slowly it drips.
+        """
+        try:
+            with gevent.Timeout(timeout, ReadTimeout):
+                return self._read_line(limit)
+        except ReadTimeout:
+            raise ReadTimeout() from None
+
+    def _read_line(self, limit: int) -> bytes:
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n", 0, limit)
+            if end >= 0:
+                line = bytes(buf[: end + 1])
+                del buf[: end + 1]
+                if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                    raise BareNewline()
+                return line[:-2]
+            if len(buf) >= limit:
+                self._discard_line()
+                raise LineTooLong()
+            self._fill()
+
+    def _discard_line(self) -> None:
+        discarded = 0
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0:
+                del buf[: end + 1]
+                return
+            discarded += len(buf)
+            buf.clear()
+            if discarded > FLOOD_LIMIT:
+                raise LineFlood()
+            self._fill()
+
+    def read_data(self, sink, max_size: int, max_line: int, normalize: bool, timeout: float) -> DataResult:
+        """Read a DATA body through <CRLF>.<CRLF> and hand it, unstuffed, to sink(bytes).
+
+        Only CR LF "." CR LF ends the message (RFC 5321 4.1.1.4): a bare LF or CR never does,
+        so "\\n.\\n" and its cousins cannot smuggle a second message. A bare LF or CR makes the
+        message fail (problem "bare") unless `normalize` turns them into CRLF. Past `max_size`
+        or a line over `max_line` (counting CRLF) the rest is read and dropped, so the reply
+        comes at the end of the data. Memory stays at one receive buffer whatever the size.
+        `timeout` bounds the wait for each piece of the body.
+        """
+        size = 0
+        problem: str | None = None
+        tail = b"\r\n"  # the two bytes before the current block: DATA<CRLF> ended a line
+        buf = self._buf
+        self.flush()
+        old_timeout = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                end = buf.rfind(b"\n") + 1
+                if not end:
+                    if len(buf) > max_line:  # a line over the limit with no end in sight
+                        problem = problem or "line"
+                        tail = bytes(buf[-2:])
+                        buf.clear()
+                    self._fill()
+                    continue
+                block = bytes(buf[:end])
+                found = (tail + block).find(b"\r\n.\r\n")
+                if found >= 0:
+                    content = block[:found]
+                    del buf[: found + 3]
+                else:
+                    content = block
+                    del buf[:end]
+                    tail = (tail + block)[-2:]
+                if problem is None and content:
+                    problem, content = self._check(content, max_line, normalize)
+                if problem is None:
+                    size += len(content)
+                    if size > max_size:
+                        problem = "size"
+                    elif content:
+                        sink(content)
+                if found >= 0:
+                    return DataResult(size, problem)
+                if not buf or b"\n" not in buf:
+                    self._fill()
+        finally:
+            try:
+                self.sock.settimeout(old_timeout)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _check(content: bytes, max_line: int, normalize: bool) -> tuple[str | None, bytes]:
+        """Whole complete lines → (problem, unstuffed lines). C-speed scans, no per-line loop."""
+        crlf = content.count(b"\r\n")
+        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            if not normalize:
+                return "bare", content
+            content = _ANY_NEWLINE.sub(b"\r\n", content)
+        if len(content) > max_line and max(map(len, content.split(b"\n"))) > max_line - 1:
+            return "line", content
+        # RFC 5321 4.5.2: a line that begins with "." had one more "." added by the client
+        if content[:1] == b".":
+            content = content[1:]
+        return None, content.replace(b"\r\n.", b"\r\n")

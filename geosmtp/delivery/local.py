@@ -1,0 +1,96 @@
+"""Local delivery: write a spooled message into a user's Maildir.
+
+<maildir_root>/<domain>/<localpart>/{tmp,new,cur}, with LF line ends and Return-Path: and
+Delivered-To: on top. The file is written in tmp/, fsynced, renamed into new/, and new/ is
+fsynced. The name is derived from the queue id and the recipient, so a delivery repeated
+after a crash renames over its own earlier copy instead of adding a second one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from geosmtp import safeio
+from geosmtp.envelope import Envelope
+from geosmtp.replies import Reply
+
+COPY_CHUNK = 1024 * 1024
+
+DELIVERED = Reply(250, "2.0.0", "Delivered to mailbox")
+NO_MAILBOX = Reply(550, "5.1.1", "Mailbox does not exist")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full or disk full")
+MAILBOX_ERROR = Reply(451, "4.3.0", "Mailbox write failed")
+
+
+def _direct(fn, *args):
+    return fn(*args)
+
+
+def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
+    # Maildir convention: time.unique.host, with "/" and ":" in the host escaped
+    host = hostname.replace("/", "\\057").replace(":", "\\072")
+    return f"{int(envelope.created)}.Q{envelope.id}R{index}.{host}"
+
+
+def copy_as_lf(src: Path, fd: int) -> None:
+    """Copy the spooled CRLF message to fd with LF line ends (the Maildir convention)."""
+    carry = b""
+    with open(src, "rb") as fh:
+        while chunk := fh.read(COPY_CHUNK):
+            chunk = carry + chunk
+            carry = b"\r" if chunk.endswith(b"\r") else b""
+            if carry:
+                chunk = chunk[:-1]
+            safeio.write_all(fd, chunk.replace(b"\r\n", b"\n"))
+    if carry:
+        safeio.write_all(fd, carry)
+
+
+class MaildirDelivery:
+    def __init__(self, root: str | os.PathLike, hostname: str, users: frozenset[str], run: Callable = _direct):
+        self.root = Path(root)
+        self.hostname = hostname
+        self.users = users
+        self.run = run
+
+    def mailbox(self, address: str) -> Path:
+        local, _, domain = address.lower().rpartition("@")
+        return self.root / domain / local
+
+    def deliver(self, envelope: Envelope, index: int, message: Path, redelivery: bool) -> Reply:
+        """Deliver to envelope.recipients[index]; a Reply: 2xx done, 4xx retry, 5xx failed."""
+        rcpt = envelope.recipients[index]
+        if rcpt.address.lower() not in self.users:
+            return NO_MAILBOX
+        header = (
+            f"Return-Path: <{envelope.sender}>\nDelivered-To: {rcpt.address}\n"
+        ).encode("utf-8")
+        name = maildir_name(envelope, index, self.hostname)
+        try:
+            self.run(self._write, self.mailbox(rcpt.address), name, header, message, redelivery)
+        except OSError as exc:
+            return MAILBOX_FULL if exc.errno in safeio.FULL_ERRNOS else MAILBOX_ERROR
+        return DELIVERED
+
+    @staticmethod
+    def _write(box: Path, name: str, header: bytes, message: Path, redelivery: bool) -> None:
+        if not (box / "new").is_dir():
+            for sub in ("tmp", "new", "cur"):
+                (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            for folder in (box, box.parent, box.parent.parent):  # make the new folders durable
+                safeio.fsync_path(folder)
+        if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(box / "cur")):
+            return  # delivered before the crash and already seen by the user's mail reader
+        tmp = box / "tmp" / name
+        safeio.unlink_quietly(tmp)  # left by a crash mid-write
+        fd = safeio.create(tmp)
+        try:
+            safeio.write_all(fd, header)
+            copy_as_lf(message, fd)
+        except BaseException:
+            os.close(fd)
+            safeio.unlink_quietly(tmp)
+            raise
+        safeio.finish(fd, tmp, box / "new" / name)
+        safeio.fsync_path(box / "new")

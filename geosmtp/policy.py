@@ -1,0 +1,87 @@
+"""Pure decisions: who may send, who may relay, which local recipients exist.
+
+Functions of plain facts that return a verdict (a Reply to refuse, or None to go on). No
+sockets, no configuration files: each rule is tested table by table.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from geosmtp import replies
+from geosmtp.protocol import Address
+from geosmtp.replies import Reply
+
+MAX_EXPANSION = 1000  # recipients one address may expand to through aliases
+
+
+@dataclass(frozen=True)
+class ClientFacts:
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    mode: str  # the listener's role: "smtp" (MX) or "submission"
+    trusted: bool  # inside [relay] trusted_networks
+    auth_user: str | None = None
+
+
+def is_trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Iterable) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+@dataclass(frozen=True)
+class LocalDirectory:
+    """The local domains, the mailboxes that exist and the aliases (all keys lower-case)."""
+
+    domains: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def is_local(self, domain: str) -> bool:
+        return domain.lower() in self.domains
+
+    def primary_domain(self) -> str | None:
+        return min(self.domains) if self.domains else None
+
+    def expand(self, key: str) -> list[str] | None:
+        """A local address → the mailboxes and remote addresses it delivers to, or None if it
+        does not exist. An alias may name itself to keep a copy in its own mailbox."""
+        if key not in self.aliases and key not in self.users:
+            return None
+        out: list[str] = []
+        stack: list[tuple[str, frozenset[str]]] = [(key, frozenset())]
+        while stack and len(out) < MAX_EXPANSION:
+            addr, seen = stack.pop()
+            if addr in self.aliases and addr not in seen:
+                stack.extend((t, seen | {addr}) for t in reversed(self.aliases[addr]))
+            elif addr not in out and (addr in self.users or not self.is_local(addr.rpartition("@")[2])):
+                out.append(addr)
+        return out
+
+
+def check_mail(client: ClientFacts) -> Reply | None:
+    if client.mode == "submission" and client.auth_user is None:
+        return replies.AUTH_REQUIRED
+    return None
+
+
+def resolve_rcpt(client: ClientFacts, rcpt: Address, local: LocalDirectory) -> Reply | list[str]:
+    """RCPT verdict: a refusal, or the delivery addresses the recipient stands for.
+
+    Local domains take mail from anyone (the MX role). Any other domain, an address literal
+    included, is relayed only for a trusted network or an authenticated client. Source routes
+    were stripped by the parser and "%" or "!" are just local-part characters here, so they
+    can only name a local mailbox, never open a relay.
+    """
+    if rcpt.domain == "":  # RCPT TO:<postmaster>, RFC 5321 4.5.1
+        domain = local.primary_domain()
+        if domain is None:
+            return replies.UNKNOWN_USER
+        rcpt = Address("postmaster", domain)
+    if local.is_local(rcpt.domain):
+        targets = local.expand(rcpt.key)
+        return replies.UNKNOWN_USER if not targets else targets
+    if client.trusted or client.auth_user is not None:
+        return [str(rcpt)]
+    return replies.RELAY_DENIED

@@ -1,0 +1,120 @@
+"""The one way geosmtp changes files on disk: write to tmp, fsync, rename; fsync the directory.
+
+A crash leaves either the old file or the new one, never half of one. Directory fsyncs are
+shared by concurrent callers (group commit): one fsync covers every rename made before it
+began, so a burst of commits costs one directory fsync instead of one each.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Callable
+
+import gevent
+from gevent.event import AsyncResult
+
+# errors that mean "the disk is full", as opposed to any other storage failure
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def create(path: str | os.PathLike) -> int:
+    """A new file only this writer knows about (O_EXCL: never reuses a name)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def finish(fd: int, tmp: str | os.PathLike, final: str | os.PathLike, data: bytes = b"",
+           mtime: float | None = None) -> None:
+    """Write what is left, fsync, close, (set the mtime,) rename into place. Closes fd always.
+
+    The caller still owes a directory sync of `final`'s folder before calling it durable.
+    """
+    try:
+        if data:
+            write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if mtime is not None:
+        os.utime(tmp, (mtime, mtime))
+    os.rename(tmp, final)
+
+
+def write_file(tmp: str | os.PathLike, final: str | os.PathLike, data: bytes,
+               mtime: float | None = None) -> None:
+    """The whole file at once: create tmp, write, fsync, rename over final."""
+    try:
+        finish(create(tmp), tmp, final, data, mtime)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
+    """Atomic rename; False when src is gone (another claimer won)."""
+    try:
+        os.rename(src, dst)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unlink_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class GroupSync:
+    """fsync of one directory, shared by every caller that arrives while one is running.
+
+    sync() returns once an fsync that *started after* the call has finished, so every rename
+    the caller made before calling is durable. `run` executes the fsync (off the gevent hub,
+    e.g. a threadpool's apply).
+    """
+
+    def __init__(self, path: str | os.PathLike, run: Callable):
+        self._path = path
+        self._run = run
+        self._round = AsyncResult()
+        self._waiting = 0
+        self._running = False
+
+    def sync(self) -> None:
+        self._waiting += 1
+        result = self._round
+        if not self._running:
+            self._running = True
+            gevent.spawn(self._rounds)
+        result.get()
+
+    def _rounds(self) -> None:
+        try:
+            while self._waiting:
+                result, self._round = self._round, AsyncResult()
+                self._waiting = 0
+                try:
+                    self._run(fsync_path, self._path)
+                except BaseException as exc:  # a waiter must never hang on a failed round
+                    result.set_exception(exc if isinstance(exc, OSError) else OSError(str(exc)))
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    result.set(None)
+        finally:
+            self._running = False
