@@ -1,0 +1,138 @@
+"""Run a real geosmtp server process on loopback for end-to-end tests."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support import toml
+
+DOMAIN = "example.test"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def base_config(root: Path, port: int, submission_port: int) -> dict:
+    return {
+        "server": {"hostname": "mx.example.test", "spool_dir": str(root / "spool")},
+        "listener": [
+            {"name": "smtp", "address": f"127.0.0.1:{port}", "mode": "smtp"},
+            {"name": "submission", "address": f"127.0.0.1:{submission_port}", "mode": "submission"},
+        ],
+        "limits": {"command_timeout": 10, "data_timeout": 10},
+        "local": {
+            "domains": [DOMAIN, "other.test"],
+            "maildir_root": str(root / "mail"),
+            "users": [f"alice@{DOMAIN}", f"bob@{DOMAIN}", "carol@other.test", f"postmaster@{DOMAIN}"],
+            "aliases": {f"team@{DOMAIN}": [f"alice@{DOMAIN}", f"bob@{DOMAIN}"],
+                        f"fwd@{DOMAIN}": ["someone@remote.test"]},
+        },
+        "relay": {"trusted_networks": ["127.0.0.2/32"]},
+        "queue": {"scan_interval": 1},
+        "log": {"level": "DEBUG"},
+    }
+
+
+class ServerProcess:
+    """`geosmtp start` in a subprocess with a config written for this test."""
+
+    def __init__(self, root: Path, overrides: dict | None = None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.submission_port = free_port()
+        self.config = merge(base_config(self.root, self.port, self.submission_port), overrides or {})
+        self.config_path = self.root / "geosmtp.toml"
+        self.config_path.write_text(toml.dumps(self.config))
+        self.log_path = self.root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.config["server"]["spool_dir"])
+
+    @property
+    def maildir_root(self) -> Path:
+        return Path(self.config["local"]["maildir_root"])
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.maildir_root / domain / local
+
+    def messages(self, address: str) -> list[bytes]:
+        new = self.maildir(address) / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def start(self, timeout: float = 15.0) -> "ServerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "geosmtp", "start", "-c", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(100).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.05):
+        """Poll until predicate() is truthy (bounded); returns its value or raises."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(interval)
+        raise AssertionError(f"condition not met within {timeout}s")
+
+    def queue_files(self, state: str) -> list[str]:
+        d = self.spool / "queue" / state
+        return sorted(os.listdir(d)) if d.is_dir() else []
