@@ -97,6 +97,16 @@ class QueueManager:
         return started
 
     def deliver(self, qid: str) -> None:
+        try:
+            self._deliver(qid)
+        except Exception:  # a bug must not strand the entry in active/ until the next restart
+            logger.bind(sid=qid).exception("queue: delivery failed")
+            try:
+                self.spool.move(qid, "active", "deferred", when=time.time() + self.retry_schedule[0])
+            except OSError:
+                logger.bind(sid=qid).exception("queue: cannot defer; it stays in active/")
+
+    def _deliver(self, qid: str) -> None:
         log = logger.bind(sid=qid)
         try:
             envelope = self.spool.load(qid)
