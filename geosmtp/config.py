@@ -70,6 +70,14 @@ def parse_size(value: object) -> int:
     return size
 
 
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def is_hostname(name: str) -> bool:
+    """Dot-separated LDH labels of 1-63 octets (RFC 1123 2.1), 253 octets at most."""
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
@@ -88,7 +96,7 @@ class ServerConfig(_Section):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", v):
+        if not is_hostname(v):
             raise ValueError("must be a host name such as mail.example.com")
         return v.lower()
 
@@ -162,7 +170,7 @@ class LocalConfig(_Section):
     def _domains(cls, v: list[str]) -> list[str]:
         out = []
         for d in v:
-            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", d):
+            if not is_hostname(d):
                 raise ValueError(f"{d!r} is not a domain name")
             out.append(d.lower())
         return out
@@ -192,13 +200,19 @@ class LocalConfig(_Section):
 
     @model_validator(mode="after")
     def _all_local(self) -> "LocalConfig":
-        for addr in [*self.users, *self.aliases]:
-            if addr.rpartition("@")[2] not in self.domains:
-                raise ValueError(f"{addr!r} is not in one of local.domains")
-        for name, targets in self.aliases.items():
-            for t in targets:
-                if t.rpartition("@")[2] in self.domains and t not in self.users and t not in self.aliases:
-                    raise ValueError(f"alias {name!r}: {t!r} is neither a user nor an alias")
+        problems = [
+            f"{addr!r} is not in one of local.domains"
+            for addr in [*self.users, *self.aliases]
+            if addr.rpartition("@")[2] not in self.domains
+        ]
+        problems += [
+            f"alias {name!r}: {t!r} is neither a user nor an alias"
+            for name, targets in self.aliases.items()
+            for t in targets
+            if t.rpartition("@")[2] in self.domains and t not in self.users and t not in self.aliases
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

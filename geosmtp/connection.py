@@ -40,7 +40,7 @@ class BareNewline(Exception):
 
 @dataclass(slots=True)
 class DataResult:
-    size: int  # octets of the message after dot-unstuffing (what was given to the sink)
+    size: int  # octets after dot-unstuffing: given to the sink, or read until a problem
     problem: str | None  # None, "size", "line" or "bare": the message must not be queued
 
 

@@ -46,15 +46,19 @@ class LocalDirectory:
 
     def expand(self, key: str) -> list[str] | None:
         """A local address → the mailboxes and remote addresses it delivers to, or None if it
-        does not exist. An alias may name itself to keep a copy in its own mailbox."""
+        does not exist. An alias may name itself to keep a copy in its own mailbox. Each
+        alias is expanded once, so shared sub-aliases cost no more than their edges."""
         if key not in self.aliases and key not in self.users:
             return None
         out: list[str] = []
+        expanded: set[str] = set()
         stack: list[tuple[str, frozenset[str]]] = [(key, frozenset())]
         while stack and len(out) < MAX_EXPANSION:
-            addr, seen = stack.pop()
-            if addr in self.aliases and addr not in seen:
-                stack.extend((t, seen | {addr}) for t in reversed(self.aliases[addr]))
+            addr, path = stack.pop()
+            if addr in self.aliases and addr not in path:
+                if addr not in expanded:
+                    expanded.add(addr)
+                    stack.extend((t, path | {addr}) for t in reversed(self.aliases[addr]))
             elif addr not in out and (addr in self.users or not self.is_local(addr.rpartition("@")[2])):
                 out.append(addr)
         return out

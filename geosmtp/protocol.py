@@ -63,6 +63,8 @@ _DOT_STRING = re.compile(rf"[{_ATEXT}\u0080-\U0010FFFF]+(?:\.[{_ATEXT}\u0080-\U0
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"')
 _LABEL = re.compile(r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?")
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, octets including "<" and ">"
 MAX_LOCAL = 64  # 4.5.3.1.1
 MAX_DOMAIN = 255  # 4.5.3.1.2
@@ -78,8 +80,9 @@ class Address:
 
     @property
     def key(self) -> str:
-        """The form used for lookups: local part and domain folded to lower case."""
-        return str(self).lower()
+        """The form used for lookups: ASCII letters folded to lower case (no Unicode folding,
+        which would make distinct non-ASCII addresses collide with ASCII ones)."""
+        return str(self).translate(_ASCII_LOWER)
 
     @property
     def is_ascii(self) -> bool:
@@ -92,6 +95,8 @@ def parse_domain(domain: str) -> str:
         if not domain.endswith("]"):
             raise PathError("unterminated address literal")
         inner = domain[1:-1]
+        if "%" in inner:  # ipaddress takes an IPv6 zone id; RFC 5321 4.1.3 has none
+            raise PathError("bad address literal")
         try:
             if inner[:5].lower() == "ipv6:":
                 return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
@@ -103,7 +108,8 @@ def parse_domain(domain: str) -> str:
     labels = domain.split(".")
     if not all(len(label.encode("utf-8")) <= 63 and _LABEL.fullmatch(label) for label in labels):
         raise PathError("bad domain")
-    return domain.lower()
+    # fold ASCII letters only: str.lower() maps some non-ASCII letters to ASCII (KELVIN SIGN → "k")
+    return domain.translate(_ASCII_LOWER)
 
 
 def parse_address(text: str, *, allow_utf8: bool) -> Address:
@@ -117,7 +123,7 @@ def parse_address(text: str, *, allow_utf8: bool) -> Address:
     if len(local.encode("utf-8")) > MAX_LOCAL:
         raise PathError("local part too long")
     addr = Address(local, parse_domain(domain))
-    if not allow_utf8 and not addr.is_ascii:
+    if not allow_utf8 and not text.isascii():  # the raw text: folding may have hidden it
         raise PathError("non-ASCII address", needs_utf8=True)
     return addr
 
@@ -192,7 +198,9 @@ _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010FFFF]+")
 def parse_params(text: str) -> dict[str, str | None]:
     """`SIZE=100 BODY=8BITMIME SMTPUTF8` → {"SIZE": "100", "BODY": "8BITMIME", "SMTPUTF8": None}."""
     params: dict[str, str | None] = {}
-    for item in text.split():
+    for item in text.split(" "):  # RFC 5321 4.1.2: parameters are separated by SP only
+        if not item:
+            continue
         key, eq, value = item.partition("=")
         if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
             raise ProtocolError(replies.bad_parameter(key[:32] or "(empty)", "syntax"))

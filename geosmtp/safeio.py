@@ -110,11 +110,17 @@ class GroupSync:
                 self._waiting = 0
                 try:
                     self._run(fsync_path, self._path)
-                except BaseException as exc:  # a waiter must never hang on a failed round
-                    result.set_exception(exc if isinstance(exc, OSError) else OSError(str(exc)))
-                    if not isinstance(exc, Exception):
-                        raise
+                except OSError as exc:
+                    result.set_exception(exc)
+                except BaseException as exc:
+                    result.set_exception(OSError(f"directory sync interrupted: {exc!r}"))
+                    raise
                 else:
                     result.set(None)
+        except BaseException as exc:
+            # whoever queued behind the interrupted round fails too, rather than waiting forever
+            queued, self._round, self._waiting = self._round, AsyncResult(), 0
+            queued.set_exception(OSError(f"directory sync interrupted: {exc!r}"))
+            raise
         finally:
             self._running = False

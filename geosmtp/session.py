@@ -68,6 +68,7 @@ class Transaction:
     declared_size: int | None = None
     originals: list[str] = field(default_factory=list)  # RCPT TO addresses, as accepted
     recipients: dict[str, Recipient] = field(default_factory=dict)  # delivery address → state
+    refused: int = 0  # RCPT commands refused in this transaction
 
 
 def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
@@ -270,6 +271,12 @@ class Session:
         tx = self.tx
         if tx is None:
             return replies.NEED_MAIL
+        reply = self._rcpt(tx, arg)
+        if reply.code >= 400:
+            tx.refused += 1
+        return reply
+
+    def _rcpt(self, tx: Transaction, arg: str) -> Reply:
         try:
             rcpt, param_text = parse_forward_path(arg)
             params = parse_params(param_text)
@@ -300,7 +307,8 @@ class Session:
         if tx is None:
             return replies.NEED_MAIL
         if not tx.recipients:
-            return replies.NO_VALID_RECIPIENTS  # RFC 2920 3.1
+            # RFC 2920 3.1: 554 when every RCPT was refused; no RCPT at all is a bad sequence
+            return replies.NO_VALID_RECIPIENTS if tx.refused else replies.NEED_RCPT
         self.tx = None  # whatever happens next, the transaction ends with this DATA
         writer = self.spool.open_message()
         writer.write(received_header(self, writer.id, tx))
