@@ -105,6 +105,9 @@ class ListenerConfig(_Section):
     name: str
     address: str
     mode: Literal["smtp", "submission"] = "smtp"
+    # Park every message accepted here in queue/hold/ until an operator releases it
+    # (geosmtp-queue release): Postfix's HOLD action, for quarantine or staging.
+    hold: bool = False
 
     @field_validator("name")
     @classmethod

@@ -62,7 +62,10 @@ class Connection:
             data = b"".join(self._out)
             self._out.clear()
             try:
-                self.sock.sendall(data)
+                # send() in a loop: gevent's sendall() asks for SO_SNDBUF on every call, and
+                # replies are small enough to go out in one send() nearly always
+                while data:
+                    data = data[self.sock.send(data):]
             except (OSError, socket.timeout) as exc:
                 raise ConnectionClosed(str(exc)) from None
 

@@ -5,7 +5,7 @@ Stored as JSON (one small file per message) so a person and `geosmtp-queue` can 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -48,12 +48,31 @@ class Envelope:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == PENDING]
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    def to_dict(self) -> dict:
+        # written out rather than dataclasses.asdict(), which deep-copies and is slow
+        return {
+            "id": self.id, "created": self.created, "sender": self.sender,
+            "recipients": [
+                {"address": r.address, "original": r.original, "status": r.status,
+                 "attempts": r.attempts, "last_reply": r.last_reply, "updated": r.updated}
+                for r in self.recipients
+            ],
+            "client": {"address": self.client.address, "helo": self.client.helo,
+                       "listener": self.client.listener, "auth_user": self.client.auth_user,
+                       "tls": self.client.tls},
+            "size": self.size, "body": self.body, "smtputf8": self.smtputf8,
+            "attempts": self.attempts, "last_attempt": self.last_attempt, "extra": self.extra,
+        }
+
+    def to_line(self) -> bytes:
+        """One line of JSON ending in LF (JSON escapes every newline inside strings)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
+    def from_line(cls, data: bytes) -> Envelope:
         raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("an envelope is a JSON object")
         raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
         raw["client"] = ClientInfo(**raw["client"])
         return cls(**raw)

@@ -7,6 +7,7 @@ per recipient; it never touches the spool.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Protocol, Sequence
 
 import gevent
@@ -23,7 +24,7 @@ EXPIRED = Reply(554, "5.4.7", "Delivery time expired")  # RFC 3463 5.4.7
 
 
 class Local(Protocol):
-    def deliver(self, envelope: Envelope, index: int, message, redelivery: bool) -> Reply: ...
+    def deliver(self, envelope: Envelope, index: int, open_body, redelivery: bool) -> Reply: ...
 
 
 def next_delay(schedule: Sequence[float], attempts: int) -> float:
@@ -109,7 +110,7 @@ class QueueManager:
     def _deliver(self, qid: str) -> None:
         log = logger.bind(sid=qid)
         try:
-            envelope = self.spool.load(qid)
+            envelope = self.spool.run(self.spool.load, qid)
         except FileNotFoundError:
             return
         except (ValueError, TypeError, KeyError) as exc:
@@ -120,12 +121,12 @@ class QueueManager:
         now = time.time()
         envelope.attempts += 1
         envelope.last_attempt = now
-        message = self.spool.message_path(qid)
+        open_body = partial(self.spool.open_body, qid)
         for index, rcpt in enumerate(envelope.recipients):
             if rcpt.status != PENDING:
                 continue
             if rcpt.address.rpartition("@")[2].lower() in self.local_domains:
-                reply = self.local.deliver(envelope, index, message, redelivery)
+                reply = self.local.deliver(envelope, index, open_body, redelivery)
             else:
                 reply = NO_RELAY
             rcpt.attempts += 1

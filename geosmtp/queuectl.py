@@ -72,3 +72,23 @@ def list_entries(spool: Spool, state: tuple[str, ...], as_json: bool) -> None:
             click.echo(f"    {r.status:<9} <{r.address}>{note}")
     if not as_json:
         click.echo(f"-- {count} {'entry' if count == 1 else 'entries'}")
+
+
+@main.command()
+@click.argument("ids", nargs=-1)
+@click.option("--all", "release_all", is_flag=True, help="every held message")
+@click.pass_obj
+def release(spool: Spool, ids: tuple[str, ...], release_all: bool) -> None:
+    """Move held messages back into the queue (the server picks them up at its next scan)."""
+    if release_all:
+        ids = tuple(spool.ids("hold"))
+    elif not ids:
+        raise click.UsageError("give queue ids, or --all")
+    failed = 0
+    for qid in ids:
+        if spool.move(qid, "hold", "incoming"):
+            click.echo(f"{qid}: released")
+        else:
+            click.echo(f"{qid}: not held", err=True)
+            failed += 1
+    sys.exit(1 if failed else 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import gevent
 from gevent.event import AsyncResult
@@ -65,6 +65,11 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
     return True
 
 
+def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A second name for a file (same filesystem); fails if dst exists."""
+    os.link(src, dst)
+
+
 def unlink_quietly(path: str | os.PathLike) -> None:
     try:
         os.unlink(path)
@@ -81,15 +86,15 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 class GroupSync:
-    """fsync of one directory, shared by every caller that arrives while one is running.
+    """fsync of a set of directories, shared by every caller that arrives while one runs.
 
-    sync() returns once an fsync that *started after* the call has finished, so every rename
-    the caller made before calling is durable. `run` executes the fsync (off the gevent hub,
-    e.g. a threadpool's apply).
+    sync() returns once fsyncs that *started after* the call have finished, so every rename
+    or link the caller made in those directories before calling is durable. `run` executes
+    the fsyncs (off the gevent hub, e.g. a threadpool's apply) in one job per round.
     """
 
-    def __init__(self, path: str | os.PathLike, run: Callable):
-        self._path = path
+    def __init__(self, paths: Sequence[str | os.PathLike], run: Callable):
+        self._paths = tuple(paths)
         self._run = run
         self._round = AsyncResult()
         self._waiting = 0
@@ -103,13 +108,17 @@ class GroupSync:
             gevent.spawn(self._rounds)
         result.get()
 
+    def _fsync_all(self) -> None:
+        for path in self._paths:
+            fsync_path(path)
+
     def _rounds(self) -> None:
         try:
             while self._waiting:
                 result, self._round = self._round, AsyncResult()
                 self._waiting = 0
                 try:
-                    self._run(fsync_path, self._path)
+                    self._run(self._fsync_all)
                 except OSError as exc:
                     result.set_exception(exc)
                 except BaseException as exc:

@@ -29,7 +29,7 @@ from geosmtp.spool import Spool
 LISTEN_BACKLOG = 1024
 # Disk work (fsync, big writes) runs in gevent's threadpool. fsyncs that are in flight
 # together share ext4 journal commits, so more threads than cores pays off here.
-IO_THREADS = 32
+IO_THREADS = 16
 STOP_GRACE = 10.0  # seconds open sessions get to finish when the server stops
 
 
@@ -80,6 +80,7 @@ class Server:
             data_timeout=lim.data_timeout,
             max_errors=lim.max_errors,
             normalize_newlines=c.server.bare_newline == "normalize",
+            hold=listener.hold,
             trusted_networks=tuple(c.relay.trusted_networks),
         )
 

@@ -8,7 +8,7 @@ separate object that RSET, EHLO/HELO and the end of DATA drop.
 from __future__ import annotations
 
 import ipaddress
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -39,6 +39,7 @@ from geosmtp.replies import Reply
 from geosmtp.spool import Spool, SpoolError
 
 COMMAND_LINE_LIMIT = 512  # RFC 5321 4.5.3.1.4, including CRLF
+_rng = random.Random()  # session ids for logs: unique enough, and no system call each
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class SessionSettings:
     data_timeout: float = 180.0
     max_errors: int = 20
     normalize_newlines: bool = False
+    hold: bool = False  # accepted messages wait in queue/hold/ for an operator
     trusted_networks: tuple = ()
 
 
@@ -103,7 +105,7 @@ class Session:
         self.spool = spool
         self.directory = directory
         self.on_queued = on_queued
-        self.id = secrets.token_hex(5)
+        self.id = f"{_rng.getrandbits(40):010x}"
         self.log = logger.bind(sid=self.id)
         # connection state
         self.helo: str | None = None
@@ -341,16 +343,18 @@ class Session:
             smtputf8=tx.smtputf8,
         )
         try:
-            self.spool.commit(writer, envelope)
+            self.spool.commit(writer, envelope, hold=s.hold)
         except SpoolError as exc:
             self.log.error("cannot queue message: {}", exc)
             return replies.STORAGE_FULL if exc.full else replies.STORAGE_ERROR
         self.messages += 1
         self.log.info(
-            "queued {} from=<{}> to={} size={}",
+            "queued {} from=<{}> to={} size={}{}",
             envelope.id, envelope.sender, ",".join(f"<{r}>" for r in tx.originals), envelope.size,
+            " (held)" if s.hold else "",
         )
-        self.on_queued(envelope.id)
+        if not s.hold:
+            self.on_queued(envelope.id)
         return replies.queued(envelope.id)
 
 

@@ -1,12 +1,19 @@
 """The durable mail queue: a directory tree where every state change is one atomic rename.
 
-    tmp/                  files being written; swept at start-up
-    msg/<id>              the message as received, our Received: header first; written once
-    queue/incoming/<id>   the envelope (JSON); the rename into incoming/ is the commit point
+    msg/<id>              the message file: one line of envelope JSON, then the message as
+                          received (our Received: header first); written once
+    queue/incoming/<id>   the queue entry; linking it into incoming/ is the commit point
     queue/active/<id>     claimed for delivery: the rename incoming→active is the lock
     queue/deferred/<id>   waiting to retry; the file's mtime is the time of the next attempt
     queue/hold/<id>       held by the operator
-    queue/corrupt/<id>    unreadable envelopes, kept for a person
+    queue/corrupt/<id>    unreadable entries, kept for a person
+    tmp/                  envelope rewrites in progress; swept at start-up
+
+The first line of a queue entry is always the envelope. At arrival the entry is a second
+name (a hard link) for the message file itself, so a message costs one new file and one
+fsync; when delivery progress must be saved, the entry is replaced by a small envelope file
+(written in tmp/, fsynced, renamed over it). A message too big to hold in memory is streamed
+to msg/ during DATA behind a placeholder line and gets a separate envelope file at commit.
 
 No locks: exactly one claimer wins a rename, so several processes can share a spool. Disk
 work runs through `run` (the server passes gevent's threadpool) so the hub never waits on it.
@@ -14,12 +21,10 @@ work runs through `run` (the server passes gevent's threadpool) so the hub never
 from __future__ import annotations
 
 import os
-import secrets
+import random
 import time
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
-import gevent
 from loguru import logger
 
 from geosmtp import safeio
@@ -27,6 +32,8 @@ from geosmtp.envelope import Envelope
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
+PLACEHOLDER = b"{}\n"  # first line of a message streamed before its envelope was known
+MAX_ENVELOPE = 8 * 1024 * 1024  # an envelope line longer than this is corrupt
 
 
 class SpoolError(Exception):
@@ -45,9 +52,12 @@ def _direct(fn, *args):
     return fn(*args)
 
 
+_rng = random.Random()  # seeded from os.urandom; the random module reseeds it after fork()
+
+
 def new_id() -> str:
     """Sortable by arrival time, unique across processes and hosts, safe as a file name."""
-    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(5).upper()}"
+    return f"{time.time_ns() // 1000:013X}{_rng.getrandbits(40):010X}"
 
 
 def valid_id(qid: str) -> bool:
@@ -64,8 +74,11 @@ class MessageWriter:
         self._parts: list[bytes] = []
         self._buffered = 0
         self._fd: int | None = None
-        self._tmp = spool.root / "tmp" / f"{qid}.msg"
         self.error: OSError | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._fd is not None
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
@@ -83,113 +96,105 @@ class MessageWriter:
         return data
 
     def _spill(self) -> None:
-        data = self._take()
         try:
-            if self._fd is None:
-                self._fd = safeio.create(self._tmp)
-            self.spool.run(safeio.write_all, self._fd, data)
+            self.spool.run(self._append, self._take())
         except OSError as exc:  # remembered; reported at commit, after the client's data ends
             self.error = exc
 
-    def finish(self) -> None:
-        """Everything written: fsync and rename into msg/ (run off the hub by the caller)."""
+    def _append(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = safeio.create(self.spool.message_path(self.id))
+            data = PLACEHOLDER + data
+        safeio.write_all(self._fd, data)
+
+    def finish(self, first_line: bytes) -> None:
+        """Write what is left, fsync, close. `first_line` (the envelope) is used only if
+        nothing was written yet. Runs off the hub."""
         if self.error is not None:
             raise self.error
         if self._fd is None:
-            self._fd = safeio.create(self._tmp)
+            self._fd = safeio.create(self.spool.message_path(self.id))
+            data = first_line + self._take()
+        else:
+            data = self._take()
         fd, self._fd = self._fd, None
-        safeio.finish(fd, self._tmp, self.spool.message_path(self.id), self._take())
+        try:
+            safeio.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         self._parts.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        safeio.unlink_quietly(self._tmp)
+        safeio.unlink_quietly(self.spool.message_path(self.id))
 
 
 class Spool:
     def __init__(self, root: str | os.PathLike, run: Callable = _direct):
-        self.root = Path(root)
+        self.root = os.fspath(root)
         self.run = run
-        self._dirsync: dict[str, safeio.GroupSync] = {}
+        self._dirs = {state: os.path.join(self.root, "queue", state) for state in STATES}
+        self._msg = os.path.join(self.root, "msg")
+        self._tmp = os.path.join(self.root, "tmp")
+        self._syncers: dict[tuple[str, ...], safeio.GroupSync] = {}
 
     # -- layout -----------------------------------------------------------------------------
-    def _dir(self, state: str) -> Path:
-        return self.root / "queue" / state
+    def entry_path(self, qid: str, state: str) -> str:
+        return f"{self._dirs[state]}/{qid}"
 
-    def entry_path(self, qid: str, state: str) -> Path:
-        return self._dir(state) / qid
+    def message_path(self, qid: str) -> str:
+        return f"{self._msg}/{qid}"
 
-    def message_path(self, qid: str) -> Path:
-        return self.root / "msg" / qid
+    def _tmp_path(self, qid: str) -> str:
+        return f"{self._tmp}/{qid}.{os.getpid()}"
 
-    def _sync(self, *dirs: Path) -> None:
-        """Group-committed fsync of each directory, all in parallel."""
-        syncers = []
-        for d in dirs:
-            key = str(d)
-            if key not in self._dirsync:
-                self._dirsync[key] = safeio.GroupSync(d, self.run)
-            syncers.append(self._dirsync[key])
-        if len(syncers) == 1:
-            syncers[0].sync()
-            return
-        others = [gevent.spawn(s.sync) for s in syncers[1:]]
-        try:
-            syncers[0].sync()
-        finally:
-            gevent.joinall(others)
-        for g in others:
-            if g.exception is not None:
-                raise g.exception
+    def _sync(self, *dirs: str) -> None:
+        """Group-committed fsync of these directories (one shared round for the set)."""
+        syncer = self._syncers.get(dirs)
+        if syncer is None:
+            syncer = self._syncers[dirs] = safeio.GroupSync(dirs, self.run)
+        syncer.sync()
 
     def setup(self) -> None:
-        for sub in ["tmp", "msg", *(f"queue/{s}" for s in STATES)]:
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in [self._tmp, self._msg, *self._dirs.values()]:
+            os.makedirs(d, mode=0o700, exist_ok=True)
 
     # -- accepting --------------------------------------------------------------------------
     def open_message(self, qid: str | None = None) -> MessageWriter:
         return MessageWriter(self, qid or new_id())
 
-    def commit(self, writer: MessageWriter, envelope: Envelope) -> None:
-        """Make the message durable in queue/incoming/. Returns only when it is on disk.
+    def commit(self, writer: MessageWriter, envelope: Envelope, hold: bool = False) -> None:
+        """Make the message durable in queue/incoming/ (or hold/). Returns only when on disk.
 
-        The message and the envelope are written and fsynced in parallel; the envelope is
-        renamed into incoming/ only after the message is in msg/, and both directories are
-        fsynced (group commit) before this returns. Raises SpoolError, leaving nothing behind.
+        One job off the hub writes and fsyncs the message file (its first line the
+        envelope) and links it into incoming/; then msg/ and incoming/ are fsynced by a
+        group commit shared with every other commit in flight. Raises SpoolError, leaving
+        nothing behind.
         """
         qid = envelope.id
-        tmp_env = self.root / "tmp" / f"{qid}.env"
-        final_env = self.entry_path(qid, "incoming")
-        msg_job = gevent.spawn(self.run, writer.finish)
+        line = envelope.to_line()
+        state = "hold" if hold else "incoming"
+        entry = self.entry_path(qid, state)
         try:
-            try:
-                self.run(self._write_tmp, tmp_env, envelope.to_json())
-            finally:
-                msg_job.join()
-            if msg_job.exception is not None:
-                raise msg_job.exception
-            if not safeio.move(tmp_env, final_env):
-                raise FileNotFoundError(2, "envelope vanished before commit", str(tmp_env))
-            self._sync(self.message_path(qid).parent, final_env.parent)
+            self.run(self._commit, writer, line, entry)
+            self._sync(self._msg, self._dirs[state])
         except BaseException as exc:  # nothing half-committed may stay behind
             writer.abort()
-            safeio.unlink_quietly(tmp_env)
-            safeio.unlink_quietly(final_env)
-            safeio.unlink_quietly(self.message_path(qid))
+            safeio.unlink_quietly(entry)
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise
 
-    @staticmethod
-    def _write_tmp(path: Path, data: bytes) -> None:
-        fd = safeio.create(path)
-        try:
-            safeio.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _commit(self, writer: MessageWriter, line: bytes, entry: str) -> None:
+        spilled = writer.spilled
+        writer.finish(line)
+        if spilled:  # the message file begins with a placeholder: the entry is its own file
+            safeio.write_file(self._tmp_path(writer.id), entry, line)
+        else:
+            safeio.link(self.message_path(writer.id), entry)
 
     # -- the queue manager's side -----------------------------------------------------------
     def claim(self, qid: str, state: str = "incoming") -> bool:
@@ -197,16 +202,35 @@ class Spool:
         return safeio.move(self.entry_path(qid, state), self.entry_path(qid, "active"))
 
     def load(self, qid: str, state: str = "active") -> Envelope:
-        return Envelope.from_json(self.entry_path(qid, state).read_bytes())
+        with open(self.entry_path(qid, state), "rb") as fh:
+            return Envelope.from_line(fh.readline(MAX_ENVELOPE))
 
-    def _rewrite(self, envelope: Envelope, state: str, mtime: float | None = None) -> None:
-        tmp = self.root / "tmp" / f"{envelope.id}.env"
-        self.run(safeio.write_file, tmp, self.entry_path(envelope.id, state), envelope.to_json(), mtime)
+    def open_body(self, qid: str) -> BinaryIO:
+        """The message (our Received: first), positioned after the envelope line."""
+        fh = open(self.message_path(qid), "rb")
+        try:
+            if not fh.readline(MAX_ENVELOPE).endswith(b"\n"):
+                raise ValueError(f"message {qid} has no envelope line")
+        except BaseException:
+            fh.close()
+            raise
+        return fh
+
+    def _rewrite(self, envelope: Envelope, mtime: float | None, then_to: str | None) -> None:
+        active = self.entry_path(envelope.id, "active")
+        safeio.write_file(self._tmp_path(envelope.id), active, envelope.to_line(), mtime)
+        if then_to is not None:
+            safeio.move(active, self.entry_path(envelope.id, then_to))
 
     def update(self, envelope: Envelope) -> None:
-        """Replace the active envelope (per-recipient progress) atomically."""
-        self._rewrite(envelope, "active")
-        self._sync(self._dir("active"))
+        """Replace the active entry's envelope (per-recipient progress) atomically."""
+        self.run(self._rewrite, envelope, None, None)
+        self._sync(self._dirs["active"])
+
+    def defer(self, envelope: Envelope, next_attempt: float) -> None:
+        """Save progress and park the entry in deferred/ until `next_attempt` (its mtime)."""
+        self.run(self._rewrite, envelope, next_attempt, "deferred")
+        self._sync(self._dirs["active"], self._dirs["deferred"])
 
     def move(self, qid: str, src: str, dst: str, when: float | None = None) -> bool:
         """Move an entry between states (hold, release, corrupt...); `when` sets the mtime."""
@@ -218,24 +242,18 @@ class Spool:
                 return False
         if not safeio.move(path, self.entry_path(qid, dst)):
             return False
-        self._sync(self._dir(src), self._dir(dst))
+        self._sync(self._dirs[src], self._dirs[dst])
         return True
 
-    def defer(self, envelope: Envelope, next_attempt: float) -> None:
-        """Save progress and park the entry in deferred/ until `next_attempt` (its mtime)."""
-        self._rewrite(envelope, "active", mtime=next_attempt)
-        safeio.move(self.entry_path(envelope.id, "active"), self.entry_path(envelope.id, "deferred"))
-        self._sync(self._dir("active"), self._dir("deferred"))
-
     def done(self, qid: str) -> None:
-        """Delivery finished: the envelope goes first, so no envelope points at a lost message."""
+        """Delivery finished: the entry goes first, so no entry points at a lost message."""
         safeio.unlink_quietly(self.entry_path(qid, "active"))
-        self._sync(self._dir("active"))
+        self._sync(self._dirs["active"])
         safeio.unlink_quietly(self.message_path(qid))
 
     def ids(self, state: str) -> list[str]:
         try:
-            names = os.listdir(self._dir(state))
+            names = os.listdir(self._dirs[state])
         except FileNotFoundError:
             return []
         return sorted(n for n in names if valid_id(n))
@@ -247,10 +265,9 @@ class Spool:
             yield qid, "incoming"
         if not deferred:
             return
-        deferred_dir = self._dir("deferred")
         for qid in self.ids("deferred"):
             try:
-                if os.stat(deferred_dir / qid).st_mtime <= now:
+                if os.stat(self.entry_path(qid, "deferred")).st_mtime <= now:
                     yield qid, "deferred"
             except FileNotFoundError:
                 continue
@@ -258,11 +275,10 @@ class Spool:
     def entries(self, states: tuple[str, ...] = STATES) -> Iterator[tuple[str, Envelope | None, os.stat_result]]:
         """(state, envelope or None if unreadable, stat) for every entry; for inspection."""
         for state in states:
-            d = self._dir(state)
             for qid in self.ids(state):
                 try:
-                    st = os.stat(d / qid)
-                    env = Envelope.from_json((d / qid).read_bytes())
+                    st = os.stat(self.entry_path(qid, state))
+                    env = self.load(qid, state)
                 except FileNotFoundError:
                     continue
                 except (ValueError, TypeError, KeyError):
@@ -274,8 +290,8 @@ class Spool:
         """Repair after a crash; run once before accepting or delivering. Returns the ids
         taken back from active/ (their delivery may have been under way)."""
         self.setup()
-        for name in os.listdir(self.root / "tmp"):
-            safeio.unlink_quietly(self.root / "tmp" / name)
+        for name in os.listdir(self._tmp):
+            safeio.unlink_quietly(f"{self._tmp}/{name}")
         recovered = []
         for qid in self.ids("active"):
             if safeio.move(self.entry_path(qid, "active"), self.entry_path(qid, "incoming")):
@@ -284,15 +300,15 @@ class Spool:
         for state in STATES:
             for qid in self.ids(state):
                 known.add(qid)
-                if state != "corrupt" and not self.message_path(qid).exists():
-                    # never acknowledged: 250 is sent only after both renames are durable
+                if state != "corrupt" and not os.path.exists(self.message_path(qid)):
+                    # never acknowledged: 250 is sent only after both names are durable
                     logger.warning("spool: {} has no message file; moved to corrupt/", qid)
                     safeio.move(self.entry_path(qid, state), self.entry_path(qid, "corrupt"))
-        for name in os.listdir(self.root / "msg"):
-            if name not in known:  # a commit that died before its envelope was renamed
-                safeio.unlink_quietly(self.root / "msg" / name)
-        for sub in ["tmp", "msg", *(f"queue/{s}" for s in STATES)]:
-            safeio.fsync_path(self.root / sub)
+        for name in os.listdir(self._msg):
+            if name not in known:  # a commit that died before its entry was linked
+                safeio.unlink_quietly(f"{self._msg}/{name}")
+        for d in [self._tmp, self._msg, *self._dirs.values()]:
+            safeio.fsync_path(d)
         if recovered:
             logger.info("spool: {} entries recovered from active/", len(recovered))
         return recovered

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from geosmtp import safeio
 from geosmtp.envelope import Envelope
@@ -33,16 +33,15 @@ def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
     return f"{int(envelope.created)}.Q{envelope.id}R{index}.{host}"
 
 
-def copy_as_lf(src: Path, fd: int) -> None:
+def copy_as_lf(src: BinaryIO, fd: int) -> None:
     """Copy the spooled CRLF message to fd with LF line ends (the Maildir convention)."""
     carry = b""
-    with open(src, "rb") as fh:
-        while chunk := fh.read(COPY_CHUNK):
-            chunk = carry + chunk
-            carry = b"\r" if chunk.endswith(b"\r") else b""
-            if carry:
-                chunk = chunk[:-1]
-            safeio.write_all(fd, chunk.replace(b"\r\n", b"\n"))
+    while chunk := src.read(COPY_CHUNK):
+        chunk = carry + chunk
+        carry = b"\r" if chunk.endswith(b"\r") else b""
+        if carry:
+            chunk = chunk[:-1]
+        safeio.write_all(fd, chunk.replace(b"\r\n", b"\n"))
     if carry:
         safeio.write_all(fd, carry)
 
@@ -58,8 +57,10 @@ class MaildirDelivery:
         local, _, domain = address.lower().rpartition("@")
         return self.root / domain / local
 
-    def deliver(self, envelope: Envelope, index: int, message: Path, redelivery: bool) -> Reply:
-        """Deliver to envelope.recipients[index]; a Reply: 2xx done, 4xx retry, 5xx failed."""
+    def deliver(self, envelope: Envelope, index: int, open_body: Callable[[], BinaryIO],
+                redelivery: bool) -> Reply:
+        """Deliver to envelope.recipients[index]; a Reply: 2xx done, 4xx retry, 5xx failed.
+        `open_body()` gives the spooled message (our Received: header first)."""
         rcpt = envelope.recipients[index]
         if rcpt.address.lower() not in self.users:
             return NO_MAILBOX
@@ -68,13 +69,14 @@ class MaildirDelivery:
         ).encode("utf-8")
         name = maildir_name(envelope, index, self.hostname)
         try:
-            self.run(self._write, self.mailbox(rcpt.address), name, header, message, redelivery)
+            self.run(self._write, self.mailbox(rcpt.address), name, header, open_body, redelivery)
         except OSError as exc:
             return MAILBOX_FULL if exc.errno in safeio.FULL_ERRNOS else MAILBOX_ERROR
         return DELIVERED
 
     @staticmethod
-    def _write(box: Path, name: str, header: bytes, message: Path, redelivery: bool) -> None:
+    def _write(box: Path, name: str, header: bytes, open_body: Callable[[], BinaryIO],
+               redelivery: bool) -> None:
         if not (box / "new").is_dir():
             for sub in ("tmp", "new", "cur"):
                 (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -87,7 +89,8 @@ class MaildirDelivery:
         fd = safeio.create(tmp)
         try:
             safeio.write_all(fd, header)
-            copy_as_lf(message, fd)
+            with open_body() as body:
+                copy_as_lf(body, fd)
         except BaseException:
             os.close(fd)
             safeio.unlink_quietly(tmp)

@@ -92,3 +92,18 @@ def test_queue_tool_with_bad_config_exits_2(tmp_path):
     result = subprocess.run([*QUEUE_TOOL, "-c", str(tmp_path / "none.toml"), "list"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
+
+
+def test_hold_listener_parks_mail_until_released(make_server):
+    srv = make_server({"listeners": {"smtp": {"hold": True}}})
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as c:
+        c.sendmail("x@remote.test", ["alice@example.test"], b"Subject: held\r\n\r\nwait\r\n")
+    held = srv.wait_for(lambda: srv.queue_files("hold"))
+    assert not srv.messages("alice@example.test")
+    tool = [*QUEUE_TOOL, "-c", str(srv.config_path)]
+    assert subprocess.run([*tool, "release", "NOSUCHID0000000000"], capture_output=True,
+                          timeout=30).returncode == 1
+    out = subprocess.run([*tool, "release", "--all"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and f"{held[0]}: released" in out.stdout
+    msgs = srv.wait_for(lambda: srv.messages("alice@example.test"), timeout=15)
+    assert b"Subject: held" in msgs[0]

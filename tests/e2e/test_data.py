@@ -37,8 +37,7 @@ def relay_and_read_spool(srv, body: bytes) -> tuple[str, bytes]:
     """Send to a remote recipient from the trusted network; the spooled message, byte for byte."""
     with connect(srv.port, source=TRUSTED) as c:
         qid = queue_id(send_message(c, "a@example.test", ["someone@remote.test"], body))
-    path = srv.spool / "msg" / qid
-    return qid, srv.wait_for(lambda: path.exists() and path.read_bytes())
+    return qid, srv.wait_for(lambda: srv.spooled(qid))
 
 
 def split_received(stored: bytes) -> tuple[bytes, bytes]:

@@ -81,7 +81,7 @@ def test_relay_from_trusted_network_is_queued_for_the_remote_recipient(server):
     assert [(r["address"], r["status"]) for r in env["recipients"]] == [("someone@remote.test", "pending")]
     assert env["sender"] == "a@example.test"
     assert env["client"]["address"] == TRUSTED
-    assert (server.spool / "msg" / qid).read_bytes().endswith(b"Subject: relay\r\n\r\nx\r\n")
+    assert server.spooled(qid).endswith(b"Subject: relay\r\n\r\nx\r\n")
 
 
 def test_alias_to_a_remote_address_is_queued_even_from_untrusted(server):

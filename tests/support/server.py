@@ -60,7 +60,11 @@ class ServerProcess:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.submission_port = free_port()
-        self.config = merge(base_config(self.root, self.port, self.submission_port), overrides or {})
+        overrides = dict(overrides or {})
+        per_listener = overrides.pop("listeners", {})  # {"smtp": {"hold": True}}: extra fields
+        self.config = merge(base_config(self.root, self.port, self.submission_port), overrides)
+        for item in self.config["listener"]:
+            item.update(per_listener.get(item["name"], {}))
         self.config_path = self.root / "geosmtp.toml"
         self.config_path.write_text(toml.dumps(self.config))
         self.log_path = self.root / "server.log"
@@ -132,6 +136,13 @@ class ServerProcess:
                 return value
             time.sleep(interval)
         raise AssertionError(f"condition not met within {timeout}s")
+
+    def spooled(self, qid: str) -> bytes:
+        """The message as stored in msg/<id>, without the envelope line in front of it."""
+        path = self.spool / "msg" / qid
+        if not path.exists():
+            return b""
+        return path.read_bytes().partition(b"\n")[2]
 
     def queue_files(self, state: str) -> list[str]:
         d = self.spool / "queue" / state
