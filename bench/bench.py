@@ -64,6 +64,7 @@ spool_dir = "{spool}"
 name = "smtp"
 address = "127.0.0.1:{port}"
 mode = "smtp"
+hold = {hold}                  # true: like postfix-hold, accepted mail waits in queue/hold/
 
 [limits]
 # the load generator connects from 127.0.0.1 only: the default 20 per address would
@@ -264,7 +265,8 @@ class GeoServer:
         self.logpath = os.path.join(scratch, "geosmtp.log")
         with open(self.config, "w") as f:
             f.write(CONFIG_TEMPLATE.format(spool=self.spool, port=self.port, mail=os.path.join(scratch, "mail"),
-                                           queue_concurrency=a.queue_concurrency, log_level=a.log_level))
+                                           queue_concurrency=a.queue_concurrency, log_level=a.log_level,
+                                           hold="true" if a.hold else "false"))
         self.cmd = [geosmtp_command(a), "start", "-c", self.config]
         self.proc = None
         self._log = None
@@ -615,6 +617,8 @@ def main():
     ap.add_argument("--geosmtp", help="geosmtp executable (default: <repo>/.venv/bin/geosmtp)")
     ap.add_argument("--queue-concurrency", type=int, default=20, help="[queue] concurrency (default 20)")
     ap.add_argument("--log-level", default="WARNING", help="[log] level (default WARNING)")
+    ap.add_argument("--hold", action="store_true",
+                    help="accept into queue/hold/ (like the postfix-hold anchor): no delivery attempt")
     ap.add_argument("--settle", type=float, default=10.0,
                     help="max seconds after a run for the spool count to reach N and the queue to drain")
     ap.add_argument("--clear-msg", action="store_true",

@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-
-import gevent
+from time import monotonic
 
 RECV_SIZE = 256 * 1024
 # A command line longer than the limit is discarded up to its LF; past this much discarded
@@ -48,8 +47,9 @@ _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
 class Connection:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, send_timeout: float = 300.0):
         self.sock = sock
+        self.send_timeout = send_timeout  # a client that does not read its replies
         self._buf = bytearray()
         self._out: list[bytes] = []
 
@@ -62,6 +62,7 @@ class Connection:
             data = b"".join(self._out)
             self._out.clear()
             try:
+                self.sock.settimeout(self.send_timeout)  # reads leave their own timeout set
                 # send() in a loop: gevent's sendall() asks for SO_SNDBUF on every call, and
                 # replies are small enough to go out in one send() nearly always
                 while data:
@@ -79,9 +80,14 @@ class Connection:
         self._buf.clear()
         return n
 
-    def _fill(self) -> None:
+    def _fill(self, deadline: float | None = None) -> None:
         self.flush()  # never wait for input while the client may be waiting for our replies
         try:
+            if deadline is not None:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    raise ReadTimeout()
+                self.sock.settimeout(remaining)
             data = self.sock.recv(RECV_SIZE)
         except socket.timeout:
             raise ReadTimeout() from None
@@ -94,16 +100,11 @@ class Connection:
     def read_line(self, limit: int, timeout: float) -> bytes:
         """One line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4: 512).
 
-        The whole line must arrive within `timeout` seconds, however slowly it drips.
+        The whole line must arrive within `timeout` seconds, however slowly it drips: each
+        receive may wait only for what is left of that time.
         """
-        try:
-            with gevent.Timeout(timeout, ReadTimeout):
-                return self._read_line(limit)
-        except ReadTimeout:
-            raise ReadTimeout() from None
-
-    def _read_line(self, limit: int) -> bytes:
         buf = self._buf
+        deadline = None
         while True:
             end = buf.find(b"\n", 0, limit)
             if end >= 0:
@@ -112,12 +113,14 @@ class Connection:
                 if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
                     raise BareNewline()
                 return line[:-2]
+            if deadline is None:
+                deadline = monotonic() + timeout
             if len(buf) >= limit:
-                self._discard_line()
+                self._discard_line(deadline)
                 raise LineTooLong()
-            self._fill()
+            self._fill(deadline)
 
-    def _discard_line(self) -> None:
+    def _discard_line(self, deadline: float) -> None:
         discarded = 0
         buf = self._buf
         while True:
@@ -129,7 +132,7 @@ class Connection:
             buf.clear()
             if discarded > FLOOD_LIMIT:
                 raise LineFlood()
-            self._fill()
+            self._fill(deadline)
 
     def read_data(self, sink, max_size: int, max_line: int, normalize: bool, timeout: float) -> DataResult:
         """Read a DATA body through <CRLF>.<CRLF> and hand it, unstuffed, to sink(bytes).

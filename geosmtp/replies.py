@@ -5,7 +5,7 @@ same names. Replies never name an internal mechanism or a configuration key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,19 +14,23 @@ class Reply:
     enhanced: str | None  # RFC 3463 "class.subject.detail"; None for the greeting and EHLO
     text: str | tuple[str, ...]
     close: bool = False  # close the connection once this reply is written
+    wire: bytes = field(init=False, repr=False, compare=False)  # the bytes sent, made once
 
-    @property
-    def lines(self) -> tuple[str, ...]:
-        return (self.text,) if isinstance(self.text, str) else self.text
-
-    def to_bytes(self) -> bytes:
+    def __post_init__(self) -> None:
         lines = self.lines
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
-        return "".join(out).encode("utf-8")
+        object.__setattr__(self, "wire", "".join(out).encode("utf-8"))
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    def to_bytes(self) -> bytes:
+        return self.wire
 
     def closing(self) -> Reply:
         return replace(self, close=True)

@@ -134,7 +134,7 @@ class Server:
             self.active[listener.name] += 1
             self.per_ip[ip] += 1
             try:
-                Session(Connection(sock), ip, settings, self.spool, self.directory, self.queue.notify).run()
+                Session(Connection(sock, settings.command_timeout), ip, settings, self.spool, self.directory, self.queue.notify).run()
             finally:
                 self.active[listener.name] -= 1
                 self.per_ip[ip] -= 1

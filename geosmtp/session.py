@@ -73,6 +73,18 @@ class Transaction:
     refused: int = 0  # RCPT commands refused in this transaction
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _now_rfc5322() -> str:
+    """The current date in RFC 5322 form, computed at most once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
 def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
     """Our trace header (RFC 5321 4.4), prepended to the stored message."""
     proto = "UTF8SMTP" if tx.smtputf8 else ("ESMTP" if s.esmtp else "SMTP")
@@ -85,7 +97,7 @@ def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
     ]
     if len(tx.originals) == 1:
         lines.append(f"\tfor <{tx.originals[0]}>")
-    lines[-1] += f"; {formatdate(localtime=True)}"
+    lines[-1] += f"; {_now_rfc5322()}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 

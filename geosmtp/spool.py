@@ -179,8 +179,12 @@ class Spool:
         state = "hold" if hold else "incoming"
         entry = self.entry_path(qid, state)
         try:
+            spilled = writer.spilled
             self.run(self._commit, writer, line, entry)
-            self._sync(self._msg, self._dirs[state])
+            # A small message's entry is the message file itself, so the queue directory is
+            # all that must be synced: recover() puts back a msg/ name lost in a crash.
+            # A spilled message has two files, and both names must be durable.
+            self._sync(*((self._msg, self._dirs[state]) if spilled else (self._dirs[state],)))
         except BaseException as exc:  # nothing half-committed may stay behind
             writer.abort()
             safeio.unlink_quietly(entry)
@@ -286,6 +290,21 @@ class Spool:
                 yield state, env, st
 
     # -- start-up ---------------------------------------------------------------------------
+    def _restore_message(self, qid: str, state: str) -> None:
+        """An entry whose msg/ name was lost in a crash. If the entry is the message file
+        itself (more than its envelope line), link it back; otherwise the message is gone,
+        which means it was never acknowledged (its 250 waits for both names to be durable)."""
+        entry = self.entry_path(qid, state)
+        with open(entry, "rb") as fh:
+            fh.readline(MAX_ENVELOPE)
+            combined = fh.read(1) != b""
+        if combined:
+            safeio.link(entry, self.message_path(qid))
+            logger.warning("spool: {} lost its msg/ name in a crash; restored", qid)
+        else:
+            logger.warning("spool: {} has no message file; moved to corrupt/", qid)
+            safeio.move(entry, self.entry_path(qid, "corrupt"))
+
     def recover(self) -> list[str]:
         """Repair after a crash; run once before accepting or delivering. Returns the ids
         taken back from active/ (their delivery may have been under way)."""
@@ -301,9 +320,7 @@ class Spool:
             for qid in self.ids(state):
                 known.add(qid)
                 if state != "corrupt" and not os.path.exists(self.message_path(qid)):
-                    # never acknowledged: 250 is sent only after both names are durable
-                    logger.warning("spool: {} has no message file; moved to corrupt/", qid)
-                    safeio.move(self.entry_path(qid, state), self.entry_path(qid, "corrupt"))
+                    self._restore_message(qid, state)
         for name in os.listdir(self._msg):
             if name not in known:  # a commit that died before its entry was linked
                 safeio.unlink_quietly(f"{self._msg}/{name}")
