@@ -70,7 +70,10 @@ class Envelope:
 
     @classmethod
     def from_line(cls, data: bytes) -> Envelope:
-        raw = json.loads(data)
+        try:
+            raw = json.loads(data)
+        except RecursionError:  # absurdly nested JSON: a corrupt file, not a crash
+            raise ValueError("envelope nested too deeply") from None
         if not isinstance(raw, dict):
             raise ValueError("an envelope is a JSON object")
         raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]

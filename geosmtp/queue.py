@@ -147,7 +147,8 @@ class QueueManager:
                 log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
         if envelope.pending():
             when = now + next_delay(self.retry_schedule, envelope.attempts)
-            self.spool.defer(envelope, when)
+            if not self.spool.defer(envelope, when):
+                log.warning("queue: entry removed during delivery; not deferred")
         else:
             self.spool.done(qid)
         self._recovered.discard(qid)

@@ -191,12 +191,15 @@ class Spool:
             self.run(self._commit, writer, line, entry, dirs if alone else ())
             if not alone:
                 self._sync(*dirs)
-        except BaseException as exc:  # nothing half-committed may stay behind
+        except Exception as exc:  # the job has ended: nothing half-committed may stay behind
             writer.abort()
             safeio.unlink_quietly(entry)
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise
+        # A kill (GreenletExit at shutdown) leaves the job to finish in its thread; the
+        # files are then either committed (the client, with no 250, may send again: a
+        # duplicate, never a loss) or removed by recover() at the next start.
         finally:
             self._committing -= 1
 
@@ -230,21 +233,36 @@ class Spool:
             raise
         return fh
 
-    def _rewrite(self, envelope: Envelope, mtime: float | None, then_to: str | None) -> None:
+    def _rewrite(self, envelope: Envelope, mtime: float | None, then_to: str | None) -> bool:
         active = self.entry_path(envelope.id, "active")
+        try:
+            linked = os.stat(active).st_nlink > 1
+        except FileNotFoundError:
+            return False  # removed while it was being delivered (an operator's delete)
+        if linked:
+            # the entry is still the message file, whose msg/ name a small commit left
+            # unsynced: make that name durable before the rewrite drops this one
+            safeio.fsync_path(self._msg)
         safeio.write_file(self._tmp_path(envelope.id), active, envelope.to_line(), mtime)
         if then_to is not None:
             safeio.move(active, self.entry_path(envelope.id, then_to))
+        return True
 
-    def update(self, envelope: Envelope) -> None:
-        """Replace the active entry's envelope (per-recipient progress) atomically."""
-        self.run(self._rewrite, envelope, None, None)
+    def update(self, envelope: Envelope) -> bool:
+        """Replace the active entry's envelope (per-recipient progress) atomically.
+        False when the entry is gone (deleted by an operator meanwhile)."""
+        if not self.run(self._rewrite, envelope, None, None):
+            return False
         self._sync(self._dirs["active"])
+        return True
 
-    def defer(self, envelope: Envelope, next_attempt: float) -> None:
-        """Save progress and park the entry in deferred/ until `next_attempt` (its mtime)."""
-        self.run(self._rewrite, envelope, next_attempt, "deferred")
+    def defer(self, envelope: Envelope, next_attempt: float) -> bool:
+        """Save progress and park the entry in deferred/ until `next_attempt` (its mtime).
+        False when the entry is gone (deleted by an operator meanwhile)."""
+        if not self.run(self._rewrite, envelope, next_attempt, "deferred"):
+            return False
         self._sync(self._dirs["active"], self._dirs["deferred"])
+        return True
 
     def move(self, qid: str, src: str, dst: str, when: float | None = None) -> bool:
         """Move an entry between states (hold, release, corrupt...); `when` sets the mtime."""

@@ -51,10 +51,19 @@ def test_minimal_config_gets_defaults():
     config = validate(minimal())
     assert config.listener[0].host == "127.0.0.1" and config.listener[0].port == 2525
     assert config.listener[0].mode == "smtp"
+    assert config.listener[0].hold is False
     assert config.limits.max_recipients == 100
     assert config.server.bare_newline == "reject"
     assert config.local.domains == [] and config.relay.trusted_networks == []
     assert config.queue.retry_schedule and config.queue.max_lifetime == 5 * 86400
+
+
+def test_listener_hold():
+    # accepted mail waits in queue/hold/ until an operator releases it
+    config = validate({"listener": [dict(LISTENER, hold=True), {"name": "other", "address": "127.0.0.1:2526"}]})
+    assert [item.hold for item in config.listener] == [True, False]
+    assert all(item.hold is False for item in load(SHIPPED).listener)
+    assert keys({"listener": [dict(LISTENER, hold=None)]}) == ["listener[0].hold"]
 
 
 def test_config_is_frozen():

@@ -1,9 +1,16 @@
-"""geosmtp.delivery.local: Maildir delivery into a real directory tree."""
+"""geosmtp.delivery.local: Maildir delivery into a real directory tree.
+
+deliver() gets the message as `open_body`, a callable returning a binary file positioned at
+the message (the queue passes functools.partial(spool.open_body, qid)).
+"""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +31,7 @@ from geosmtp.delivery.local import (
     maildir_name,
 )
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
+from geosmtp.spool import SPILL_SIZE, Spool
 
 USERS = frozenset({"alice@example.test", "bob@example.test"})
 MESSAGE = b"Received: by mx.example.test\r\nSubject: hi\r\n\r\nline one\r\nline two\r\n"
@@ -39,11 +47,24 @@ def make_envelope(rcpts=("alice@example.test",), sender="s@remote.test", qid="01
     )
 
 
+class Opener:
+    """An `open_body`: opens the spooled message file; remembers what it opened."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.opened: list = []
+
+    def __call__(self):
+        fh = open(self.path, "rb")
+        self.opened.append(fh)
+        return fh
+
+
 @pytest.fixture
-def message(tmp_path) -> Path:
+def message(tmp_path) -> Opener:
     path = tmp_path / "msg"
     path.write_bytes(MESSAGE)
-    return path
+    return Opener(path)
 
 
 @pytest.fixture
@@ -150,8 +171,8 @@ def test_unknown_user(maildir, message, rcpt):
 
 
 def test_missing_spool_file_is_a_temporary_error(maildir, tmp_path):
-    reply = maildir.deliver(make_envelope(), 0, tmp_path / "gone", redelivery=False)
-    assert reply == MAILBOX_ERROR and reply.code == 451
+    reply = maildir.deliver(make_envelope(), 0, Opener(tmp_path / "gone"), redelivery=False)
+    assert reply == MAILBOX_ERROR and (reply.code, reply.enhanced) == (451, "4.3.0")
     assert box(maildir, "alice@example.test", "tmp") == []
     assert box(maildir, "alice@example.test", "new") == []
 
@@ -184,6 +205,86 @@ def test_write_failure_mid_copy_cleans_tmp(maildir, message, monkeypatch):
     assert box(maildir, "alice@example.test", "new") == []
 
 
+def test_the_message_is_opened_once_and_closed(maildir, message):
+    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == DELIVERED
+    assert len(message.opened) == 1 and message.opened[0].closed
+
+
+def test_the_message_is_closed_after_a_failed_copy(maildir, message, monkeypatch):
+    monkeypatch.setattr(safeio, "write_all", mock.Mock(side_effect=[None, OSError(errno.EIO, "I/O error")]))
+    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == MAILBOX_ERROR
+    assert len(message.opened) == 1 and message.opened[0].closed
+
+
+def test_the_message_is_not_opened_when_there_is_nothing_to_write(maildir, message):
+    assert maildir.deliver(make_envelope(rcpts=("nobody@example.test",)), 0, message, redelivery=False) == NO_MAILBOX
+    envelope = make_envelope()
+    maildir.deliver(envelope, 0, message, redelivery=False)
+    [new] = box(maildir, "alice@example.test", "new")
+    new.rename(new.parent.parent / "cur" / (new.name + ":2,S"))
+    message.opened.clear()
+    assert maildir.deliver(envelope, 0, message, redelivery=True) == DELIVERED  # already seen
+    assert message.opened == []
+
+
+def test_an_unreadable_spool_file_leaves_no_mailbox_file(maildir):
+    # e.g. spool.open_body() on a message file without its envelope line raises ValueError;
+    # whether deliver() raises (the queue defers it) or answers 4xx, nothing is half-delivered
+    def open_body():
+        raise ValueError("message 0123456789ABCDEF01 has no envelope line")
+
+    try:
+        reply = maildir.deliver(make_envelope(), 0, open_body, redelivery=False)
+    except ValueError:
+        pass
+    else:
+        assert 400 <= reply.code < 500
+    assert box(maildir, "alice@example.test", "tmp") == []
+    assert box(maildir, "alice@example.test", "new") == []
+
+
+# -- delivering from a real spool ---------------------------------------------------------
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    return s
+
+
+def spool_message(spool: Spool, data: bytes) -> Envelope:
+    writer = spool.open_message()
+    for i in range(0, len(data), 4096):
+        writer.write(data[i:i + 4096])
+    envelope = Envelope(writer.id, time.time(), "s@remote.test", [Recipient("alice@example.test", "alice@example.test")],
+                        ClientInfo("192.0.2.1"), size=len(data))
+    spool.commit(writer, envelope)
+    return envelope
+
+
+@pytest.mark.parametrize("rewritten", [False, True], ids=["linked", "rewritten"])
+@pytest.mark.parametrize("data", [MESSAGE, MESSAGE + b"x" * (2 * SPILL_SIZE) + b"\r\n"], ids=["small", "spilled"])
+def test_deliver_from_the_spool_writes_the_message_without_the_envelope_line(maildir, spool, data, rewritten):
+    envelope = spool_message(spool, data)
+    if rewritten:  # the entry is no longer the message file; msg/<id> keeps its first line
+        assert spool.claim(envelope.id)
+        spool.defer(envelope, time.time())
+    reply = maildir.deliver(envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
+    assert reply == DELIVERED
+    [delivered] = box(maildir, "alice@example.test", "new")
+    assert delivered.read_bytes() == (
+        b"Return-Path: <s@remote.test>\nDelivered-To: alice@example.test\n" + data.replace(b"\r\n", b"\n")
+    )
+
+
+def test_deliver_from_the_spool_when_the_message_file_is_gone(maildir, spool):
+    envelope = spool_message(spool, MESSAGE)
+    os.unlink(spool.message_path(envelope.id))
+    reply = maildir.deliver(envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
+    assert reply == MAILBOX_ERROR and reply.code == 451
+    assert box(maildir, "alice@example.test", "tmp") == []
+    assert box(maildir, "alice@example.test", "new") == []
+
+
 def test_maildir_name():
     envelope = make_envelope(qid="ABCDEF0123456789AB")
     assert maildir_name(envelope, 3, "mx.example.test") == "1700000000.QABCDEF0123456789ABR3.mx.example.test"
@@ -197,7 +298,8 @@ def copy(data: bytes, tmp: Path) -> bytes:
     src.write_bytes(data)
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        copy_as_lf(src, fd)
+        with open(src, "rb") as fh:
+            copy_as_lf(fh, fd)
     finally:
         os.close(fd)
     return dst.read_bytes()
@@ -222,6 +324,32 @@ def test_copy_as_lf_at_the_chunk_boundary(tmp_path, data):
 @pytest.mark.parametrize("data", [b"", b"\r", b"\n", b"\r\n", b"a\rb\nc\r\n", b"\r\r\r\n\n"])
 def test_copy_as_lf_small(tmp_path, data):
     assert copy(data, tmp_path) == data.replace(b"\r\n", b"\n")
+
+
+def test_copy_as_lf_starts_where_the_file_is_positioned(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b'{"id":"x"}\nReceived: a\r\n\r\nb\r\n')
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(src, "rb") as fh:
+            fh.readline()
+            copy_as_lf(fh, fd)
+            assert not fh.closed  # the caller owns the file
+    finally:
+        os.close(fd)
+    assert dst.read_bytes() == b"Received: a\n\nb\n"
+
+
+def test_copy_as_lf_from_any_binary_file_object(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "COPY_CHUNK", 3)
+    data = b"a\r\nb\r\r\nc\r"
+    dst = tmp_path / "dst"
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        copy_as_lf(io.BytesIO(data), fd)
+    finally:
+        os.close(fd)
+    assert dst.read_bytes() == data.replace(b"\r\n", b"\n")
 
 
 @settings(max_examples=300, deadline=None, database=None)

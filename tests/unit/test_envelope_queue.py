@@ -1,14 +1,23 @@
-"""geosmtp.envelope JSON round trip and geosmtp.queue.next_delay."""
+"""geosmtp.envelope's one-line JSON round trip, geosmtp.queue.next_delay, and the queue
+manager delivering from a real spool."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geosmtp.delivery import local
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
-from geosmtp.queue import next_delay
+from geosmtp.queue import NO_RELAY, QueueManager, next_delay
+from geosmtp.replies import Reply
+from geosmtp.spool import SPILL_SIZE, Spool
 
 
 def full_envelope() -> Envelope:
@@ -34,23 +43,43 @@ def full_envelope() -> Envelope:
 
 def test_round_trip_every_field():
     envelope = full_envelope()
-    assert Envelope.from_json(envelope.to_json()) == envelope
+    assert Envelope.from_line(envelope.to_line()) == envelope
 
 
 def test_round_trip_defaults_and_null_sender():
     envelope = Envelope("0123456789ABCDEF", 0.0, "", [Recipient("a@b.test", "a@b.test")], ClientInfo("192.0.2.1"))
-    back = Envelope.from_json(envelope.to_json())
+    back = Envelope.from_line(envelope.to_line())
     assert back == envelope
     assert back.sender == "" and back.body == "7BIT" and back.extra == {} and back.recipients[0].status == PENDING
 
 
-def test_json_is_compact_utf8_and_readable():
-    raw = full_envelope().to_json()
+def test_line_is_compact_utf8_and_readable():
+    raw = full_envelope().to_line()
     assert "ü@bücher.test".encode() in raw  # not \u-escaped: a person reads these files
     assert b": " not in raw and b", " not in raw
     data = json.loads(raw)
     assert data["recipients"][1]["status"] == "delivered"
     assert data["client"]["auth_user"] == "alice"
+
+
+def test_to_line_is_exactly_one_line():
+    envelope = full_envelope()
+    # newlines inside any string must not split the line
+    envelope.sender = "a\nb\r\nc"
+    envelope.recipients[0].last_reply = "451 4.0.0 one\ntwo"
+    envelope.client.helo = "x\u2028y\u0085z\rw"
+    envelope.extra = {"k\n": "v\n", "nested": {"\n": ["\n"]}}
+    line = envelope.to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and b"\r" not in line
+    assert Envelope.from_line(line) == envelope
+    assert Envelope.from_line(line[:-1]) == envelope  # the line end is optional
+
+
+def test_to_dict_has_every_field():
+    # to_dict() is written out by hand: a field added to the dataclasses must be added there
+    envelope = full_envelope()
+    assert envelope.to_dict() == asdict(envelope)
+    assert json.loads(envelope.to_line()) == envelope.to_dict()
 
 
 def test_pending():
@@ -64,20 +93,39 @@ def test_pending():
         lambda d: d.update(unknown=1),
         lambda d: d["recipients"][0].pop("address"),
         lambda d: d["client"].update(colour="blue"),
+        lambda d: d.pop("recipients"),
+        lambda d: d.pop("client"),
+        lambda d: d.update(recipients=5),
+        lambda d: d.update(recipients=[5]),
+        lambda d: d.update(recipients="ab"),
+        lambda d: d.update(client=[]),
+        lambda d: d.update(client={}),
     ],
 )
-def test_from_json_refuses_a_wrong_shape(mutate):
-    data = json.loads(full_envelope().to_json())
+def test_from_line_refuses_a_wrong_shape(mutate):
+    data = json.loads(full_envelope().to_line())
     mutate(data)
     with pytest.raises((TypeError, KeyError)):
-        Envelope.from_json(json.dumps(data).encode())
+        Envelope.from_line(json.dumps(data).encode())
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"\xff", b"[]", b"null"])
-def test_from_json_garbage(raw):
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\n", b"{", b"\xff", b"{}", b"{}\n", b"[]", b"null", b'"x"', b"1", b"{} {}",
+     b"[" * 100_000, b'{"a":' * 100_000],  # absurd nesting: a ValueError, not a RecursionError
+    ids=["empty", "blank", "open-brace", "not-utf8", "empty-object", "placeholder", "array", "null", "string",
+         "number", "two-objects", "deep-array", "deep-object"],
+)
+def test_from_line_garbage(raw):
     # the spool moves these to corrupt/: every failure must be one of the errors it catches
     with pytest.raises((ValueError, TypeError, KeyError)):
-        Envelope.from_json(raw)
+        Envelope.from_line(raw)
+
+
+@pytest.mark.parametrize("raw", [b"[]", b"null", b'"x"', b"1", b"true", b"[{}]"])
+def test_from_line_non_object_is_a_value_error(raw):
+    with pytest.raises(ValueError, match="JSON object"):
+        Envelope.from_line(raw)
 
 
 _text = st.text(max_size=30)
@@ -93,7 +141,9 @@ _client = st.builds(ClientInfo, _text, st.none() | _text, st.none() | _text, st.
                  st.sampled_from(["7BIT", "8BITMIME"]), st.booleans(), st.integers(0, 100), _opt_float,
                  st.dictionaries(_text, st.none() | st.integers() | _text, max_size=3)))
 def test_round_trip_property(envelope):
-    assert Envelope.from_json(envelope.to_json()) == envelope
+    line = envelope.to_line()
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert Envelope.from_line(line) == envelope
 
 
 # -- next_delay ---------------------------------------------------------------------------
@@ -111,3 +161,135 @@ def test_next_delay(attempts, delay):
 
 def test_next_delay_single_interval():
     assert [next_delay([60.0], n) for n in range(5)] == [60.0] * 5
+
+
+# -- QueueManager with a real spool -------------------------------------------------------
+LOCAL_DOMAINS = frozenset({"example.test"})
+MESSAGE = b"Received: by mx.example.test\r\nSubject: q\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    return s
+
+
+class FakeLocal:
+    """Reads the message through open_body, as Maildir delivery does, and answers `reply`."""
+
+    def __init__(self, reply: Reply = local.DELIVERED):
+        self.reply = reply
+        self.calls: list[tuple] = []
+
+    def deliver(self, envelope, index, open_body, redelivery):
+        with open_body() as fh:
+            data = fh.read()
+        self.calls.append((envelope.id, index, open_body, data, redelivery))
+        return self.reply
+
+
+def enqueue(spool: Spool, data: bytes = MESSAGE, rcpts=("alice@example.test",)) -> Envelope:
+    writer = spool.open_message()
+    for i in range(0, len(data), 4096):
+        writer.write(data[i:i + 4096])
+    envelope = Envelope(writer.id, time.time(), "s@remote.test", [Recipient(r, r) for r in rcpts],
+                        ClientInfo("192.0.2.1"), size=len(data))
+    spool.commit(writer, envelope)
+    return envelope
+
+
+def files_under(root) -> list[str]:
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def deliver(qm: QueueManager, qid: str, state: str = "incoming") -> None:
+    assert qm.spool.claim(qid, state)
+    qm.deliver(qid)
+
+
+@pytest.mark.parametrize("data", [MESSAGE, MESSAGE + b"x" * (2 * SPILL_SIZE)], ids=["small", "spilled"])
+def test_queue_delivers_the_message_without_its_envelope_line(spool, tmp_path, data):
+    maildir = local.MaildirDelivery(tmp_path / "mail", "mx.example.test", frozenset({"alice@example.test"}))
+    qm = QueueManager(spool, maildir, LOCAL_DOMAINS)
+    envelope = enqueue(spool, data)
+    deliver(qm, envelope.id)
+    [delivered] = (maildir.mailbox("alice@example.test") / "new").iterdir()
+    assert delivered.read_bytes() == (
+        b"Return-Path: <s@remote.test>\nDelivered-To: alice@example.test\n" + data.replace(b"\r\n", b"\n")
+    )
+    assert files_under(spool.root) == []  # done: entry and message gone
+
+
+def test_queue_loads_through_run_and_passes_open_body(tmp_path):
+    jobs = []
+
+    def run(fn, *args):
+        jobs.append(getattr(fn, "__func__", fn))
+        return fn(*args)
+
+    s = Spool(tmp_path / "spool", run=run)
+    s.setup()
+    fake = FakeLocal()
+    qm = QueueManager(s, fake, LOCAL_DOMAINS)
+    envelope = enqueue(s, rcpts=("alice@example.test", "bob@example.test"))
+    jobs.clear()
+    deliver(qm, envelope.id)
+    assert jobs[0] is Spool.load  # the envelope is read off the hub
+    assert [(c[0], c[1], c[3], c[4]) for c in fake.calls] == [
+        (envelope.id, 0, MESSAGE, False), (envelope.id, 1, MESSAGE, False)]
+    open_body = fake.calls[0][2]
+    assert isinstance(open_body, partial) and open_body.func == s.open_body and open_body.args == (envelope.id,)
+
+
+def test_queue_defers_with_progress_and_delivers_from_the_rewritten_entry(spool):
+    fake = FakeLocal()
+    qm = QueueManager(spool, fake, LOCAL_DOMAINS, retry_schedule=(300.0,))
+    envelope = enqueue(spool, rcpts=("alice@example.test", "someone@remote.test"))
+    qid = envelope.id
+    before = time.time()
+    deliver(qm, qid)
+    assert spool.ids("deferred") == [qid]
+    entry, msg = spool.entry_path(qid, "deferred"), spool.message_path(qid)
+    assert os.stat(entry).st_mtime >= before + 299
+    assert os.stat(msg).st_nlink == 1 and os.stat(entry).st_ino != os.stat(msg).st_ino
+    saved = spool.load(qid, "deferred")
+    assert saved.attempts == 1
+    assert [(r.status, r.attempts) for r in saved.recipients] == [(DELIVERED, 1), (PENDING, 1)]
+    assert saved.recipients[1].last_reply == str(NO_RELAY)
+    # the next attempt reads the envelope from the standalone entry and the message still
+    # from msg/<id>, whose stale first line is skipped
+    fake.reply = local.MAILBOX_ERROR
+    deliver(qm, qid, "deferred")
+    assert spool.load(qid, "deferred").attempts == 2
+    assert [c[3] for c in fake.calls] == [MESSAGE]  # alice is not delivered twice
+    assert sorted(files_under(spool.root)) == [f"msg/{qid}", f"queue/deferred/{qid}"]
+
+
+def test_queue_moves_an_unreadable_entry_to_corrupt(spool):
+    qm = QueueManager(spool, FakeLocal(), LOCAL_DOMAINS)
+    qid = "0123456789ABCDEF"
+    with open(spool.entry_path(qid, "incoming"), "wb") as fh:
+        fh.write(b"{not json\nReceived: x\r\n\r\n")
+    deliver(qm, qid)
+    assert spool.ids("corrupt") == [qid] and spool.ids("active") == []
+
+
+def test_queue_missing_message_file_is_retried(spool, tmp_path):
+    maildir = local.MaildirDelivery(tmp_path / "mail", "mx.example.test", frozenset({"alice@example.test"}))
+    qm = QueueManager(spool, maildir, LOCAL_DOMAINS)
+    envelope = enqueue(spool)
+    assert spool.claim(envelope.id)
+    spool.update(envelope)  # a standalone entry, so unlinking msg/<id> really loses the file
+    os.unlink(spool.message_path(envelope.id))
+    qm.deliver(envelope.id)
+    assert spool.ids("deferred") == [envelope.id]
+    saved = spool.load(envelope.id, "deferred")
+    assert saved.recipients[0].status == PENDING and saved.recipients[0].last_reply == str(local.MAILBOX_ERROR)
+
+
+def test_queue_ignores_an_entry_that_vanished(spool):
+    qm = QueueManager(spool, FakeLocal(), LOCAL_DOMAINS)
+    qm.deliver("0123456789ABCDEF")  # e.g. claimed, then removed by an operator
+    assert files_under(spool.root) == []
