@@ -196,9 +196,23 @@ class Connection:
             if not normalize:
                 return "bare", content
             content = _ANY_NEWLINE.sub(b"\r\n", content)
-        if len(content) > max_line and max(map(len, content.split(b"\n"))) > max_line - 1:
+        if len(content) >= max_line and _has_long_line(content, max_line):
             return "line", content
         # RFC 5321 4.5.2: a line that begins with "." had one more "." added by the client
         if content[:1] == b".":
             content = content[1:]
-        return None, content.replace(b"\r\n.", b"\r\n")
+        if b"\r\n." in content:
+            content = content.replace(b"\r\n.", b"\r\n")
+        return None, content
+
+
+def _has_long_line(content: bytes, max_line: int) -> bool:
+    """Whether some line (CRLF included) is longer than max_line, i.e. max_line bytes in a
+    row without LF. Jumps a window at a time to the last LF in it: len/max_line steps."""
+    pos, end = 0, len(content)
+    while pos + max_line <= end:
+        lf = content.rfind(b"\n", pos, pos + max_line)
+        if lf < 0:
+            return True
+        pos = lf + 1
+    return False
