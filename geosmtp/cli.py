@@ -1,4 +1,4 @@
-"""The `geosmtp` command: start, check-config, version.
+"""The `geosmtp` command: start, check-config, passwd, version.
 
 Reached through geosmtp.entry (or `python -m geosmtp`), which monkey-patches first.
 """
@@ -57,6 +57,53 @@ def check_config(config_path: str) -> None:
     config = load_or_exit(config_path)
     names = ", ".join(f"{item.name}={item.address}" for item in config.listener)
     click.echo(f"{config_path}: ok ({len(config.listener)} listeners: {names})")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.argument("user")
+@click.option("--stdin", "from_stdin", is_flag=True, help="read the password from standard input")
+@click.option("--delete", is_flag=True, help="remove the user instead")
+def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
+    """Set (or --delete) USER's password in [auth] users_file. The password is asked for
+    twice without echo, or read from standard input with --stdin; it is stored as an scrypt
+    hash. Send SIGHUP to a running server to load the change."""
+    import os
+
+    from geosmtp import safeio
+    from geosmtp.auth import UserStore, hash_password
+    from geosmtp.protocol import PathError, parse_address
+
+    config = load_or_exit(config_path)
+    path = config.auth.users_file
+    if path is None:
+        raise click.UsageError("the configuration has no [auth] users_file")
+    try:
+        user = parse_address(user, allow_utf8=True).key
+    except PathError as exc:
+        raise click.UsageError(f"{user!r} is not an address: {exc.reason}")
+    try:
+        store = UserStore.load(path) if os.path.exists(path) else UserStore({})
+    except ValueError as exc:
+        click.echo(f"geosmtp: {path}: {exc}", err=True)
+        sys.exit(1)
+    if delete:
+        if store.users.pop(user, None) is None:
+            click.echo(f"geosmtp: {user} is not in {path}", err=True)
+            sys.exit(1)
+    else:
+        if from_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        if not password:
+            raise click.UsageError("empty password")
+        store.users[user] = hash_password(password)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    safeio.write_file(tmp, path, store.dump().encode("utf-8"))
+    safeio.fsync_path(directory)
+    click.echo(f"{path}: {user} {'removed' if delete else 'set'}")
 
 
 @main.command()

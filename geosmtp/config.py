@@ -108,6 +108,16 @@ class ListenerConfig(_Section):
     # Park every message accepted here in queue/hold/ until an operator releases it
     # (geosmtp-queue release): Postfix's HOLD action, for quarantine or staging.
     hold: bool = False
+    # "starttls" offers STARTTLS (RFC 3207); "implicit" is TLS from the first byte (RFC 8314,
+    # port 465). Both need [tls].
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    require_tls: bool = False  # refuse mail commands until STARTTLS (530 5.7.0)
+    auth: bool | None = None  # offer AUTH here; default: on submission listeners only
+    allow_plaintext_auth: bool = False  # AUTH without TLS (only for loopback or a trusted LAN)
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.mode == "submission" if self.auth is None else self.auth
 
     @field_validator("name")
     @classmethod
@@ -152,6 +162,37 @@ class LimitsConfig(_Section):
     max_connections: int = Field(1000, ge=1)
     max_connections_per_ip: int = Field(20, ge=1)
     max_errors: int = Field(20, ge=1)
+    # accepted messages per hour (451 4.7.1 past it); 0 means no limit
+    messages_per_hour_per_ip: int = Field(0, ge=0)
+    messages_per_hour_per_user: int = Field(0, ge=0)
+    auth_failures_per_hour_per_ip: int = Field(30, ge=0)  # then AUTH is refused (421 4.7.0)
+
+
+class TLSConfig(_Section):
+    cert_file: Path
+    key_file: Path
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    handshake_timeout: Duration = 30.0
+
+
+class AuthConfig(_Section):
+    users_file: Path | None = None  # address:scrypt-hash lines; `geosmtp passwd` writes it
+    # an authenticated user may use as sender only their own address, the aliases that
+    # deliver to them, and what `senders` lists for them ("@domain" for a whole domain)
+    restrict_sender: bool = True
+    senders: dict[str, list[str]] = {}
+    max_failures: int = Field(3, ge=1)  # per session, then 421 4.7.0
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for user, allowed in v.items():
+            keys = []
+            for a in allowed:
+                keys.append(a.lower() if a.startswith("@") else _address_key(a, "sender"))
+            out[_address_key(user, "user")] = keys
+        return out
 
 
 def _address_key(value: str, where: str) -> str:
@@ -270,15 +311,27 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     queue: QueueConfig = QueueConfig()
     log: LogConfig = LogConfig()
+    tls: TLSConfig | None = None
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
-    def _unique_listeners(self) -> "Config":
+    def _listeners(self) -> "Config":
+        problems = []
         names = [item.name for item in self.listener]
         if len(names) != len(set(names)):
-            raise ValueError("listener names must be unique")
+            problems.append("listener names must be unique")
         addresses = [item.address for item in self.listener]
         if len(addresses) != len(set(addresses)):
-            raise ValueError("two listeners cannot share an address")
+            problems.append("two listeners cannot share an address")
+        for item in self.listener:
+            if item.tls != "none" and self.tls is None:
+                problems.append(f"listener {item.name!r}: tls = {item.tls!r} needs a [tls] section")
+            if item.require_tls and item.tls != "starttls":
+                problems.append(f"listener {item.name!r}: require_tls needs tls = \"starttls\"")
+            if item.offers_auth and self.auth.users_file is None:
+                problems.append(f"listener {item.name!r}: AUTH needs [auth] users_file")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -11,6 +11,8 @@ import socket
 from dataclasses import dataclass
 from time import monotonic
 
+import gevent
+
 RECV_SIZE = 256 * 1024
 # A command line longer than the limit is discarded up to its LF; past this much discarded
 # input with no LF at all, the client is not speaking SMTP and is disconnected.
@@ -31,6 +33,10 @@ class LineTooLong(Exception):
 
 class LineFlood(Exception):
     """Far too much input without a line end; the connection should be closed."""
+
+
+class HandshakeFailed(Exception):
+    """The TLS handshake failed or took too long; the connection is unusable."""
 
 
 class BareNewline(Exception):
@@ -69,6 +75,31 @@ class Connection:
                     data = data[self.sock.send(data):]
             except (OSError, socket.timeout) as exc:
                 raise ConnectionClosed(str(exc)) from None
+
+    def start_tls(self, context, timeout: float) -> str:
+        """Wrap the live socket in TLS (server side) under one overall timeout. Returns
+        "version cipher". The receive buffer is replaced: not one byte read before the
+        handshake is ever taken as a command afterwards."""
+        self.flush()
+        self._buf = bytearray()
+        tls = None
+        try:
+            with gevent.Timeout(timeout, HandshakeFailed("timeout")):
+                tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+                self.sock = tls
+                tls.do_handshake()
+        except HandshakeFailed:
+            raise
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise HandshakeFailed(getattr(exc, "reason", None) or str(exc) or type(exc).__name__) from None
+        cipher = tls.cipher()
+        return f"{tls.version()} {cipher[0] if cipher else '?'}"
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     # -- input ------------------------------------------------------------------------------
     def pending(self) -> int:

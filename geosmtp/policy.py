@@ -89,3 +89,21 @@ def resolve_rcpt(client: ClientFacts, rcpt: Address, local: LocalDirectory) -> R
     if client.trusted or client.auth_user is not None:
         return [str(rcpt)]
     return replies.RELAY_DENIED
+
+
+def check_sender(user: str, sender: Address | None, local: LocalDirectory,
+                 extra: Mapping[str, list[str]]) -> Reply | None:
+    """May the authenticated `user` use this envelope sender? Their own address, an alias
+    that delivers to them, or what `extra` lists for them ("@domain" for a whole domain).
+    The null sender <> is allowed (bounces, delivery reports)."""
+    if sender is None:
+        return None
+    key = sender.key
+    if key == user:
+        return None
+    allowed = extra.get(user, ())
+    if key in allowed or f"@{sender.domain}" in allowed:
+        return None
+    if key in local.aliases and user in (local.expand(key) or ()):
+        return None
+    return replies.SENDER_NOT_OWNED

@@ -93,6 +93,31 @@ INTERNAL_ERROR = Reply(421, "4.3.0", "Local error in processing, closing connect
 NOT_SMTP = Reply(521, "5.5.1", "This is an SMTP server, closing connection", close=True)
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
+# -- STARTTLS (RFC 3207) and AUTH (RFC 4954) ----------------------------------------------
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "AUTH not available")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection", close=True)
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+RATE_LIMITED = Reply(451, "4.7.1", "Too many messages, slow down and try again later")
+
+
+def challenge(text: str) -> Reply:
+    """A SASL challenge (334), base64 text; an intermediate reply like 354."""
+    return Reply(334, None, text)
+
 
 # -- MAIL / RCPT --------------------------------------------------------------------------
 def bad_address(reason: str, enhanced: str = "5.1.3", code: int = 501) -> Reply:

@@ -14,17 +14,21 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Callable
 
+import gevent
 from loguru import logger
 
-from geosmtp import policy, replies
+from geosmtp import auth, policy, replies
 from geosmtp.connection import (
     BareNewline,
     Connection,
     ConnectionClosed,
+    HandshakeFailed,
     LineFlood,
     LineTooLong,
     ReadTimeout,
 )
+from geosmtp.ratelimit import Limiter, MemoryLimiter
+from geosmtp.tls import ServerTLS
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.protocol import (
     Address,
@@ -39,6 +43,8 @@ from geosmtp.replies import Reply
 from geosmtp.spool import Spool, SpoolError
 
 COMMAND_LINE_LIMIT = 512  # RFC 5321 4.5.3.1.4, including CRLF
+SASL_LINE_LIMIT = 12288 + 2  # RFC 4954 4: AUTH responses may be up to 12288 octets
+HOUR = 3600.0
 _rng = random.Random()  # session ids for logs: unique enough, and no system call each
 
 
@@ -57,7 +63,31 @@ class SessionSettings:
     max_errors: int = 20
     normalize_newlines: bool = False
     hold: bool = False  # accepted messages wait in queue/hold/ for an operator
+    tls: str = "none"  # "none", "starttls" or "implicit"
+    require_tls: bool = False
+    handshake_timeout: float = 30.0
+    auth: bool = False  # offer AUTH on this listener
+    allow_plaintext_auth: bool = False
+    restrict_sender: bool = True
+    max_auth_failures: int = 3
+    messages_per_hour_per_ip: int = 0  # 0: no limit
+    messages_per_hour_per_user: int = 0
+    auth_failures_per_hour_per_ip: int = 0
     trusted_networks: tuple = ()
+
+
+@dataclass
+class Services:
+    """The shared, long-lived parts a session works with (built once by the server)."""
+
+    spool: Spool
+    directory: policy.LocalDirectory
+    on_queued: Callable[[str], None] = lambda qid: None
+    tls: ServerTLS | None = None
+    users: auth.UserStore | None = None  # replaced whole on reload
+    senders: dict = field(default_factory=dict)  # user → extra sender addresses / "@domain"
+    limiter: Limiter = field(default_factory=MemoryLimiter)
+    run: Callable = lambda fn, *args: fn(*args)  # runs slow work (scrypt) off the hub
 
 
 @dataclass
@@ -86,15 +116,19 @@ def _now_rfc5322() -> str:
 
 
 def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
-    """Our trace header (RFC 5321 4.4), prepended to the stored message."""
+    """Our trace header (RFC 5321 4.4), prepended to the stored message. The protocol name
+    follows RFC 3848 (ESMTPS: TLS, ESMTPA: AUTH) and RFC 6531 (UTF8SMTP)."""
     proto = "UTF8SMTP" if tx.smtputf8 else ("ESMTP" if s.esmtp else "SMTP")
+    if s.esmtp:
+        proto += ("S" if s.tls else "") + ("A" if s.auth_user else "")
     ip = s.ip
     literal = f"IPv6:{ip.compressed}" if ip.version == 6 else str(ip)
     helo = "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?" for c in (s.helo or ""))[:255]
-    lines = [
-        f"Received: from {helo or 'unknown'} ([{literal}])",
-        f"\tby {s.settings.hostname} (geosmtp) with {proto} id {qid}",
-    ]
+    lines = [f"Received: from {helo or 'unknown'} ([{literal}])"]
+    if s.tls:
+        version, _, cipher = s.tls.partition(" ")
+        lines.append(f"\t(using {version} with cipher {cipher})")
+    lines.append(f"\tby {s.settings.hostname} (geosmtp) with {proto} id {qid}")
     if len(tx.originals) == 1:
         lines.append(f"\tfor <{tx.originals[0]}>")
     lines[-1] += f"; {_now_rfc5322()}"
@@ -107,25 +141,26 @@ class Session:
         conn: Connection,
         ip: str,
         settings: SessionSettings,
-        spool: Spool,
-        directory: policy.LocalDirectory,
-        on_queued: Callable[[str], None] = lambda qid: None,
+        services: Services,
     ):
         self.conn = conn
         self.ip = ipaddress.ip_address(ip)
         self.settings = settings
-        self.spool = spool
-        self.directory = directory
-        self.on_queued = on_queued
+        self.services = services
+        self.spool = services.spool
+        self.directory = services.directory
         self.id = f"{_rng.getrandbits(40):010x}"
         self.log = logger.bind(sid=self.id)
         # connection state
         self.helo: str | None = None
         self.esmtp = False
+        self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
         self.auth_user: str | None = None
+        self.auth_failures = 0
         self.trusted = policy.is_trusted(self.ip, settings.trusted_networks)
         self.errors = 0
         self.messages = 0
+        self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
         # transaction state
         self.tx: Transaction | None = None
 
@@ -139,9 +174,14 @@ class Session:
         self.log.info("connect from [{}] on {}", self.ip, self.settings.listener)
         how = "quit"
         try:
+            if self.settings.tls == "implicit":  # RFC 8314: TLS first, then the greeting
+                self.handshake()
             if not self.send(replies.greeting(self.settings.hostname)):
                 while not self.send(self.next_reply()):
-                    pass
+                    if self._start_tls:
+                        self.handshake()
+        except HandshakeFailed as exc:
+            how = f"TLS handshake failed ({exc})"
         except ConnectionClosed as exc:
             how = f"lost ({exc})"
         except Exception:  # a bug in one session must never reach another
@@ -154,9 +194,20 @@ class Session:
                 pass
         finally:
             self.log.info(
-                "disconnect from [{}] helo={} messages={} errors={} time={:.3f}s ({})",
-                self.ip, self.helo, self.messages, self.errors, time.monotonic() - started, how,
+                "disconnect from [{}] helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",
+                self.ip, self.helo, self.tls or "-", self.auth_user or "-", self.messages, self.errors,
+                time.monotonic() - started, how,
             )
+
+    def handshake(self) -> None:
+        """TLS on the live socket (STARTTLS or implicit). RFC 3207 4.2: everything learnt
+        before it (greeting, AUTH, transaction) is forgotten."""
+        self._start_tls = False
+        tls = self.services.tls
+        assert tls is not None  # config validation: a TLS listener has [tls]
+        self.tls = self.conn.start_tls(tls.context, self.settings.handshake_timeout)
+        self.helo, self.esmtp, self.auth_user, self.tx = None, False, None, None
+        self.log.info("TLS established: {}", self.tls)
 
     def next_reply(self) -> Reply:
         try:
@@ -177,6 +228,8 @@ class Session:
         handler = VERBS.get(command.verb)
         if handler is None:
             return replies.NOT_SMTP if command.verb in NOT_SMTP_VERBS else replies.UNKNOWN_COMMAND
+        if self.settings.require_tls and not self.tls and command.verb not in ALLOWED_BEFORE_STARTTLS:
+            return replies.TLS_REQUIRED
         return handler(self, command.arg)
 
     def send(self, reply: Reply) -> bool:
@@ -196,13 +249,114 @@ class Session:
 
     # -- connection-level verbs ---------------------------------------------------------------
     def extensions(self) -> list[str]:
-        return [
+        out = [
             "PIPELINING",  # RFC 2920
             f"SIZE {self.settings.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "SMTPUTF8",  # RFC 6531
             "ENHANCEDSTATUSCODES",  # RFC 2034
         ]
+        if self.settings.tls == "starttls" and not self.tls:
+            out.append("STARTTLS")  # RFC 3207; never again once in TLS
+        if self.auth_offered and not self.auth_user:
+            out.append("AUTH PLAIN LOGIN")  # RFC 4954
+        return out
+
+    @property
+    def auth_offered(self) -> bool:
+        """AUTH is advertised here now: configured, and over TLS unless allowed in clear."""
+        s = self.settings
+        return s.auth and (bool(self.tls) or s.allow_plaintext_auth)
+
+    def do_starttls(self, arg: str) -> Reply:
+        if arg:
+            return replies.NO_ARGUMENTS_ALLOWED
+        if self.tls:
+            return replies.ALREADY_TLS
+        if self.settings.tls != "starttls" or self.services.tls is None:
+            return replies.TLS_NOT_AVAILABLE
+        if self.helo is None:
+            return replies.NEED_EHLO
+        # CVE-2011-0411: whatever the client sent after STARTTLS<CRLF> in clear text could
+        # be an attacker's, injected to run inside the TLS session. It is thrown away.
+        injected = self.conn.discard_pending()
+        if injected:
+            self.log.warning("discarded {} bytes sent after STARTTLS before the handshake", injected)
+        self._start_tls = True
+        return replies.READY_FOR_TLS
+
+    def do_auth(self, arg: str) -> Reply:
+        """RFC 4954 with PLAIN (RFC 4616) and LOGIN. Nothing of the exchange is logged."""
+        s = self.settings
+        if not s.auth or self.services.users is None:
+            return replies.AUTH_NOT_AVAILABLE
+        if not self.auth_offered:
+            return replies.ENCRYPTION_REQUIRED
+        if self.helo is None:
+            return replies.NEED_EHLO
+        if self.auth_user:
+            return replies.ALREADY_AUTHENTICATED
+        if self.tx is not None:
+            return replies.AUTH_IN_TRANSACTION
+        ip_key = f"authfail:{self.ip}"
+        limit = s.auth_failures_per_hour_per_ip
+        if limit and self.services.limiter.count(ip_key, HOUR) >= limit:
+            return replies.AUTH_TOO_MANY_FAILURES
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism or " " in initial:
+            return replies.AUTH_SYNTAX
+        try:
+            if mechanism == "PLAIN":
+                response = initial or self._sasl_challenge("")
+                user, password = auth.parse_plain(auth.decode_response(response))
+            elif mechanism == "LOGIN":
+                first = initial or self._sasl_challenge("VXNlcm5hbWU6")  # "Username:"
+                user = auth.decode_text(auth.decode_response(first))
+                password = auth.decode_text(auth.decode_response(self._sasl_challenge("UGFzc3dvcmQ6")))
+            else:
+                return replies.UNKNOWN_MECHANISM
+        except SaslCancelled:
+            return replies.AUTH_CANCELLED
+        except ReadTimeout:
+            return replies.COMMAND_TIMEOUT
+        except auth.BadBase64:
+            return replies.AUTH_BAD_BASE64
+        except auth.SaslError as exc:  # well-formed base64, malformed inside: a failure
+            self.log.info("AUTH {} malformed: {}", mechanism, exc)
+            ok = False
+        else:
+            try:
+                ok = self.services.run(self.services.users.check, user, password)
+            except Exception:
+                self.log.exception("AUTH check failed")
+                return replies.AUTH_TEMPORARY
+        if ok:
+            self.auth_user = user.lower()
+            self.log.info("AUTH {} succeeded: user={}", mechanism, self.auth_user)
+            return replies.AUTH_OK
+        # never log the name tried: people type passwords into the user field
+        self.auth_failures += 1
+        self.services.limiter.add(ip_key, HOUR)
+        self.log.info("AUTH {} failed ({} in this session)", mechanism, self.auth_failures)
+        if self.auth_failures >= s.max_auth_failures:
+            return replies.AUTH_TOO_MANY_FAILURES
+        gevent.sleep(min(2 ** (self.auth_failures - 1), 8))  # slow down guessing
+        return replies.AUTH_FAILED
+
+    def _sasl_challenge(self, text: str) -> str:
+        """Send a 334 challenge and read the client's response line (never logged)."""
+        self.conn.write(replies.challenge(text).to_bytes())
+        try:
+            line = self.conn.read_line(SASL_LINE_LIMIT, self.settings.command_timeout)
+        except (LineTooLong, BareNewline, LineFlood):
+            raise auth.SaslError("bad response line") from None
+        if line == b"*":  # RFC 4954 4: the client cancels
+            raise SaslCancelled()
+        try:
+            return line.decode("ascii")
+        except UnicodeDecodeError:
+            raise auth.SaslError("response is not valid base64") from None
 
     def do_ehlo(self, arg: str) -> Reply:
         if not arg:
@@ -278,8 +432,22 @@ class Session:
             return replies.NEED_SMTPUTF8
         if refusal := policy.check_mail(self.facts):
             return refusal
+        if self.auth_user and self.settings.restrict_sender:
+            if refusal := policy.check_sender(self.auth_user, sender, self.directory, self.services.senders):
+                return refusal
+        if refusal := self._rate_limited():
+            return refusal
         self.tx = tx
         return replies.SENDER_OK
+
+    def _rate_limited(self) -> Reply | None:
+        s, limiter = self.settings, self.services.limiter
+        if s.messages_per_hour_per_ip and limiter.count(f"ip:{self.ip}", HOUR) >= s.messages_per_hour_per_ip:
+            return replies.RATE_LIMITED
+        if (self.auth_user and s.messages_per_hour_per_user
+                and limiter.count(f"user:{self.auth_user}", HOUR) >= s.messages_per_hour_per_user):
+            return replies.RATE_LIMITED
+        return None
 
     def do_rcpt(self, arg: str) -> Reply:
         tx = self.tx
@@ -348,7 +516,8 @@ class Session:
             sender=str(tx.sender) if tx.sender else "",
             recipients=list(tx.recipients.values()),
             client=ClientInfo(
-                address=str(self.ip), helo=self.helo, listener=s.listener, auth_user=self.auth_user
+                address=str(self.ip), helo=self.helo, listener=s.listener, auth_user=self.auth_user,
+                tls=self.tls,
             ),
             size=writer.size,
             body=tx.body,
@@ -360,13 +529,18 @@ class Session:
             self.log.error("cannot queue message: {}", exc)
             return replies.STORAGE_FULL if exc.full else replies.STORAGE_ERROR
         self.messages += 1
+        limiter = self.services.limiter
+        if s.messages_per_hour_per_ip:
+            limiter.add(f"ip:{self.ip}", HOUR)
+        if self.auth_user and s.messages_per_hour_per_user:
+            limiter.add(f"user:{self.auth_user}", HOUR)
         self.log.info(
             "queued {} from=<{}> to={} size={}{}",
             envelope.id, envelope.sender, ",".join(f"<{r}>" for r in tx.originals), envelope.size,
             " (held)" if s.hold else "",
         )
         if not s.hold:
-            self.on_queued(envelope.id)
+            self.services.on_queued(envelope.id)
         return replies.queued(envelope.id)
 
 
@@ -376,8 +550,14 @@ DATA_PROBLEMS = {
     "bare": replies.BARE_NEWLINE,
 }
 
+class SaslCancelled(Exception):
+    """The client answered a SASL challenge with "*"."""
+
+
 # One written-out table: grep finds every handler.
 VERBS: dict[str, Callable[[Session, str], Reply]] = {
+    "STARTTLS": Session.do_starttls,
+    "AUTH": Session.do_auth,
     "EHLO": Session.do_ehlo,
     "HELO": Session.do_helo,
     "MAIL": Session.do_mail,
@@ -391,4 +571,6 @@ VERBS: dict[str, Callable[[Session, str], Reply]] = {
     "HELP": Session.do_help,
 }
 SECRET_VERBS = frozenset({"AUTH"})
+# RFC 3207 4: with TLS required, only these may come before STARTTLS
+ALLOWED_BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 NOT_SMTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS"})

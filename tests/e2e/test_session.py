@@ -165,10 +165,17 @@ def test_quit_mid_transaction(c):
 
 
 # -- unknown commands and syntax ------------------------------------------------------------
-@pytest.mark.parametrize("line", ["FOO", "FOO bar", "MAILX FROM:<a@remote.test>", "STARTTLS", "AUTH PLAIN",
+@pytest.mark.parametrize("line", ["FOO", "FOO bar", "MAILX FROM:<a@remote.test>",
                                   "BDAT 10 LAST", "ETRN example.test", "TURN", "1234", "", "   "])
 def test_unknown_verb_is_500_5_5_2(c, line):
     expect(c.cmd(line), replies.UNKNOWN_COMMAND)
+    assert c.code("NOOP") == "250 2.0.0"
+
+
+def test_starttls_and_auth_where_not_offered(c):
+    # the MX listener of the test config has no TLS and no AUTH
+    expect(c.cmd("STARTTLS"), replies.TLS_NOT_AVAILABLE)
+    expect(c.cmd("AUTH PLAIN"), replies.AUTH_NOT_AVAILABLE)
     assert c.code("NOOP") == "250 2.0.0"
 
 

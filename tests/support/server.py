@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import socket
@@ -31,8 +32,19 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+PASSWORDS = {f"alice@{DOMAIN}": "alice-secret-1", f"bob@{DOMAIN}": "bob-secret-2"}
+
+
+@functools.cache
+def users_file_text() -> str:
+    from geosmtp.auth import hash_password
+
+    return "".join(f"{user}:{hash_password(pw, ln=10)}\n" for user, pw in PASSWORDS.items())
+
+
 def base_config(root: Path, port: int, submission_port: int) -> dict:
     return {
+        "auth": {"users_file": str(root / "users")},
         "server": {"hostname": "mx.example.test", "spool_dir": str(root / "spool")},
         "listener": [
             {"name": "smtp", "address": f"127.0.0.1:{port}", "mode": "smtp"},
@@ -65,6 +77,7 @@ class ServerProcess:
         self.config = merge(base_config(self.root, self.port, self.submission_port), overrides)
         for item in self.config["listener"]:
             item.update(per_listener.get(item["name"], {}))
+        (self.root / "users").write_text(users_file_text())
         self.config_path = self.root / "geosmtp.toml"
         self.config_path.write_text(toml.dumps(self.config))
         self.log_path = self.root / "server.log"
