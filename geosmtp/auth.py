@@ -18,6 +18,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from geosmtp.protocol import ascii_lower
+
 SCRYPT_LN, SCRYPT_R, SCRYPT_P = 14, 8, 1  # 16 MiB and ~50 ms per check on one core
 _HASH = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 MAX_PASSWORD = 1024
@@ -75,20 +77,24 @@ class UserStore:
             name, sep, encoded = line.partition(":")
             if not sep or "@" not in name or not valid_hash(encoded):
                 raise ValueError(f"line {number}: expected address:$scrypt$... hash")
-            users[name.strip().lower()] = encoded
+            users[ascii_lower(name.strip())] = encoded
         return cls(users)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UserStore:
         with open(path, encoding="utf-8") as fh:
-            return cls.parse(fh.read())
+            text = fh.read()
+        try:
+            return cls.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
     def dump(self) -> str:
         return "".join(f"{name}:{encoded}\n" for name, encoded in sorted(self.users.items()))
 
     def check(self, user: str, password: str) -> bool:
         """Slow on purpose (scrypt): call it off the event loop."""
-        encoded = self.users.get(user.lower())
+        encoded = self.users.get(ascii_lower(user))
         ok = verify_password(password, encoded or _dummy_hash())
         return ok and encoded is not None
 

@@ -45,7 +45,7 @@ def start(config_path: str) -> None:
     try:
         server = Server(config)
         server.serve_forever()
-    except OSError as exc:  # e.g. the port is taken or the spool is not writable
+    except (OSError, ValueError) as exc:  # the port is taken, the spool or a file is unusable
         click.echo(f"geosmtp: cannot start: {exc}", err=True)
         sys.exit(1)
 
@@ -101,7 +101,18 @@ def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
         store.users[user] = hash_password(password)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    safeio.write_file(tmp, path, store.dump().encode("utf-8"))
+    fd = safeio.create(tmp)
+    try:
+        try:  # the new file keeps the old one's owner, group and mode (the server must read
+            st = os.stat(path)  # it), except that others never get to read the hashes
+            os.fchmod(fd, st.st_mode & 0o7770)
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except FileNotFoundError:
+            pass
+        safeio.finish(fd, tmp, path, store.dump().encode("utf-8"))
+    except BaseException:
+        safeio.unlink_quietly(tmp)
+        raise
     safeio.fsync_path(directory)
     click.echo(f"{path}: {user} {'removed' if delete else 'set'}")
 

@@ -65,6 +65,12 @@ _LABEL = re.compile(r"[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FF
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
+
+def ascii_lower(text: str) -> str:
+    """Fold ASCII letters only: str.lower() would also fold non-ASCII ones (and even turn
+    some into ASCII), making distinct addresses collide."""
+    return text.translate(_ASCII_LOWER)
+
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3, octets including "<" and ">"
 MAX_LOCAL = 64  # 4.5.3.1.1
 MAX_DOMAIN = 255  # 4.5.3.1.2

@@ -32,6 +32,7 @@ from geosmtp.tls import ServerTLS
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.protocol import (
     Address,
+    ascii_lower,
     PathError,
     ProtocolError,
     parse_command,
@@ -158,6 +159,9 @@ class Session:
         self.auth_user: str | None = None
         self.auth_failures = 0
         self.trusted = policy.is_trusted(self.ip, settings.trusted_networks)
+        # rate limits count an IPv6 client by its /64: one host usually holds a whole /64
+        self.rate_key = str(self.ip) if self.ip.version == 4 else str(
+            ipaddress.ip_network((self.ip, 64), strict=False))
         self.errors = 0
         self.messages = 0
         self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
@@ -224,10 +228,12 @@ class Session:
             command = parse_command(line)
         except ProtocolError as exc:
             return exc.reply
-        self.log.trace("<- {} {}", command.verb, command.arg if command.verb not in SECRET_VERBS else "****")
         handler = VERBS.get(command.verb)
         if handler is None:
+            # not logged: it may be a SASL response pipelined behind a refused AUTH
+            self.log.trace("<- unknown command ({} octets)", len(line))
             return replies.NOT_SMTP if command.verb in NOT_SMTP_VERBS else replies.UNKNOWN_COMMAND
+        self.log.trace("<- {} {}", command.verb, command.arg if command.verb not in SECRET_VERBS else "****")
         if self.settings.require_tls and not self.tls and command.verb not in ALLOWED_BEFORE_STARTTLS:
             return replies.TLS_REQUIRED
         return handler(self, command.arg)
@@ -298,7 +304,7 @@ class Session:
             return replies.ALREADY_AUTHENTICATED
         if self.tx is not None:
             return replies.AUTH_IN_TRANSACTION
-        ip_key = f"authfail:{self.ip}"
+        ip_key = f"authfail:{self.rate_key}"
         limit = s.auth_failures_per_hour_per_ip
         if limit and self.services.limiter.count(ip_key, HOUR) >= limit:
             return replies.AUTH_TOO_MANY_FAILURES
@@ -332,7 +338,7 @@ class Session:
                 self.log.exception("AUTH check failed")
                 return replies.AUTH_TEMPORARY
         if ok:
-            self.auth_user = user.lower()
+            self.auth_user = ascii_lower(user)
             self.log.info("AUTH {} succeeded: user={}", mechanism, self.auth_user)
             return replies.AUTH_OK
         # never log the name tried: people type passwords into the user field
@@ -442,7 +448,7 @@ class Session:
 
     def _rate_limited(self) -> Reply | None:
         s, limiter = self.settings, self.services.limiter
-        if s.messages_per_hour_per_ip and limiter.count(f"ip:{self.ip}", HOUR) >= s.messages_per_hour_per_ip:
+        if s.messages_per_hour_per_ip and limiter.count(f"ip:{self.rate_key}", HOUR) >= s.messages_per_hour_per_ip:
             return replies.RATE_LIMITED
         if (self.auth_user and s.messages_per_hour_per_user
                 and limiter.count(f"user:{self.auth_user}", HOUR) >= s.messages_per_hour_per_user):
@@ -531,7 +537,7 @@ class Session:
         self.messages += 1
         limiter = self.services.limiter
         if s.messages_per_hour_per_ip:
-            limiter.add(f"ip:{self.ip}", HOUR)
+            limiter.add(f"ip:{self.rate_key}", HOUR)
         if self.auth_user and s.messages_per_hour_per_user:
             limiter.add(f"user:{self.auth_user}", HOUR)
         self.log.info(

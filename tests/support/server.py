@@ -78,6 +78,7 @@ class ServerProcess:
         for item in self.config["listener"]:
             item.update(per_listener.get(item["name"], {}))
         (self.root / "users").write_text(users_file_text())
+        (self.root / "users").chmod(0o600)
         self.config_path = self.root / "geosmtp.toml"
         self.config_path.write_text(toml.dumps(self.config))
         self.log_path = self.root / "server.log"
