@@ -20,7 +20,7 @@ from loguru import logger
 from geosmtp import replies
 from geosmtp.auth import UserStore
 from geosmtp.config import Config, ListenerConfig
-from geosmtp.connection import Connection
+from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.policy import LocalDirectory
 from geosmtp.queue import QueueManager
@@ -175,10 +175,10 @@ class Server:
         conn = Connection(sock, settings.command_timeout)
         try:
             if self.active[listener.name] >= lim.max_connections:
-                self._refuse(sock, replies.TOO_MANY_CONNECTIONS, ip)
+                self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
                 return
             if self.per_ip[ip] >= lim.max_connections_per_ip:
-                self._refuse(sock, replies.TOO_MANY_FROM_YOU, ip)
+                self._refuse(conn, settings, replies.TOO_MANY_FROM_YOU, ip)
                 return
             self.active[listener.name] += 1
             self.per_ip[ip] += 1
@@ -192,10 +192,14 @@ class Server:
         finally:
             conn.close()  # the TLS socket, if the session started TLS
 
-    @staticmethod
-    def _refuse(sock: socket.socket, reply: replies.Reply, ip: str) -> None:
+    def _refuse(self, conn: Connection, settings: SessionSettings, reply: replies.Reply, ip: str) -> None:
+        """Turn a connection away with a 421; on an implicit-TLS port the reply goes inside
+        TLS like everything else said there (never clear text on a TLS-only port)."""
         logger.info("refused [{}]: {}", ip, reply)
         try:
-            sock.sendall(reply.to_bytes())
-        except OSError:
+            if settings.tls == "implicit" and self.services.tls is not None:
+                conn.start_tls(self.services.tls.context, settings.handshake_timeout)
+            conn.write(reply.to_bytes())
+            conn.flush()
+        except (HandshakeFailed, ConnectionClosed):
             pass

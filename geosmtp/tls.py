@@ -20,6 +20,10 @@ class TLSFiles:
     min_version: str = "TLSv1.2"
 
 
+def _no_passphrase() -> bytes:
+    raise ValueError("the key is encrypted; give geosmtp a key without a passphrase")
+
+
 def server_context(files: TLSFiles) -> ssl.SSLContext:
     """An SSLContext for the server side; raises OSError or ssl.SSLError if unusable."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -27,7 +31,9 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
     # RFC 8314 / BCP 195: no compression, our cipher order, fresh keys per handshake
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_SINGLE_DH_USE | ssl.OP_SINGLE_ECDH_USE
-    ctx.load_cert_chain(files.cert_file, files.key_file)
+    # a passphrase-protected key is refused, never prompted for: OpenSSL would otherwise ask
+    # on the terminal and freeze the server (a reload runs on the event loop)
+    ctx.load_cert_chain(files.cert_file, files.key_file, password=_no_passphrase)
     return ctx
 
 
