@@ -6,6 +6,7 @@ same names. Replies never name an internal mechanism or a configuration key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +41,12 @@ class Reply:
 
 
 # -- connection ---------------------------------------------------------------------------
+@lru_cache(maxsize=64)  # one per listener host name; a Reply never changes
 def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP")
 
 
+@lru_cache(maxsize=64)  # one per listener host name; a Reply never changes
 def closing_bye(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} Bye", close=True)
 
@@ -52,6 +55,7 @@ def ehlo(hostname: str, client: str, extensions: list[str]) -> Reply:
     return Reply(250, None, (f"{hostname} greets {client}", *extensions))
 
 
+@lru_cache(maxsize=64)  # one per listener host name; a Reply never changes
 def helo(hostname: str) -> Reply:
     return Reply(250, None, hostname)
 
