@@ -7,7 +7,15 @@ from collections.abc import Mapping
 import pytest
 
 from geosmtp import replies
-from geosmtp.policy import MAX_EXPANSION, ClientFacts, LocalDirectory, check_mail, is_trusted, resolve_rcpt
+from geosmtp.policy import (
+    MAX_EXPANSION,
+    ClientFacts,
+    LocalDirectory,
+    check_mail,
+    check_sender,
+    is_trusted,
+    resolve_rcpt,
+)
 from geosmtp.protocol import Address, parse_forward_path
 
 IP = ipaddress.ip_address
@@ -222,3 +230,44 @@ def test_local_directory_helpers():
     assert LocalDirectory().primary_domain() is None
     assert DIRECTORY.expand("nobody@example.test") is None
     assert DIRECTORY.expand("bob@example.test") == ["bob@example.test"]
+
+
+# -- check_sender: what an authenticated user may put in MAIL FROM ------------------------
+SENDER_DIRECTORY = LocalDirectory(
+    domains=frozenset({"example.test", "other.test"}),
+    users=frozenset({"alice@example.test", "bob@example.test"}),
+    aliases={"team@example.test": ("alice@example.test", "bob@example.test"),
+             "sales@example.test": ("bob@example.test",),
+             "fwd@example.test": ("someone@remote.test",)},
+)
+EXTRA = {"alice@example.test": ["alice@remote.test", "@owned.test"]}
+
+
+@pytest.mark.parametrize("sender, allowed", [
+    (None, True),  # <>: bounces and reports
+    ("alice@example.test", True),
+    ("ALICE@Example.Test", True),  # ASCII case does not matter
+    ("team@example.test", True),  # an alias that delivers to her
+    ("alice@remote.test", True),  # listed for her
+    ("anyone@owned.test", True),  # a whole domain listed for her
+    ("bob@example.test", False),
+    ("sales@example.test", False),  # an alias, but not hers
+    ("fwd@example.test", False),
+    ("alice@other.test", False),
+    ("anyone@sub.owned.test", False),  # "@owned.test" is that domain only
+    ("alice@example.test.evil.test", False),
+    ("someone@remote.test", False),
+])
+def test_check_sender_table(sender, allowed):
+    address = None if sender is None else Address(*sender.rsplit("@", 1))
+    if address is not None:
+        address = Address(address.local, address.domain.lower())
+    verdict = check_sender("alice@example.test", address, SENDER_DIRECTORY, EXTRA)
+    assert (verdict is None) == allowed
+    if not allowed:
+        assert (verdict.code, verdict.enhanced) == (553, "5.7.1")
+
+
+def test_extra_senders_belong_to_their_user_only():
+    bob = check_sender("bob@example.test", Address("alice", "remote.test"), SENDER_DIRECTORY, EXTRA)
+    assert bob == replies.SENDER_NOT_OWNED
