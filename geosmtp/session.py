@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from functools import lru_cache
 from typing import Callable
 
 import gevent
@@ -136,6 +137,15 @@ def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+@lru_cache(maxsize=4096)  # clients come back: parse and classify each address once
+def _client_identity(ip: str, trusted_networks: tuple) -> tuple:
+    """→ (address object, inside trusted_networks?, the key rate limits count it under)."""
+    address = ipaddress.ip_address(ip)
+    # rate limits count an IPv6 client by its /64: one host usually holds a whole /64
+    rate_key = str(address) if address.version == 4 else str(ipaddress.ip_network((address, 64), strict=False))
+    return address, policy.is_trusted(address, trusted_networks), rate_key
+
+
 class Session:
     def __init__(
         self,
@@ -145,7 +155,7 @@ class Session:
         services: Services,
     ):
         self.conn = conn
-        self.ip = ipaddress.ip_address(ip)
+        self.ip, self.trusted, self.rate_key = _client_identity(ip, settings.trusted_networks)
         self.settings = settings
         self.services = services
         self.spool = services.spool
@@ -158,10 +168,6 @@ class Session:
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
         self.auth_user: str | None = None
         self.auth_failures = 0
-        self.trusted = policy.is_trusted(self.ip, settings.trusted_networks)
-        # rate limits count an IPv6 client by its /64: one host usually holds a whole /64
-        self.rate_key = str(self.ip) if self.ip.version == 4 else str(
-            ipaddress.ip_network((self.ip, 64), strict=False))
         self.errors = 0
         self.messages = 0
         self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
