@@ -35,15 +35,22 @@ def main() -> None:
 
 @main.command()
 @CONFIG_OPTION
-def start(config_path: str) -> None:
+@click.option("--worker", is_flag=True, hidden=True, help="internal: a worker started by the master")
+def start(config_path: str, worker: bool) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT."""
+    import os
+
     config = load_or_exit(config_path)
     from geosmtp import log
     from geosmtp.server import Server
 
     log.setup(config.log.level, config.log.format, config.log.file)
+    if worker:
+        role, notify = "worker", int(os.environ["GEOSMTP_NOTIFY_FD"])
+    else:
+        role, notify = ("master" if config.server.workers > 1 else "all"), None
     try:
-        server = Server(config)
+        server = Server(config, role=role, config_path=os.path.abspath(config_path), notify_fd=notify)
         server.serve_forever()
     except (OSError, ValueError) as exc:  # the port is taken, the spool or a file is unusable
         click.echo(f"geosmtp: cannot start: {exc}", err=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from loguru import logger
 
-TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [{extra[sid]}] {message}"
+TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {process} [{extra[sid]}] {message}"
 
 
 def setup(level: str = "INFO", fmt: str = "text", file: Path | None = None) -> None:

@@ -6,14 +6,20 @@ that runs a Session; the spool, directory and queue manager are shared.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from functools import partial
 
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.socket
 from gevent.server import StreamServer
 from loguru import logger
 
@@ -37,9 +43,47 @@ IO_THREADS = 16
 STOP_GRACE = 10.0  # seconds open sessions get to finish when the server stops
 
 
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening socket; workers share a port with SO_REUSEPORT (the kernel spreads the
+    connections). A single process does not set it, so a second one on the port fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def lock_spool(spool_dir) -> int:
+    """One geosmtp (master) per spool: recover() and the queue manager assume it."""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"another geosmtp is running on the spool {spool_dir}") from None
+    return fd
+
+
 class Server:
-    def __init__(self, config: Config):
+    """role "all": listeners and the queue manager in one process (workers = 1).
+    role "worker": listeners only; a new message is announced on notify_fd.
+    role "master": the queue manager, and N worker processes started and watched."""
+
+    def __init__(self, config: Config, role: str = "all", config_path: str | None = None,
+                 notify_fd: int | None = None):
         self.config = config
+        self.role = role
+        self.config_path = config_path
+        self.notify_fd = notify_fd
+        self.workers: list[subprocess.Popen | None] = []
         hub = gevent.get_hub()
         hub.threadpool.maxsize = IO_THREADS
 
@@ -67,7 +111,7 @@ class Server:
         self.services = Services(
             spool=self.spool,
             directory=self.directory,
-            on_queued=self.queue.notify,
+            on_queued=self._announce if role == "worker" else self.queue.notify,
             tls=ServerTLS(self.tls_files(config)) if config.tls else None,
             users=UserStore.load(config.auth.users_file) if config.auth.users_file else None,
             senders=dict(config.auth.senders),
@@ -75,6 +119,7 @@ class Server:
             run=run,
         )
         self.sessions = gevent.pool.Group()
+        self._stopping = False
         self.active: Counter[str] = Counter()  # open sessions per listener
         self.per_ip: Counter[str] = Counter()
         self.servers: list[StreamServer] = []
@@ -115,15 +160,71 @@ class Server:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        recovered = self.spool.recover()
-        for listener in self.config.listener:
-            handler = partial(self.handle, listener, self.settings_for(listener))
-            server = StreamServer((listener.host, listener.port), handler, spawn=self.sessions.spawn,
-                                  backlog=LISTEN_BACKLOG)
-            server.start()
-            self.servers.append(server)
-            logger.info("listening on {} ({}, mode {})", listener.address, listener.name, listener.mode)
+        if self.role != "worker":
+            self._lock = lock_spool(self.config.server.spool_dir)
+            recovered = self.spool.recover()
+        if self.role != "master":
+            for listener in self.config.listener:
+                handler = partial(self.handle, listener, self.settings_for(listener))
+                sock = listen_socket(listener.host, listener.port, reuse_port=self.role == "worker")
+                server = StreamServer(sock, handler, spawn=self.sessions.spawn)
+                server.start()
+                self.servers.append(server)
+                logger.info("listening on {} ({}, mode {})", listener.address, listener.name, listener.mode)
+        if self.role == "worker":
+            gevent.spawn(self._watch_master, os.getppid())
+            return
+        if self.role == "master":
+            self._start_workers()
         self.queue.start(recovered)
+
+    # -- workers (role "master" and "worker") -----------------------------------------------
+    def _start_workers(self) -> None:
+        read_fd, self.notify_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self.workers = [None] * self.config.server.workers
+        for slot in range(len(self.workers)):
+            self._spawn_worker(slot)
+        gevent.spawn(self._read_notices, read_fd)
+        gevent.spawn(self._supervise)
+
+    def _spawn_worker(self, slot: int) -> None:
+        env = {**os.environ, "GEOSMTP_NOTIFY_FD": str(self.notify_fd)}
+        cmd = [sys.executable, "-m", "geosmtp", "start", "-c", self.config_path, "--worker"]
+        self.workers[slot] = subprocess.Popen(cmd, env=env, pass_fds=(self.notify_fd,))
+        logger.info("worker {} started, pid {}", slot, self.workers[slot].pid)
+
+    def _supervise(self) -> None:
+        """Restart a worker that died (at most once a second per slot)."""
+        while not self.stopped.is_set():
+            gevent.sleep(0.5)
+            for slot, proc in enumerate(self.workers):
+                if proc is not None and proc.poll() is not None and not self.stopping:
+                    logger.warning("worker {} (pid {}) exited with {}; restarting", slot, proc.pid, proc.returncode)
+                    self._spawn_worker(slot)
+                    gevent.sleep(1)
+
+    def _read_notices(self, fd: int) -> None:
+        """Workers write a byte per queued message: the queue manager looks at once."""
+        while True:
+            gevent.socket.wait_read(fd)
+            try:
+                if os.read(fd, 4096):
+                    self.queue.notify()
+            except BlockingIOError:
+                continue
+
+    def _announce(self, qid: str) -> None:
+        try:
+            os.write(self.notify_fd, b"\0")
+        except (BlockingIOError, BrokenPipeError):
+            pass  # the master is busy (its next scan finds the message) or gone
+
+    def _watch_master(self, master: int) -> None:
+        while os.getppid() == master:
+            gevent.sleep(1)
+        logger.warning("the master process is gone; stopping")
+        self.stop()
 
     def serve_forever(self) -> None:
         self.start()
@@ -132,9 +233,16 @@ class Server:
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
         self.stopped.wait()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def reload(self) -> None:
         """SIGHUP: load the certificate, key and users file again. Open sessions keep what
         they have; a file that fails to load is refused and the old one stays."""
+        for proc in self.workers:  # a master passes it on
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
         tls = self.services.tls
         if tls is not None:
             try:
@@ -152,15 +260,26 @@ class Server:
 
     def stop(self) -> None:
         """Stop accepting, let open sessions finish briefly, stop delivery. Never raises."""
-        if self.stopped.is_set():
+        if self.stopped.is_set() or self._stopping:
             return
+        self._stopping = True
         try:
             logger.info("stopping: {} open sessions", len(self.sessions))
             for server in self.servers:
                 server.close()
+            for proc in self.workers:
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
             self.sessions.join(timeout=STOP_GRACE)
             self.sessions.kill(block=True, timeout=2)
-            self.queue.stop(timeout=STOP_GRACE)
+            deadline = time.monotonic() + STOP_GRACE + 5
+            for proc in self.workers:
+                while proc is not None and proc.poll() is None and time.monotonic() < deadline:
+                    gevent.sleep(0.1)
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+            if self.role != "worker":
+                self.queue.stop(timeout=STOP_GRACE)
             logger.info("stopped")
         except BaseException:  # never leave a half-stopped process running
             logger.exception("error while stopping")
