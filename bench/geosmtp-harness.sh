@@ -10,4 +10,4 @@ case "$(pwd)" in
   /tmp/*) rm -rf ./geosmtp-bench-spool ./geosmtp-bench-mail ;;
   *) echo "geosmtp-harness.sh: run from the harness scratch dir under /tmp, not $(pwd)" >&2; exit 2 ;;
 esac
-exec "${GEOSMTP:-$HERE/../.venv/bin/geosmtp}" start -c "$HERE/geosmtp-bench.toml"
+exec "${GEOSMTP:-$HERE/../.venv/bin/geosmtp}" start -c "${GEOSMTP_BENCH_CONFIG:-$HERE/geosmtp-bench.toml}"
