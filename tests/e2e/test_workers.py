@@ -33,6 +33,9 @@ def test_workers_share_the_port_and_one_queue_delivers(tmp_path):
     srv = ServerProcess(tmp_path / "w", {"server": {"workers": 2}, "log": {"level": "INFO"}}).start()
     try:
         workers = srv.wait_for(lambda: len(children(srv.proc.pid)) == 2 and children(srv.proc.pid))
+        # both bound: start() returns as soon as the first worker answers
+        srv.wait_for(lambda: len({l.split()[3] for l in srv.log().splitlines()
+                                  if f"listening on 127.0.0.1:{srv.port}" in l}) == 2)
         send(srv.port, 30, "a")
         srv.wait_for(lambda: len(srv.messages("alice@example.test")) == 30)
         # both workers accepted connections (the kernel spreads them over the sockets)
