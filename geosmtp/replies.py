@@ -5,7 +5,7 @@ same names. Replies never name an internal mechanism or a configuration key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 
@@ -32,9 +32,6 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         return self.wire
-
-    def closing(self) -> Reply:
-        return replace(self, close=True)
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")

@@ -290,8 +290,7 @@ class Server:
     def handle(self, listener: ListenerConfig, settings: SessionSettings, sock: socket.socket, addr) -> None:
         ip = addr[0]
         lim = self.config.limits
-        sock.settimeout(settings.command_timeout)  # bounds every send; reads have their own
-        conn = Connection(sock, settings.command_timeout)
+        conn = Connection(sock, settings.command_timeout)  # it times every send and read
         try:
             if self.active[listener.name] >= lim.max_connections:
                 self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
