@@ -20,6 +20,7 @@ class Recipient:
     attempts: int = 0
     last_reply: str | None = None  # the last reply for this recipient, "250 2.0.0 ..." style
     updated: float | None = None
+    remote: str | None = None  # the host that gave last_reply, "mx1.example.com[192.0.2.1]"; None if we did
 
 
 @dataclass(slots=True)
@@ -54,7 +55,8 @@ class Envelope:
             "id": self.id, "created": self.created, "sender": self.sender,
             "recipients": [
                 {"address": r.address, "original": r.original, "status": r.status,
-                 "attempts": r.attempts, "last_reply": r.last_reply, "updated": r.updated}
+                 "attempts": r.attempts, "last_reply": r.last_reply, "updated": r.updated,
+                 "remote": r.remote}
                 for r in self.recipients
             ],
             "client": {"address": self.client.address, "helo": self.client.helo,
