@@ -275,8 +275,91 @@ def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
 
 
+TLSMode = Literal["opportunistic", "required", "verify"]
+
+
+def _dns_server(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected \"address\" or \"address:port\"")
+    host, port = split_hostport(value) if value.count(":") == 1 or value.startswith("[") else (value, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class RelayConfig(_Section):
     trusted_networks: list[Network] = []
+    # Outbound delivery. DNS servers as "ip" or "ip:port"; empty: the system's resolv.conf.
+    dns_servers: list[Annotated[str, BeforeValidator(_dns_server)]] = []
+    port: int = Field(25, ge=1, le=65535)  # the port of every MX (tests and staging change it)
+    helo_name: str | None = None  # EHLO name; default server.hostname
+    # STARTTLS: "opportunistic" uses TLS when offered and falls back to plaintext (RFC 7435);
+    # "required" insists on TLS; "verify" also checks the certificate against the MX name.
+    tls: TLSMode = "opportunistic"
+    tls_policy: dict[str, TLSMode] = {}  # per destination domain (or smarthost host)
+    ca_file: Path | None = None  # trust anchors for "verify"; default: the system's
+    # Send everything through one relay, "host:port", instead of by MX.
+    smarthost: str | None = None
+    smarthost_user: str | None = None  # AUTH PLAIN, only ever over TLS
+    smarthost_password_file: Path | None = None
+    per_destination: int = Field(10, ge=1, le=1000)  # parallel connections per destination
+    connect_timeout: Duration = 30.0
+    # RFC 5321 4.5.3.2: 5 minutes for the greeting and each command, 10 minutes after the
+    # final dot. The body is sent block by block, each block within 3 minutes.
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    dns_timeout: Duration = 10.0
+    idle_time: Duration = 5.0  # how long an idle connection is kept for the next message
+
+    @field_validator("helo_name")
+    @classmethod
+    def _helo(cls, v: str | None) -> str | None:
+        if v is not None and not is_hostname(v):
+            raise ValueError("must be a host name such as mail.example.com")
+        return v
+
+    @field_validator("smarthost")
+    @classmethod
+    def _smarthost(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+    @field_validator("tls_policy")
+    @classmethod
+    def _policy_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not is_hostname(key):
+                raise ValueError(f"{key!r} is not a domain")
+        return {key.lower(): mode for key, mode in v.items()}
+
+    @model_validator(mode="after")
+    def _auth(self) -> "RelayConfig":
+        if (self.smarthost_user is None) != (self.smarthost_password_file is None):
+            raise ValueError("smarthost_user and smarthost_password_file go together")
+        if self.smarthost_user is not None and self.smarthost is None:
+            raise ValueError("smarthost_user needs smarthost")
+        return self
+
+
+class DKIMKey(_Section):
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+    @field_validator("domain", "selector")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not is_hostname(v):
+            raise ValueError("must be a DNS name")
+        return v.lower()
+
+
+class DKIMConfig(_Section):
+    key: list[DKIMKey] = []
 
 
 class QueueConfig(_Section):
@@ -286,6 +369,9 @@ class QueueConfig(_Section):
     retry_schedule: list[Duration] = [300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0, 14400.0]
     max_lifetime: Duration = 5 * 86400.0
     scan_interval: Duration = 30.0  # how often deferred/ is looked at
+    # Tell the sender once that a message is still undelivered after this long (a "delayed"
+    # DSN); absent: never.
+    delay_warning: Duration | None = None
 
     @field_validator("retry_schedule")
     @classmethod
@@ -316,6 +402,7 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     tls: TLSConfig | None = None
     auth: AuthConfig = AuthConfig()
+    dkim: DKIMConfig = DKIMConfig()
 
     @model_validator(mode="after")
     def _listeners(self) -> "Config":

@@ -76,16 +76,19 @@ class Connection:
             except (OSError, socket.timeout) as exc:
                 raise ConnectionClosed(str(exc)) from None
 
-    def start_tls(self, context, timeout: float) -> str:
-        """Wrap the live socket in TLS (server side) under one overall timeout. Returns
-        "version cipher". The receive buffer is replaced: not one byte read before the
-        handshake is ever taken as a command afterwards."""
+    def start_tls(self, context, timeout: float, server_hostname: str | None = None) -> str:
+        """Wrap the live socket in TLS under one overall timeout: the server side, or the
+        client side when `server_hostname` (sent as SNI, checked if the context verifies) is
+        given. Returns "version cipher". The receive buffer is replaced: not one byte read
+        before the handshake is ever taken as a command or reply afterwards."""
         self.flush()
         self._buf = bytearray()
         tls = None
         try:
             with gevent.Timeout(timeout, HandshakeFailed("timeout")):
-                tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+                tls = context.wrap_socket(self.sock, server_side=server_hostname is None,
+                                          server_hostname=server_hostname,
+                                          do_handshake_on_connect=False)
                 self.sock = tls
                 tls.do_handshake()
         except HandshakeFailed:
@@ -128,11 +131,12 @@ class Connection:
             raise ConnectionClosed("closed by peer")
         self._buf += data
 
-    def read_line(self, limit: int, timeout: float) -> bytes:
+    def read_line(self, limit: int, timeout: float, strict: bool = True) -> bytes:
         """One line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4: 512).
 
         The whole line must arrive within `timeout` seconds, however slowly it drips: each
-        receive may wait only for what is left of that time.
+        receive may wait only for what is left of that time. Not `strict` (the client
+        reading a server's replies), a bare LF ends a line too and a stray CR is kept.
         """
         buf = self._buf
         deadline = None
@@ -142,7 +146,9 @@ class Connection:
                 line = bytes(buf[: end + 1])
                 del buf[: end + 1]
                 if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-                    raise BareNewline()
+                    if strict:
+                        raise BareNewline()
+                    return line.rstrip(b"\r\n")
                 return line[:-2]
             if deadline is None:
                 deadline = monotonic() + timeout

@@ -6,18 +6,23 @@ per recipient; it never touches the spool.
 """
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import gevent
 import gevent.event
 import gevent.pool
 from loguru import logger
 
-from geosmtp.envelope import DELIVERED, FAILED, PENDING, Envelope
+from geosmtp import bounce
+from geosmtp.dkim import Signer
+from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
+from geosmtp.relay.client import Outgoing
+from geosmtp.relay.pool import Outcome
 from geosmtp.replies import Reply
-from geosmtp.spool import Spool
+from geosmtp.spool import Spool, SpoolError
 
 NO_RELAY = Reply(451, "4.4.0", "No route for remote delivery is configured")
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")  # RFC 3463 5.4.7
@@ -27,9 +32,17 @@ class Local(Protocol):
     def deliver(self, envelope: Envelope, index: int, open_body, redelivery: bool) -> Reply: ...
 
 
+class Remote(Protocol):
+    def deliver(self, domain: str, msg: Outgoing, open_body) -> list[Outcome]: ...
+
+
 def next_delay(schedule: Sequence[float], attempts: int) -> float:
     """Seconds to wait after the given number of attempts; the last interval repeats."""
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def _non_ascii(text: str) -> bool:
+    return not text.isascii()
 
 
 class QueueManager:
@@ -39,17 +52,27 @@ class QueueManager:
         local: Local,
         local_domains: frozenset[str],
         *,
+        relay: Remote | None = None,
+        signer: Signer | None = None,
+        may_sign: Callable[[Envelope], bool] = lambda envelope: False,
+        hostname: str = "localhost",
         concurrency: int = 20,
         retry_schedule: Sequence[float] = (300.0,),
         max_lifetime: float = 5 * 86400.0,
         scan_interval: float = 30.0,
+        delay_warning: float | None = None,
     ):
         self.spool = spool
         self.local = local
         self.local_domains = local_domains
+        self.relay = relay
+        self.signer = signer
+        self.may_sign = may_sign
+        self.hostname = hostname
         self.retry_schedule = tuple(retry_schedule)
         self.max_lifetime = max_lifetime
         self.scan_interval = scan_interval
+        self.delay_warning = delay_warning
         self.pool = gevent.pool.Pool(concurrency)
         self._wakeup = gevent.event.Event()
         self._recovered: set[str] = set()
@@ -122,33 +145,134 @@ class QueueManager:
         envelope.attempts += 1
         envelope.last_attempt = now
         open_body = partial(self.spool.open_body, qid)
+        outcomes: dict[int, Outcome] = {}
+        local: set[int] = set()
+        remote: dict[str, list[int]] = {}
         for index, rcpt in enumerate(envelope.recipients):
             if rcpt.status != PENDING:
                 continue
-            if rcpt.address.rpartition("@")[2].lower() in self.local_domains:
-                reply = self.local.deliver(envelope, index, open_body, redelivery)
+            domain = rcpt.address.rpartition("@")[2].lower()
+            if domain in self.local_domains:
+                local.add(index)
+                outcomes[index] = Outcome(self.local.deliver(envelope, index, open_body, redelivery))
             else:
-                reply = NO_RELAY
+                remote.setdefault(domain, []).append(index)
+        if remote:
+            outcomes.update(self._relay(envelope, remote, open_body, log))
+        failed: list[Recipient] = []
+        for index, outcome in sorted(outcomes.items()):
+            rcpt = envelope.recipients[index]
+            reply = outcome.reply
             rcpt.attempts += 1
             rcpt.last_reply = str(reply)
+            rcpt.remote = outcome.remote
             rcpt.updated = now
             if reply.code < 400:
                 rcpt.status = DELIVERED
             elif reply.code >= 500:
                 rcpt.status = FAILED
+                failed.append(rcpt)
             log.info(
-                "to=<{}> status={} attempt={} reply={}",
-                rcpt.address, rcpt.status if rcpt.status != PENDING else "deferred", rcpt.attempts, reply,
+                "to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
+                rcpt.address, outcome.remote or ("local" if index in local else "none"),
+                now - envelope.created, rcpt.attempts,
+                {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred"), reply,
             )
         if envelope.pending() and now - envelope.created >= self.max_lifetime:
             for rcpt in envelope.pending():
                 rcpt.status = FAILED
                 rcpt.last_reply = f"{EXPIRED} (last: {rcpt.last_reply})"
+                failed.append(rcpt)
                 log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
+        # the sender's notice is durable before the recipients' new state: a crash in
+        # between repeats the attempt (and maybe the notice), it never loses the notice
+        if failed:
+            self._notify_sender(envelope, failed, bounce.FAILED, log)
+        if (envelope.pending() and self.delay_warning is not None and "warned" not in envelope.extra
+                and now - envelope.created >= self.delay_warning):
+            self._notify_sender(envelope, envelope.pending(), bounce.DELAYED, log)
+            envelope.extra["warned"] = now
         if envelope.pending():
             when = now + next_delay(self.retry_schedule, envelope.attempts)
             if not self.spool.defer(envelope, when):
                 log.warning("queue: entry removed during delivery; not deferred")
         else:
             self.spool.done(qid)
+            log.info("removed")
         self._recovered.discard(qid)
+
+    # -- relay ------------------------------------------------------------------------------
+    def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body, log) -> dict[int, Outcome]:
+        if self.relay is None:
+            return {i: Outcome(NO_RELAY) for indices in remote.values() for i in indices}
+        prefix = self._signature(envelope, open_body, log)
+        with open_body() as fh:
+            size = os.fstat(fh.fileno()).st_size - fh.tell() + len(prefix)
+            headers = bounce.header_section(fh) if envelope.smtputf8 else b""
+        # RFC 6531 3.2: SMTPUTF8 is needed when an address or a header is not ASCII
+        needs_utf8 = envelope.smtputf8 and (
+            _non_ascii(envelope.sender) or any(_non_ascii(r.address) for r in envelope.recipients)
+            or not headers.isascii())
+        out: dict[int, Outcome] = {}
+
+        def one(domain: str, indices: list[int]) -> None:
+            msg = Outgoing(
+                sender=envelope.sender,
+                recipients=tuple(envelope.recipients[i].address for i in indices),
+                size=size, prefix=prefix, eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
+            )
+            for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
+                out[i] = outcome
+
+        jobs = [gevent.spawn(one, domain, indices) for domain, indices in remote.items()]
+        gevent.joinall(jobs, raise_error=True)
+        return out
+
+    def _signature(self, envelope: Envelope, open_body, log) -> bytes:
+        """The DKIM-Signature lines for this message: made once, before its first relay
+        attempt, off the hub, and kept in the envelope so every retry sends the same bytes."""
+        if "dkim" in envelope.extra:
+            return envelope.extra["dkim"].encode("utf-8")
+        signature = b""
+        if self.signer and self.may_sign(envelope):
+            def sign() -> bytes:
+                with open_body() as fh:
+                    return self.signer.sign(fh.read(), envelope.sender)
+            try:
+                signature = self.spool.run(sign)
+            except Exception as exc:  # a message dkimpy cannot parse still goes, unsigned
+                log.warning("dkim: not signed: {}", exc)
+        envelope.extra["dkim"] = signature.decode("utf-8")
+        return signature
+
+    # -- notices to the sender --------------------------------------------------------------
+    def _notify_sender(self, envelope: Envelope, recipients: list[Recipient], kind: str, log) -> None:
+        if not bounce.should_notify(envelope):
+            log.info("no {} notice: the message has the null sender", kind)
+            return
+        try:
+            with self.spool.open_body(envelope.id) as fh:
+                headers = bounce.header_section(fh)
+        except OSError:
+            headers = b""
+        now = time.time()
+        data = bounce.build(envelope, recipients, kind=kind, reporting_mta=self.hostname,
+                            original_headers=headers, now=now,
+                            retry_until=envelope.created + self.max_lifetime)
+        writer = self.spool.open_message()
+        notice = Envelope(
+            id=writer.id, created=now, sender="",
+            recipients=[Recipient(address=envelope.sender, original=envelope.sender)],
+            client=ClientInfo(address="127.0.0.1", helo=self.hostname, listener="bounce"),
+            size=len(data), body="7BIT" if data.isascii() else "8BITMIME",
+            smtputf8=_non_ascii(envelope.sender),
+        )
+        try:
+            writer.write(data)
+            self.spool.commit(writer, notice)
+        except SpoolError as exc:
+            # the recipients' new state must not be saved without the notice: retry later
+            log.error("queue: cannot queue the {} notice: {}", kind, exc)
+            raise
+        log.info("sender notice {} ({}) queued as {}", kind, len(recipients), notice.id)
+        self.notify()

@@ -7,6 +7,7 @@ that runs a Session; the spool, directory and queue manager are shared.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import signal
 import socket
@@ -25,12 +26,16 @@ from loguru import logger
 
 from geosmtp import replies
 from geosmtp.auth import UserStore
-from geosmtp.config import Config, ListenerConfig
+from geosmtp.config import Config, ListenerConfig, split_hostport
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.delivery.local import MaildirDelivery
-from geosmtp.policy import LocalDirectory
+from geosmtp.dkim import Signer, load_key
+from geosmtp.policy import LocalDirectory, is_trusted
 from geosmtp.queue import QueueManager
 from geosmtp.ratelimit import MemoryLimiter
+from geosmtp.relay.client import Timeouts
+from geosmtp.relay.mx import MXResolver, make_resolver
+from geosmtp.relay.pool import Relay, RelaySettings
 from geosmtp.session import Services, Session, SessionSettings
 from geosmtp.spool import Spool
 from geosmtp.tls import ServerTLS, TLSFiles
@@ -72,6 +77,55 @@ def lock_spool(spool_dir) -> int:
     return fd
 
 
+def build_relay(config: Config) -> Relay:
+    """The outbound side: resolver, TLS policy and connection pools, from [relay]."""
+    r = config.relay
+    servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
+    auth = None
+    if r.smarthost_user is not None:
+        password = read_secret(r.smarthost_password_file)
+        auth = (r.smarthost_user, password)
+    settings = RelaySettings(
+        helo_name=r.helo_name or config.server.hostname,
+        port=r.port,
+        tls=r.tls,
+        tls_policy=dict(r.tls_policy),
+        ca_file=str(r.ca_file) if r.ca_file else None,
+        smarthost=split_hostport(r.smarthost) if r.smarthost else None,
+        smarthost_auth=auth,
+        per_destination=r.per_destination,
+        timeouts=Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout),
+        idle_time=r.idle_time,
+    )
+    return Relay(MXResolver(make_resolver(servers, r.dns_timeout)), settings)
+
+
+def read_secret(path) -> str:
+    """The first line of a file that only its owner may read."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ValueError(f"{path}: readable by others (mode {mode & 0o777:o}); chmod 600 it")
+    with open(path, encoding="utf-8") as fh:
+        secret = fh.readline().rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"{path}: empty")
+    return secret
+
+
+def build_signer(config: Config) -> Signer:
+    return Signer([load_key(k.domain, k.selector, k.key_file, k.algorithm) for k in config.dkim.key])
+
+
+def may_sign(envelope, trusted_networks: tuple) -> bool:
+    """DKIM signs what our own users send: authenticated clients and trusted networks."""
+    if envelope.client.auth_user:
+        return True
+    try:
+        return is_trusted(ipaddress.ip_address(envelope.client.address), trusted_networks)
+    except ValueError:
+        return False
+
+
 class Server:
     """role "all": listeners and the queue manager in one process (workers = 1).
     role "worker": listeners only; a new message is announced on notify_fd.
@@ -99,10 +153,17 @@ class Server:
         )
         self.maildir = MaildirDelivery(local.maildir_root, config.server.hostname, self.directory.users, run)
         q = config.queue
+        self.relay = build_relay(config) if role != "worker" else None
+        trusted = tuple(config.relay.trusted_networks)
         self.queue = QueueManager(
             self.spool,
             self.maildir,
             self.directory.domains,
+            relay=self.relay,
+            signer=build_signer(config) if role != "worker" else None,
+            may_sign=lambda envelope: may_sign(envelope, trusted),
+            hostname=config.server.hostname,
+            delay_warning=q.delay_warning,
             concurrency=q.concurrency,
             retry_schedule=q.retry_schedule,
             max_lifetime=q.max_lifetime,
@@ -280,6 +341,7 @@ class Server:
                     proc.kill()
             if self.role != "worker":
                 self.queue.stop(timeout=STOP_GRACE)
+                self.relay.close()
             logger.info("stopped")
         except BaseException:  # never leave a half-stopped process running
             logger.exception("error while stopping")

@@ -43,7 +43,7 @@ def test_workers_share_the_port_and_one_queue_delivers(tmp_path):
         assert {str(p) for p in workers} <= pids | {str(srv.proc.pid)}
         assert len(pids & {str(p) for p in workers}) == 2
         # only the master delivers: every delivery line carries its pid
-        deliveries = [line for line in srv.log().splitlines() if "status=delivered" in line]
+        deliveries = [line for line in srv.log().splitlines() if "status=sent" in line]
         assert {line.split()[3] for line in deliveries} == {str(srv.proc.pid)}
 
         # a worker killed outright is replaced, and service goes on

@@ -58,7 +58,8 @@ def base_config(root: Path, port: int, submission_port: int) -> dict:
             "aliases": {f"team@{DOMAIN}": [f"alice@{DOMAIN}", f"bob@{DOMAIN}"],
                         f"fwd@{DOMAIN}": ["someone@remote.test"]},
         },
-        "relay": {"trusted_networks": ["127.0.0.2/32"]},
+        # a DNS server nobody answers on: no test ever asks the machine's resolver
+        "relay": {"trusted_networks": ["127.0.0.2/32"], "dns_servers": ["127.0.0.1:9"], "dns_timeout": 2},
         "queue": {"scan_interval": 1},
         "log": {"level": "DEBUG"},
     }
