@@ -221,8 +221,10 @@ class Client:
             rcpts = []
             data = None
             if mail.code == 250:
-                rcpts = [self.command(line, "RCPT TO") for line in commands[1:]]
-                if any(r.code // 100 == 2 for r in rcpts):
+                for line in commands[1:]:
+                    # after a 421 the server is gone: the rest get the same answer
+                    rcpts.append(rcpts[-1] if self.broken else self.command(line, "RCPT TO"))
+                if any(r.code // 100 == 2 for r in rcpts) and not self.broken:
                     data = self.command("DATA", "DATA", self.timeouts.data_start)
         if mail.code != 250:
             rcpts = [mail] * len(msg.recipients)
@@ -256,9 +258,14 @@ class Client:
 
     def reset(self) -> None:
         """RSET after a transaction that did not end in a final reply, so the connection
-        can carry the next message."""
-        reply = self.command("RSET", "RSET")
-        if reply.code != 250:
+        can carry the next message. A failure only means the connection is not kept: the
+        replies already received stand."""
+        if self.broken:
+            return
+        try:
+            if self.command("RSET", "RSET").code != 250:
+                self.broken = True
+        except TransientError:
             self.broken = True
 
     def quit(self) -> None:
@@ -312,6 +319,8 @@ class Client:
                     break
             else:
                 raise ValueError(b"too many lines")
+            if code == 421:  # RFC 5321 3.8: the server is closing the connection
+                self.broken = True
         except ReadTimeout:
             self.broken = True
             raise TransientError(Reply(451, "4.4.2", f"timeout waiting for {stage} reply from {self.label}"),
