@@ -49,7 +49,7 @@ def load_key(domain: str, selector: str, key_file: str | Path, algorithm: str) -
     """Read a PEM private key without a passphrase: RSA as PKCS#1 or PKCS#8 (what
     `openssl genrsa`/`genpkey` write), Ed25519 as PKCS#8 (`openssl genpkey -algorithm ed25519`)."""
     try:
-        pem = Path(key_file).read_bytes()
+        pem = Path(key_file).read_bytes().replace(b"\r\n", b"\n")  # dkimpy wants LF
     except OSError as exc:
         raise KeyError_(f"{key_file}: cannot read: {exc.strerror}") from None
     m = _PEM.search(pem)

@@ -26,6 +26,8 @@ from geosmtp.spool import Spool, SpoolError
 
 NO_RELAY = Reply(451, "4.4.0", "No route for remote delivery is configured")
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")  # RFC 3463 5.4.7
+MAX_HOPS = 100  # Received: fields; RFC 5321 6.3: a large threshold, "normally at least 100"
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 
 
 class Local(Protocol):
@@ -205,21 +207,26 @@ class QueueManager:
     def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body, log) -> dict[int, Outcome]:
         if self.relay is None:
             return {i: Outcome(NO_RELAY) for indices in remote.values() for i in indices}
-        prefix = self._signature(envelope, open_body, log)
         with open_body() as fh:
-            size = os.fstat(fh.fileno()).st_size - fh.tell() + len(prefix)
-            headers = bounce.header_section(fh) if envelope.smtputf8 else b""
-        # RFC 6531 3.2: SMTPUTF8 is needed when an address or a header is not ASCII
-        needs_utf8 = envelope.smtputf8 and (
-            _non_ascii(envelope.sender) or any(_non_ascii(r.address) for r in envelope.recipients)
-            or not headers.isascii())
+            size = os.fstat(fh.fileno()).st_size - fh.tell()
+            headers = bounce.header_section(fh)
+        # RFC 5321 6.3: a message that has been through this many hosts is in a loop
+        hops = sum(1 for line in headers.split(b"\r\n") if line[:9].lower() == b"received:")
+        if hops > MAX_HOPS:
+            return {i: Outcome(TOO_MANY_HOPS) for indices in remote.values() for i in indices}
+        prefix = self._signature(envelope, open_body, log)
+        size += len(prefix)
         out: dict[int, Outcome] = {}
 
         def one(domain: str, indices: list[int]) -> None:
+            recipients = tuple(envelope.recipients[i].address for i in indices)
+            # RFC 6531 3.2: SMTPUTF8 is needed when an address of this transaction or a
+            # header is not ASCII
+            needs_utf8 = envelope.smtputf8 and (
+                _non_ascii(envelope.sender) or any(map(_non_ascii, recipients)) or not headers.isascii())
             msg = Outgoing(
-                sender=envelope.sender,
-                recipients=tuple(envelope.recipients[i].address for i in indices),
-                size=size, prefix=prefix, eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
+                sender=envelope.sender, recipients=recipients, size=size, prefix=prefix,
+                eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
             )
             for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
                 out[i] = outcome

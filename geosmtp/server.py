@@ -97,7 +97,8 @@ def build_relay(config: Config) -> Relay:
         timeouts=Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout),
         idle_time=r.idle_time,
     )
-    return Relay(MXResolver(make_resolver(servers, r.dns_timeout)), settings)
+    own_names = frozenset({config.server.hostname, settings.helo_name})
+    return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
 
 
 def read_secret(path) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import BinaryIO
 
+import gevent.select
 import gevent.socket
 
 from geosmtp.connection import (
@@ -104,6 +105,7 @@ class Client:
         self.extensions: dict[str, str] = {}
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
         self.auth_user: str | None = None
+        self.server_name = ""  # the name the server gives in its EHLO/HELO reply, lower case
         self.transactions = 0
         self.idle_since = monotonic()
         self.broken = False
@@ -136,13 +138,17 @@ class Client:
         code, lines = self._read(self.timeouts.command, "EHLO")
         if code == 250:
             self.extensions = _extensions(lines[1:])
+            self.server_name = lines[0].partition(" ")[0].lower()
             return
         reply = remote_reply(code, lines)
         if code in (500, 502, 504, 550):  # no ESMTP here: try plain SMTP
-            reply = self.command(f"HELO {name}", "HELO")
-            if reply.code == 250:
+            self.conn.write(f"HELO {name}\r\n".encode("ascii"))
+            code, lines = self._read(self.timeouts.command, "HELO")
+            if code == 250:
                 self.extensions = {}
+                self.server_name = lines[0].partition(" ")[0].lower()
                 return
+            reply = remote_reply(code, lines)
         self.broken = True
         raise error_for(reply, self.label)
 
@@ -179,8 +185,7 @@ class Client:
         if reply.code != 235:
             # a rejected login is the relay operator's problem to fix, not the sender's:
             # keep the mail and retry (Postfix does the same)
-            raise TransientError(Reply(451, "4.7.0", f"authentication to {self.label} failed: {reply}"),
-                                 self.label)
+            raise TransientError(Reply(451, "4.7.0", f"authentication to {self.label} failed: {reply}"))
         self.auth_user = user
 
     # -- the transaction --------------------------------------------------------------------
@@ -191,10 +196,14 @@ class Client:
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) > 0 and msg.size > int(limit):
             raise PermanentError(Reply(552, "5.3.4", f"message size {msg.size} exceeds the limit "
-                                       f"of {self.label} ({limit})"), self.label)
+                                       f"of {self.label} ({limit})"))
         if msg.smtputf8 and "SMTPUTF8" not in self.extensions:
             raise PermanentError(Reply(553, "5.6.7", f"{self.label} does not support SMTPUTF8, "
-                                       "which this message needs"), self.label)
+                                       "which this message needs"))
+        if msg.eightbit and "8BITMIME" not in self.extensions and not _all_ascii(body):
+            # RFC 6152 3: convert or refuse; we do not rewrite MIME, so the sender hears of it
+            raise PermanentError(Reply(554, "5.6.3", f"{self.label} does not support 8BITMIME, "
+                                       "which this message needs"))
         params = ""
         if "SIZE" in self.extensions:
             params += f" SIZE={msg.size}"
@@ -214,6 +223,8 @@ class Client:
             if reused:
                 raise StaleConnection(exc.reply, exc.remote) from None
             raise
+        if mail.code == 421 and reused:  # it timed us out while the connection was kept
+            raise StaleConnection(mail, self.label)
         if pipelining:
             rcpts = [self.read_reply(self.timeouts.command, "RCPT TO") for _ in msg.recipients]
             data = self.read_reply(self.timeouts.data_start, "DATA")
@@ -268,6 +279,17 @@ class Client:
         except TransientError:
             self.broken = True
 
+    def quiet(self) -> bool:
+        """Whether a kept connection is still fit to use: not broken, and the server has
+        sent nothing since (an idle timeout's 421, or the end of the connection)."""
+        if self.broken or self.conn.pending():
+            return False
+        try:
+            readable, _, _ = gevent.select.select([self.conn.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
     def quit(self) -> None:
         """QUIT politely, briefly; the connection is closed whatever happens."""
         try:
@@ -294,7 +316,7 @@ class Client:
         except ConnectionClosed as exc:
             self.broken = True
             raise ConnectionLost(Reply(451, "4.4.2", f"lost connection with {self.label} "
-                                       f"while sending {stage}: {exc}"), self.label) from None
+                                       f"while sending {stage}: {exc}")) from None
 
     def read_reply(self, timeout: float, stage: str) -> Reply:
         """One whole reply, its lines joined; it must all arrive within `timeout`."""
@@ -323,17 +345,26 @@ class Client:
                 self.broken = True
         except ReadTimeout:
             self.broken = True
-            raise TransientError(Reply(451, "4.4.2", f"timeout waiting for {stage} reply from {self.label}"),
-                                 self.label) from None
+            raise TransientError(Reply(451, "4.4.2", f"timeout waiting for {stage} reply from "
+                                       f"{self.label}")) from None
         except (ConnectionClosed, LineFlood) as exc:
             self.broken = True
             raise ConnectionLost(Reply(451, "4.4.2", f"lost connection with {self.label} "
-                                       f"after {stage}: {exc}"), self.label) from None
+                                       f"after {stage}: {exc}")) from None
         except (ValueError, LineTooLong) as exc:
             self.broken = True
             raise TransientError(Reply(451, "4.5.0", f"protocol error from {self.label} after {stage}: "
-                                       f"{exc!s:.80}"), self.label) from None
+                                       f"{exc!s:.80}")) from None
         return code, lines
+
+
+def _all_ascii(body: BinaryIO) -> bool:
+    """Whether the rest of `body` is 7-bit (its position is kept)."""
+    start = body.tell()
+    try:
+        return all(chunk.isascii() for chunk in iter(lambda: body.read(CHUNK), b""))
+    finally:
+        body.seek(start)
 
 
 def _extensions(lines: list[str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ from geosmtp.replies import Reply
 NULL_MX = Reply(556, "5.1.10", "Recipient domain does not accept mail (null MX, RFC 7505)")
 NO_DOMAIN = Reply(550, "5.4.4", "Host or domain name not found")
 BAD_DOMAIN = Reply(550, "5.1.2", "Bad destination domain name")
-DNS_FAILURE = Reply(451, "4.4.3", "Temporary DNS failure; will retry")
+LOOP = Reply(554, "5.4.6", "Mail for this domain loops back to myself (I am its best MX)")
 NO_ADDRESS = Reply(451, "4.4.4", "No address found for any mail exchanger; will retry")
 
 
@@ -64,8 +64,10 @@ def literal_address(domain: str) -> str | None:
 
 
 class MXResolver:
-    def __init__(self, resolver: dns.resolver.Resolver, shuffle=random.shuffle):
+    def __init__(self, resolver: dns.resolver.Resolver, own_names: frozenset[str] = frozenset(),
+                 shuffle=random.shuffle):
         self.resolver = resolver
+        self.own_names = own_names  # this host's names: an MX naming one of them is us
         self.shuffle = shuffle
 
     def _query(self, name: dns.name.Name, rdtype: str):
@@ -101,8 +103,10 @@ class MXResolver:
         """The hosts to try for `domain`, in order: MX by preference (random among equals),
         or the domain itself when it has no MX (RFC 5321 5.1). Raises PermanentError for a
         null MX or a domain that does not exist, TransientError for DNS trouble."""
-        literal = literal_address(domain)
-        if literal is not None:
+        if domain.startswith("["):
+            literal = literal_address(domain)
+            if literal is None:
+                raise PermanentError(BAD_DOMAIN)
             return [Host(domain, (literal,))]
         qname = self._name(domain)
         records = self._query(qname, "MX")
@@ -116,6 +120,13 @@ class MXResolver:
         exchanges = [(r.preference, r.exchange) for r in records if r.exchange != dns.name.root]
         if not exchanges:  # RFC 7505 3: a lone "0 ." (or only "."s) means no mail at all
             raise PermanentError(NULL_MX)
+        # RFC 5321 5.1: when this host is one of the MX, only those more preferred than it
+        # are candidates (we are a backup MX); none left means the mail would loop
+        own = [p for p, e in exchanges if e.to_text(omit_final_dot=True).lower() in self.own_names]
+        if own:
+            exchanges = [(p, e) for p, e in exchanges if p < min(own)]
+            if not exchanges:
+                raise PermanentError(LOOP)
         by_preference: dict[int, list[dns.name.Name]] = {}
         for preference, exchange in exchanges:
             by_preference.setdefault(preference, []).append(exchange)

@@ -139,23 +139,31 @@ class Relay:
     # -- connections ------------------------------------------------------------------------
     def _key(self, host: Host, address: str, policy: str) -> tuple:
         # a verified connection is only good for the name it was verified for
-        return (address, self.settings.port, policy, host.name if policy == VERIFY else None)
+        return (address, policy, host.name if policy == VERIFY else None)
 
     def _client(self, host: Host, address: str, policy: str) -> Client:
         idle = self._idle.get(self._key(host, address, policy))
         while idle:
             client = idle.pop()
-            if monotonic() - client.idle_since < self.settings.idle_time and not client.broken:
+            # a kept connection the server has spoken on (an idle "421 timeout") or closed
+            # is not used again
+            if monotonic() - client.idle_since < self.settings.idle_time and client.quiet():
                 return client
-            gevent.spawn(client.quit)
+            client.close()
         return self._connect(host, address, policy)
 
     def _connect(self, host: Host, address: str, policy: str) -> Client:
         s = self.settings
         label = host.label(address)
-        client = Client.open(address, s.port, label, s.timeouts)
+        port = s.smarthost[1] if s.smarthost else s.port
+        client = Client.open(address, port, label, s.timeouts)
         try:
             client.hello(s.helo_name)
+            if client.server_name == s.helo_name.lower():
+                # RFC 5321 5.1: we are talking to ourselves (an MX or a smarthost that
+                # points back here); going on would loop the message
+                raise PermanentError(Reply(554, "5.4.6", f"mail for this destination loops back to "
+                                           f"myself ({label} greets as {client.server_name})"))
             if "STARTTLS" in client.extensions:
                 try:
                     encrypted = client.starttls(self.contexts[policy], host.name, s.helo_name)
@@ -165,18 +173,18 @@ class Relay:
                     # RFC 7435: a failed handshake falls back to plaintext, on a new
                     # connection that does not ask for TLS
                     client.close()
-                    client = Client.open(address, s.port, label, s.timeouts)
+                    client = Client.open(address, port, label, s.timeouts)
                     client.hello(s.helo_name)
                     encrypted = False
             else:
                 encrypted = False
             if not encrypted and policy != OPPORTUNISTIC:
                 raise TransientError(Reply(451, "4.7.5", f"TLS is required, but {label} does not "
-                                           "offer STARTTLS"), label)
+                                           "offer STARTTLS"))
             if s.smarthost_auth:
                 if not encrypted:
                     raise TransientError(Reply(451, "4.7.5", f"refusing to send a password to "
-                                               f"{label} without TLS"), label)
+                                               f"{label} without TLS"))
                 client.auth_plain(*s.smarthost_auth)
         except BaseException:
             client.close()

@@ -8,6 +8,8 @@ that the only new ids are the ones it expected.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import select
@@ -16,6 +18,8 @@ import struct
 import time
 from pathlib import Path
 
+from tests.support.fakedns import FakeDNS
+from tests.support.fakemx import FakeMX
 from tests.support.server import ServerProcess
 from tests.support.smtp import RawClient
 
@@ -187,3 +191,151 @@ def wait_closed(c: RawClient, timeout: float = 5.0) -> bool:
         except OSError:
             return True
     return False
+
+
+# -- outbound relay -------------------------------------------------------------------------
+SENDER = "alice@example.test"
+_next_address = itertools.count()
+
+
+def fresh_address() -> str:
+    """A loopback address no other test in this process was given (127.0.100.1, 127.0.100.2, ...;
+    other tests use 127.0.0-9.x as client addresses)."""
+    n = next(_next_address)
+    return f"127.0.{100 + n // 250}.{1 + n % 250}"
+
+
+class Remotes:
+    """Remote domains and fake MX servers for one test: every domain name is new (so the
+    server's DNS cache knows nothing about it) and every fake MX listens on a loopback address
+    of its own, on the one port the server under test connects to ([relay] port). Connections
+    the server keeps for reuse therefore never carry over from one test to the next."""
+
+    def __init__(self, dns, port: int):
+        self.dns = dns
+        self.port = port
+        self.fakes: list[FakeMX] = []
+
+    def domain(self, label: str = "r") -> str:
+        return f"{label}{next(_next_address)}.test"
+
+    def fake(self, name: str, *, cert=None, a: bool = True, **behaviour) -> FakeMX:
+        """A started FakeMX called `name` (with an A record for it unless a=False); keyword
+        arguments set its behaviour attributes (extensions=..., final_reply=...)."""
+        for _ in range(20):
+            mx = FakeMX(fresh_address(), self.port, name=name, cert=cert)
+            for key, value in behaviour.items():
+                assert hasattr(mx, key), key
+                setattr(mx, key, value)
+            try:
+                mx.start()
+            except OSError:  # that address:port is taken by something else: take the next
+                continue
+            self.fakes.append(mx)
+            if a:
+                self.dns.a(name, mx.host)
+            return mx
+        raise RuntimeError("no loopback address free for a fake MX")
+
+    def close(self) -> None:
+        for mx in self.fakes:
+            mx.stop()
+
+
+def relay_config(dns: FakeDNS, port: int, **relay) -> dict:
+    """Server overrides for outbound tests: our fake DNS, the fakes' port, short timeouts
+    (a hang costs 2 s), a retry every second and a queue scan every 0.2 s."""
+    return {
+        "relay": {"dns_servers": [dns.address], "port": port, "connect_timeout": 2,
+                  "command_timeout": 2, "data_timeout": 2, "dns_timeout": 1, **relay},
+        "queue": {"scan_interval": 0.2, "retry_schedule": [1]},
+    }
+
+
+def remote_domain(net: Remotes, **behaviour) -> tuple[str, FakeMX]:
+    """A new domain with one MX (preference 10), a fake with the given behaviour."""
+    domain = net.domain()
+    mx = net.fake(f"mx1.{domain}", **behaviour)
+    net.dns.mx(domain, [(10, mx.name)])
+    return domain, mx
+
+
+def verbs(mx: FakeMX, connection: int | None = None) -> list[str]:
+    """The command verbs the fake received (on one connection, if given)."""
+    return [line.split(" ")[0].upper() for n, line in mx.commands if connection in (None, n)]
+
+
+def sent_line(srv: ServerProcess, qid: str, rcpt: str) -> str | None:
+    """The log line that says `rcpt` was delivered, if any."""
+    return next((line for line in log_lines(srv, qid) if f"to=<{rcpt}>" in line and "status=sent" in line), None)
+
+
+def only(items):
+    assert len(items) == 1, items
+    return items[0]
+
+
+def submit(server: ServerProcess, rcpts, body: bytes = b"Subject: hi\r\nFrom: <alice@example.test>\r\n\r\nhello\r\n",
+           sender: str = SENDER, source: str = "127.0.0.2", mail_params: str = "") -> str:
+    """Queue a message from the trusted network (127.0.0.2 may relay); its queue id."""
+    with connect(server.port, source=source) as c:
+        return queue_id(send_message(c, sender, list(rcpts), body, mail_params))
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """RFC 5321 4.5.2, for a client that sends `body` itself."""
+    out = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + out if out.startswith(b".") else out
+
+
+def queue_entry(server: ServerProcess, qid: str) -> tuple[str, dict] | None:
+    """(state, envelope as a dict) of a queue entry, or None once it is gone."""
+    for state in ("deferred", "active", "incoming", "hold", "corrupt"):
+        try:
+            with open(server.spool / "queue" / state / qid, "rb") as fh:
+                return state, json.loads(fh.readline())
+        except (FileNotFoundError, ValueError):  # moved meanwhile, or caught mid-rewrite
+            continue
+    return None
+
+
+def wait_deferred(server: ServerProcess, qid: str, attempts: int = 1, timeout: float = 10.0) -> dict:
+    """The envelope once the entry sits in deferred/ after at least `attempts` attempts."""
+    def deferred():
+        got = queue_entry(server, qid)
+        return got[1] if got and got[0] == "deferred" and got[1]["attempts"] >= attempts else None
+    return server.wait_for(deferred, timeout=timeout)
+
+
+def wait_gone(server: ServerProcess, qid: str, timeout: float = 10.0) -> None:
+    """Delivery is over for this message: no entry and no message file left."""
+    server.wait_for(lambda: queue_entry(server, qid) is None and not (server.spool / "msg" / qid).exists(),
+                    timeout=timeout)
+
+
+def log_lines(server: ServerProcess, qid: str) -> list[str]:
+    """The server's log lines about one queue entry."""
+    return [line for line in server.log().splitlines() if f"[{qid}]" in line]
+
+
+def notices(server: ServerProcess, qid: str, address: str = SENDER) -> list[bytes]:
+    """The DSNs about message `qid` in the (local) sender's mailbox, as delivered (LF lines)."""
+    mark = f"Queue ID: {qid}".encode("ascii")
+    return [m for m in server.messages(address) if mark in m]
+
+
+def wait_notices(server: ServerProcess, qid: str, n: int = 1, address: str = SENDER,
+                 timeout: float = 10.0) -> list[bytes]:
+    return server.wait_for(lambda: (found := notices(server, qid, address)) and len(found) >= n and found,
+                           timeout=timeout)
+
+
+def dsn_fields(dsn: bytes) -> list[dict[str, str]]:
+    """The per-recipient field groups (unfolded) of a DSN's message/delivery-status or
+    message/global-delivery-status part. Read as text: the stdlib parses the global kind as
+    an encapsulated message."""
+    text = dsn.decode("utf-8", "replace").replace("\r\n", "\n")
+    m = re.search(r"^Content-Type: message/(?:global-)?delivery-status\n(?:[^\n]+\n)*\n(.*?)\n--", text, re.S | re.M)
+    assert m, "no delivery-status part"
+    blocks = [re.sub(r"\n[ \t]+", " ", b) for b in m.group(1).split("\n\n") if b.strip()]
+    return [dict(line.split(": ", 1) for line in b.splitlines()) for b in blocks[1:]]
