@@ -147,9 +147,12 @@ class Relay:
             client = idle.pop()
             # a kept connection the server has spoken on (an idle "421 timeout") or closed
             # is not used again
-            if monotonic() - client.idle_since < self.settings.idle_time and client.quiet():
+            if not client.quiet():
+                client.close()
+            elif monotonic() - client.idle_since < self.settings.idle_time:
                 return client
-            client.close()
+            else:
+                gevent.spawn(client.quit)  # healthy but kept too long: say goodbye (RFC 5321 4.1.1.10)
         return self._connect(host, address, policy)
 
     def _connect(self, host: Host, address: str, policy: str) -> Client:

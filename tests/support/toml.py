@@ -16,25 +16,23 @@ def _value(v) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def dumps(data: dict) -> str:
+def _tables(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, dict) for x in value)
+
+
+def dumps(data: dict, prefix: str = "") -> str:
+    """Scalars first, then [tables] and [[arrays of tables]], nested as deep as needed."""
     out: list[str] = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            continue
-        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            continue
-        out.append(f"{key} = {_value(value)}")
+        if not isinstance(value, dict) and not _tables(value):
+            out.append(f"{json.dumps(key) if prefix else key} = {_value(value)}")
     for key, value in data.items():
+        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            scalars = {k: v for k, v in value.items() if not isinstance(v, dict)}
-            out.append(f"\n[{key}]")
-            out.extend(f"{json.dumps(k)} = {_value(v)}" for k, v in scalars.items())
-            for sub, table in value.items():
-                if isinstance(table, dict):
-                    out.append(f"\n[{key}.{sub}]")
-                    out.extend(f"{json.dumps(k)} = {_value(v)}" for k, v in table.items())
-        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            out.append(f"\n[{name}]")
+            out.append(dumps(value, f"{name}.").rstrip("\n"))
+        elif _tables(value):
             for item in value:
-                out.append(f"\n[[{key}]]")
-                out.extend(f"{json.dumps(k)} = {_value(v)}" for k, v in item.items())
-    return "\n".join(out) + "\n"
+                out.append(f"\n[[{name}]]")
+                out.append(dumps(item, f"{name}.").rstrip("\n"))
+    return "\n".join(line for line in out if line) + "\n"
