@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 from loguru import logger
 
@@ -147,22 +148,9 @@ class QueueManager:
         envelope.attempts += 1
         envelope.last_attempt = now
         open_body = partial(self.spool.open_body, qid)
-        outcomes: dict[int, Outcome] = {}
-        local: set[int] = set()
-        remote: dict[str, list[int]] = {}
-        for index, rcpt in enumerate(envelope.recipients):
-            if rcpt.status != PENDING:
-                continue
-            domain = rcpt.address.rpartition("@")[2].lower()
-            if domain in self.local_domains:
-                local.add(index)
-                outcomes[index] = Outcome(self.local.deliver(envelope, index, open_body, redelivery))
-            else:
-                remote.setdefault(domain, []).append(index)
-        if remote:
-            outcomes.update(self._relay(envelope, remote, open_body, log))
         failed: list[Recipient] = []
-        for index, outcome in sorted(outcomes.items()):
+
+        def record(index: int, outcome: Outcome, where: str) -> None:
             rcpt = envelope.recipients[index]
             reply = outcome.reply
             rcpt.attempts += 1
@@ -176,10 +164,21 @@ class QueueManager:
                 failed.append(rcpt)
             log.info(
                 "to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                rcpt.address, outcome.remote or ("local" if index in local else "none"),
-                now - envelope.created, rcpt.attempts,
+                rcpt.address, outcome.remote or where, now - envelope.created, rcpt.attempts,
                 {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred"), reply,
             )
+
+        remote: dict[str, list[int]] = {}
+        for index, rcpt in enumerate(envelope.recipients):
+            if rcpt.status != PENDING:
+                continue
+            domain = rcpt.address.rpartition("@")[2].lower()
+            if domain in self.local_domains:
+                record(index, Outcome(self.local.deliver(envelope, index, open_body, redelivery)), "local")
+            else:
+                remote.setdefault(domain, []).append(index)
+        if remote:
+            self._relay(envelope, remote, open_body, record, log)
         if envelope.pending() and now - envelope.created >= self.max_lifetime:
             for rcpt in envelope.pending():
                 rcpt.status = FAILED
@@ -204,19 +203,28 @@ class QueueManager:
         self._recovered.discard(qid)
 
     # -- relay ------------------------------------------------------------------------------
-    def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body, log) -> dict[int, Outcome]:
+    def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body,
+               record: Callable[[int, Outcome, str], None], log) -> None:
+        """Hand the remote recipients to the relay, a transaction per domain, all domains at
+        once; each result is recorded as it comes."""
+        def all_get(outcome: Outcome) -> None:
+            for indices in remote.values():
+                for i in indices:
+                    record(i, outcome, "none")
+
         if self.relay is None:
-            return {i: Outcome(NO_RELAY) for indices in remote.values() for i in indices}
+            return all_get(Outcome(NO_RELAY))
         with open_body() as fh:
             size = os.fstat(fh.fileno()).st_size - fh.tell()
             headers = bounce.header_section(fh)
         # RFC 5321 6.3: a message that has been through this many hosts is in a loop
         hops = sum(1 for line in headers.split(b"\r\n") if line[:9].lower() == b"received:")
         if hops > MAX_HOPS:
-            return {i: Outcome(TOO_MANY_HOPS) for indices in remote.values() for i in indices}
+            return all_get(Outcome(TOO_MANY_HOPS))
         prefix = self._signature(envelope, open_body, log)
         size += len(prefix)
-        out: dict[int, Outcome] = {}
+        saving = gevent.lock.Semaphore()
+        unfinished = [len(remote)]
 
         def one(domain: str, indices: list[int]) -> None:
             recipients = tuple(envelope.recipients[i].address for i in indices)
@@ -229,11 +237,16 @@ class QueueManager:
                 eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
             )
             for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
-                out[i] = outcome
+                record(i, outcome, "none")
+            unfinished[0] -= 1
+            if unfinished[0]:
+                # other domains are still in flight, maybe for minutes: save what this one
+                # achieved now, so a crash does not send it again
+                with saving:
+                    self.spool.update(envelope)
 
         jobs = [gevent.spawn(one, domain, indices) for domain, indices in remote.items()]
         gevent.joinall(jobs, raise_error=True)
-        return out
 
     def _signature(self, envelope: Envelope, open_body, log) -> bytes:
         """The DKIM-Signature lines for this message: made once, before its first relay
