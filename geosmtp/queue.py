@@ -27,6 +27,7 @@ from geosmtp.spool import Spool, SpoolError
 
 NO_RELAY = Reply(451, "4.4.0", "No route for remote delivery is configured")
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")  # RFC 3463 5.4.7
+SIGNING_AT_ONCE = 2  # DKIM signatures in progress (memory: a whole message each)
 MAX_HOPS = 100  # Received: fields; RFC 5321 6.3: a large threshold, "normally at least 100"
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 
@@ -77,6 +78,7 @@ class QueueManager:
         self.scan_interval = scan_interval
         self.delay_warning = delay_warning
         self.pool = gevent.pool.Pool(concurrency)
+        self._signing = gevent.lock.BoundedSemaphore(SIGNING_AT_ONCE)
         self._wakeup = gevent.event.Event()
         self._recovered: set[str] = set()
         self._loop: gevent.Greenlet | None = None
@@ -259,7 +261,9 @@ class QueueManager:
                 with open_body() as fh:
                     return self.signer.sign(fh.read(), envelope.sender)
             try:
-                signature = self.spool.run(sign)
+                # dkimpy wants the whole message in memory and is CPU-bound: a few at a time
+                with self._signing:
+                    signature = self.spool.run(sign)
             except Exception as exc:  # a message dkimpy cannot parse still goes, unsigned
                 log.warning("dkim: not signed: {}", exc)
         envelope.extra["dkim"] = signature.decode("utf-8")
