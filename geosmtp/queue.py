@@ -171,8 +171,13 @@ class QueueManager:
             )
 
         remote: dict[str, list[int]] = {}
+        returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
         for index, rcpt in enumerate(envelope.recipients):
             if rcpt.status != PENDING:
+                continue
+            if returned is not None:
+                record(index, Outcome(Reply(554, "5.0.0", f"Returned to sender by the postmaster: {returned}")),
+                       "none")
                 continue
             domain = rcpt.address.rpartition("@")[2].lower()
             if domain in self.local_domains:

@@ -74,6 +74,9 @@ def lock_spool(spool_dir) -> int:
     except BlockingIOError:
         os.close(fd)
         raise OSError(f"another geosmtp is running on the spool {spool_dir}") from None
+    # geosmtp-queue signals this pid (SIGUSR1) after it changes the queue
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -293,6 +296,8 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        if self.role != "worker":  # geosmtp-queue flush/release/requeue/bounce: look now
+            gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
         self.stopped.wait()
 
     @property
