@@ -41,6 +41,16 @@ def start(config_path: str, worker: bool) -> None:
     import os
 
     config = load_or_exit(config_path)
+    if config.server.workers > 1 and config.metrics.address and not worker:
+        # every process keeps its counters in files here; the master adds them up
+        import shutil
+
+        spool = os.path.abspath(config.server.spool_dir)
+        directory = os.path.join(spool, "metrics")
+        if not _spool_in_use(spool):  # the files of a previous run are stale
+            shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     from geosmtp import log
     from geosmtp.server import Server
 
@@ -55,6 +65,24 @@ def start(config_path: str, worker: bool) -> None:
     except (OSError, ValueError) as exc:  # the port is taken, the spool or a file is unusable
         click.echo(f"geosmtp: cannot start: {exc}", err=True)
         sys.exit(1)
+
+
+def _spool_in_use(spool: str) -> bool:
+    """Whether a running geosmtp holds the spool's lock."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(os.path.join(spool, "lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 @main.command("check-config")

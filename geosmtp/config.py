@@ -392,6 +392,18 @@ class LogConfig(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
+class MetricsConfig(_Section):
+    # /metrics (Prometheus), /healthz and /readyz over HTTP; absent: no HTTP server
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     listener: list[ListenerConfig] = Field(min_length=1)
@@ -403,6 +415,7 @@ class Config(_Section):
     tls: TLSConfig | None = None
     auth: AuthConfig = AuthConfig()
     dkim: DKIMConfig = DKIMConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _listeners(self) -> "Config":

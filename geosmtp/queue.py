@@ -17,7 +17,7 @@ import gevent.lock
 import gevent.pool
 from loguru import logger
 
-from geosmtp import bounce
+from geosmtp import bounce, metrics
 from geosmtp.dkim import Signer
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
 from geosmtp.relay.client import Outgoing
@@ -161,13 +161,15 @@ class QueueManager:
             rcpt.updated = now
             if reply.code < 400:
                 rcpt.status = DELIVERED
+                metrics.DELIVERY_SECONDS.observe(max(time.time() - envelope.created, 0.0))
             elif reply.code >= 500:
                 rcpt.status = FAILED
                 failed.append(rcpt)
+            result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
+            metrics.DELIVERIES.labels(result, "local" if where == "local" else "remote").inc()
             log.info(
                 "to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                rcpt.address, outcome.remote or where, now - envelope.created, rcpt.attempts,
-                {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred"), reply,
+                rcpt.address, outcome.remote or where, now - envelope.created, rcpt.attempts, result, reply,
             )
 
         remote: dict[str, list[int]] = {}

@@ -21,10 +21,11 @@ import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket
+from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import replies
+from geosmtp import metrics, replies
 from geosmtp.auth import UserStore
 from geosmtp.config import Config, ListenerConfig, split_hostport
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
@@ -241,7 +242,27 @@ class Server:
             return
         if self.role == "master":
             self._start_workers()
+        self._serve_metrics()
         self.queue.start(recovered)
+
+    def _serve_metrics(self) -> None:
+        """/metrics, /healthz, /readyz on [metrics] address (master or single process)."""
+        address = self.config.metrics.address
+        if address is None:
+            return
+        host, port = split_hostport(address)
+        app = metrics.wsgi_app(metrics.registry_for(str(self.config.server.spool_dir)), self.not_ready)
+        self.http = WSGIServer((host, port), app, log=None, error_log=None)
+        self.http.start()
+        logger.info("metrics and health on http://{}/metrics", address)
+
+    def not_ready(self) -> str | None:
+        """Why a load balancer should not send us connections now, or None."""
+        if self._stopping:
+            return "draining"
+        if not metrics.spool_writable(str(self.config.server.spool_dir), self.config.limits.max_message_size):
+            return "spool not writable or full"
+        return None
 
     # -- workers (role "master" and "worker") -----------------------------------------------
     def _start_workers(self) -> None:
@@ -266,6 +287,7 @@ class Server:
             for slot, proc in enumerate(self.workers):
                 if proc is not None and proc.poll() is not None and not self.stopping:
                     logger.warning("worker {} (pid {}) exited with {}; restarting", slot, proc.pid, proc.returncode)
+                    metrics.process_gone(proc.pid)
                     self._spawn_worker(slot)
                     gevent.sleep(1)
 
@@ -359,18 +381,24 @@ class Server:
         ip = addr[0]
         lim = self.config.limits
         conn = Connection(sock, settings.command_timeout)  # it times every send and read
+        metrics.CONNECTIONS.labels(listener.name).inc()
         try:
             if self.active[listener.name] >= lim.max_connections:
+                metrics.REFUSED.labels(listener.name, "max_connections").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
                 return
             if self.per_ip[ip] >= lim.max_connections_per_ip:
+                metrics.REFUSED.labels(listener.name, "max_connections_per_ip").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_FROM_YOU, ip)
                 return
             self.active[listener.name] += 1
             self.per_ip[ip] += 1
+            sessions = metrics.SESSIONS.labels(listener.name)
+            sessions.inc()
             try:
                 Session(conn, ip, settings, self.services).run()
             finally:
+                sessions.dec()
                 self.active[listener.name] -= 1
                 self.per_ip[ip] -= 1
                 if not self.per_ip[ip]:

@@ -18,7 +18,7 @@ from typing import Callable
 import gevent
 from loguru import logger
 
-from geosmtp import auth, policy, replies
+from geosmtp import auth, metrics, policy, replies
 from geosmtp.connection import (
     BareNewline,
     Connection,
@@ -169,6 +169,7 @@ class Session:
         self.auth_user: str | None = None
         self.auth_failures = 0
         self.errors = 0
+        self.verb = "CONNECT"  # the command the next reply answers (for metrics)
         self.messages = 0
         self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
         # transaction state
@@ -215,11 +216,17 @@ class Session:
         self._start_tls = False
         tls = self.services.tls
         assert tls is not None  # config validation: a TLS listener has [tls]
-        self.tls = self.conn.start_tls(tls.context, self.settings.handshake_timeout)
+        try:
+            self.tls = self.conn.start_tls(tls.context, self.settings.handshake_timeout)
+        except HandshakeFailed:
+            metrics.TLS_FAILURES.inc()
+            raise
+        metrics.TLS.labels(self.tls.partition(" ")[0]).inc()
         self.helo, self.esmtp, self.auth_user, self.tx = None, False, None, None
         self.log.info("TLS established: {}", self.tls)
 
     def next_reply(self) -> Reply:
+        self.verb = "-"  # what metrics count the reply under: the verb, or "-" if none
         try:
             line = self.conn.read_line(COMMAND_LINE_LIMIT, self.settings.command_timeout)
         except LineTooLong:
@@ -235,7 +242,9 @@ class Session:
         except ProtocolError as exc:
             return exc.reply
         handler = VERBS.get(command.verb)
-        if handler is None:
+        if handler is not None:
+            self.verb = command.verb
+        else:
             # not logged: it may be a SASL response pipelined behind a refused AUTH
             self.log.trace("<- unknown command ({} octets)", len(line))
             return replies.NOT_SMTP if command.verb in NOT_SMTP_VERBS else replies.UNKNOWN_COMMAND
@@ -246,6 +255,9 @@ class Session:
 
     def send(self, reply: Reply) -> bool:
         """Queue one reply for the client; True when the connection must close after it."""
+        metrics.COMMANDS.labels(self.verb, _REPLY_CLASS[reply.code // 100]).inc()
+        if reply.code >= 400 and self.verb in ("MAIL", "RCPT", "DATA"):
+            metrics.REJECTED.labels(self.verb, reply.enhanced or "-").inc()
         if reply.code >= 500:  # the client's mistakes; 4xx are ours or temporary
             self.errors += 1
             if self.errors >= self.settings.max_errors and not reply.close:
@@ -313,6 +325,7 @@ class Session:
         ip_key = f"authfail:{self.rate_key}"
         limit = s.auth_failures_per_hour_per_ip
         if limit and self.services.limiter.count(ip_key, HOUR) >= limit:
+            metrics.RATE_LIMITED.labels("auth_failures_per_hour").inc()
             return replies.AUTH_TOO_MANY_FAILURES
         mechanism, _, initial = arg.partition(" ")
         mechanism = mechanism.upper()
@@ -349,6 +362,7 @@ class Session:
             return replies.AUTH_OK
         # never log the name tried: people type passwords into the user field
         self.auth_failures += 1
+        metrics.AUTH_FAILURES.inc()
         self.services.limiter.add(ip_key, HOUR)
         self.log.info("AUTH {} failed ({} in this session)", mechanism, self.auth_failures)
         if self.auth_failures >= s.max_auth_failures:
@@ -448,6 +462,7 @@ class Session:
             if refusal := policy.check_sender(self.auth_user, sender, self.directory, self.services.senders):
                 return refusal
         if refusal := self._rate_limited():
+            metrics.RATE_LIMITED.labels("messages_per_hour").inc()
             return refusal
         self.tx = tx
         return replies.SENDER_OK
@@ -541,6 +556,8 @@ class Session:
             self.log.error("cannot queue message: {}", exc)
             return replies.STORAGE_FULL if exc.full else replies.STORAGE_ERROR
         self.messages += 1
+        metrics.ACCEPTED.labels(s.listener).inc()
+        metrics.RECEIVED_BYTES.inc(envelope.size)
         limiter = self.services.limiter
         if s.messages_per_hour_per_ip:
             limiter.add(f"ip:{self.rate_key}", HOUR)
@@ -583,6 +600,7 @@ VERBS: dict[str, Callable[[Session, str], Reply]] = {
     "HELP": Session.do_help,
 }
 SECRET_VERBS = frozenset({"AUTH"})
+_REPLY_CLASS = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 # RFC 3207 4: with TLS required, only these may come before STARTTLS
 ALLOWED_BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})
 NOT_SMTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS"})

@@ -317,6 +317,65 @@ class Spool:
                     env = None
                 yield state, env, st
 
+    # -- the operator's side (geosmtp-queue) ------------------------------------------------
+    # Safe while the server runs: every change is a rename or an unlink, and an entry the
+    # queue manager may claim (incoming/, deferred/) is first taken to hold/ by rename before
+    # its envelope is rewritten. An entry in active/ belongs to the delivery under way; only
+    # delete() touches it.
+    LOOKUP_ORDER = ("hold", "corrupt", "incoming", "deferred", "active")
+
+    def locate(self, qid: str) -> str | None:
+        """The state the entry of `qid` is in, or None (no such id, or delivered meanwhile).
+
+        Entries move while we look (incoming→active, deferred→active, active→deferred): the
+        states are looked at in the order entries flow, and the search is repeated a few
+        times while msg/<id> exists but no entry was seen in passing."""
+        if not valid_id(qid):
+            return None
+        for _ in range(3):
+            for state in self.LOOKUP_ORDER:
+                if os.path.lexists(self.entry_path(qid, state)):
+                    return state
+            if not os.path.lexists(self.message_path(qid)):
+                return None
+        return None
+
+    def delete(self, qid: str, state: str) -> bool:
+        """Remove an entry and its message, in any state; the entry first, like done(), so
+        no entry ever points at a missing message. False when the entry is not in `state`.
+
+        An active entry's delivery goes on to the end of its attempt, then finds the entry
+        gone (update() and defer() return False) and leaves it so."""
+        try:
+            os.unlink(self.entry_path(qid, state))
+        except FileNotFoundError:
+            return False
+        self._sync(self._dirs[state])
+        safeio.unlink_quietly(self.message_path(qid))
+        return True
+
+    def rewrite(self, envelope: Envelope, state: str = "hold") -> bool:
+        """Replace the envelope of an entry in hold/ or corrupt/ (where the queue manager
+        never looks) atomically, as _rewrite does for active/. Take an entry to hold/ with
+        move() first. False when the entry is not there."""
+        if state not in ("hold", "corrupt"):
+            raise ValueError(f"rewrite() is for entries in hold/ or corrupt/, not {state}/")
+        if not self.run(self._rewrite_parked, envelope, state):
+            return False
+        self._sync(self._dirs[state])
+        return True
+
+    def _rewrite_parked(self, envelope: Envelope, state: str) -> bool:
+        path = self.entry_path(envelope.id, state)
+        try:
+            linked = os.stat(path).st_nlink > 1
+        except FileNotFoundError:
+            return False
+        if linked:  # the entry is the message file: its msg/ name must be durable first
+            safeio.fsync_path(self._msg)
+        safeio.write_file(self._tmp_path(envelope.id), path, envelope.to_line())
+        return True
+
     # -- start-up ---------------------------------------------------------------------------
     def _restore_message(self, qid: str, state: str) -> None:
         """An entry whose msg/ name was lost in a crash. If the entry is the message file

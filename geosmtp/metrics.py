@@ -1,0 +1,131 @@
+"""Counters, gauges and histograms (prometheus_client), and the HTTP side: /metrics,
+/healthz (the process answers) and /readyz (it should get traffic: not draining, spool
+writable), served by gevent's WSGI server on [metrics] address.
+
+The metric objects are module globals, one set per process; the rest of geosmtp updates them
+directly. With workers, every process writes its values to files in PROMETHEUS_MULTIPROC_DIR
+(set by `geosmtp start` before this module is imported) and the master adds them up when
+scraped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+CONNECTIONS = Counter("geosmtp_connections", "Connections accepted", ["listener"])
+REFUSED = Counter("geosmtp_connections_refused", "Connections turned away (421)", ["listener", "reason"])
+SESSIONS = Gauge("geosmtp_sessions_active", "Open SMTP sessions", ["listener"], multiprocess_mode="livesum")
+COMMANDS = Counter("geosmtp_commands", "SMTP commands by verb and reply class", ["verb", "reply"])
+ACCEPTED = Counter("geosmtp_messages_accepted", "Messages queued (250 after DATA)", ["listener"])
+REJECTED = Counter("geosmtp_messages_rejected",
+                   "MAIL, RCPT and DATA refused, by enhanced status code", ["stage", "status"])
+RECEIVED_BYTES = Counter("geosmtp_received_bytes", "Message octets queued")
+TLS = Counter("geosmtp_tls_sessions", "TLS handshakes completed, by protocol version", ["version"])
+TLS_FAILURES = Counter("geosmtp_tls_handshake_failures", "TLS handshakes that failed")
+AUTH_FAILURES = Counter("geosmtp_auth_failures", "Failed AUTH attempts")
+RATE_LIMITED = Counter("geosmtp_rate_limited", "Requests refused by a rate limit", ["limit"])
+DELIVERIES = Counter("geosmtp_delivery_attempts", "Delivery attempts per recipient",
+                     ["result", "destination"])  # result: sent|deferred|bounced; local|remote
+DELIVERY_SECONDS = Histogram("geosmtp_delivery_seconds", "From arrival to delivery, per recipient",
+                             buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
+
+QUEUE_STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+
+
+def id_time(qid: str) -> float | None:
+    """Arrival time encoded in a queue id (microseconds, 13 hex digits)."""
+    try:
+        return int(qid[:13], 16) / 1e6
+    except ValueError:
+        return None
+
+
+class SpoolCollector:
+    """Spool entries by state and the age of the oldest, read from the directories at
+    scrape time (cheap: one listdir per state)."""
+
+    def __init__(self, spool_dir: str):
+        self.spool_dir = spool_dir
+
+    def collect(self):
+        entries = GaugeMetricFamily("geosmtp_spool_entries", "Queue entries by state", labels=["state"])
+        oldest = GaugeMetricFamily("geosmtp_spool_oldest_age_seconds", "Age of the oldest queued message")
+        now = time.time()
+        first = None
+        for state in QUEUE_STATES:
+            try:
+                names = os.listdir(os.path.join(self.spool_dir, "queue", state))
+            except OSError:
+                names = []
+            entries.add_metric([state], len(names))
+            if names:
+                stamp = id_time(min(names))
+                if stamp is not None and (first is None or stamp < first):
+                    first = stamp
+        oldest.add_metric([], max(now - first, 0.0) if first is not None else 0.0)
+        yield entries
+        yield oldest
+
+
+def registry_for(spool_dir: str) -> CollectorRegistry:
+    """What /metrics shows: this process's metrics (or every process's, with workers) and
+    the spool."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry
+    registry.register(SpoolCollector(spool_dir))
+    return registry
+
+
+def process_gone(pid: int) -> None:
+    """A worker died: its live gauges (open sessions) no longer count."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def spool_writable(spool_dir: str, need: int) -> bool:
+    """The spool can take a message: its tmp/ is writable and `need` octets are free."""
+    tmp = os.path.join(spool_dir, "tmp")
+    try:
+        st = os.statvfs(tmp)
+    except OSError:
+        return False
+    return os.access(tmp, os.W_OK) and st.f_bavail * st.f_frsize >= need
+
+
+def wsgi_app(registry: CollectorRegistry, ready: Callable[[], str | None]) -> Callable:
+    """/metrics, /healthz, /readyz. `ready()` returns None when ready, else why not."""
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            body = generate_latest(registry)
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [body]
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            problem = ready()
+            if problem is None:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ready\n"]
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"not ready: {problem}\n".encode()]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+
+    return app
