@@ -95,6 +95,11 @@ class ServerConfig(_Section):
     # RFC 5321 2.3.8: lines end in CRLF. A bare LF or CR in DATA is rejected (550 5.6.0), or
     # with "normalize" rewritten to CRLF. The end of data is <CRLF>.<CRLF> either way.
     bare_newline: Literal["reject", "normalize"] = "reject"
+    # SIGTERM: /readyz says 503 at once; the listeners close after drain_delay (time for a
+    # load balancer to notice); open sessions may finish their transaction for drain_timeout,
+    # then get 421 4.3.2. An idle session gets its 421 as soon as the listeners close.
+    drain_delay: Annotated[float, BeforeValidator(lambda v: 0.0 if v in (0, "0", "0s") else parse_duration(v))] = 0.0
+    drain_timeout: Duration = 30.0
 
     @field_validator("hostname")
     @classmethod

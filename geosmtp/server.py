@@ -37,7 +37,7 @@ from geosmtp.ratelimit import MemoryLimiter
 from geosmtp.relay.client import Timeouts
 from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
-from geosmtp.session import Services, Session, SessionSettings
+from geosmtp.session import Draining, Services, Session, SessionSettings
 from geosmtp.spool import Spool
 from geosmtp.tls import ServerTLS, TLSFiles
 
@@ -46,7 +46,6 @@ LISTEN_BACKLOG = 1024
 # once keep the disk busy (and share journal commits); 16 measured as well as 32 with less
 # kernel lock contention, and no worse than 8.
 IO_THREADS = 16
-STOP_GRACE = 10.0  # seconds open sessions get to finish when the server stops
 
 
 def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -185,6 +184,8 @@ class Server:
             run=run,
         )
         self.sessions = gevent.pool.Group()
+        self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
+        self.http: WSGIServer | None = None
         self._stopping = False
         self.active: Counter[str] = Counter()  # open sessions per listener
         self.per_ip: Counter[str] = Counter()
@@ -348,33 +349,53 @@ class Server:
                 logger.error("reload: users file not reloaded, keeping the old one: {}", exc)
 
     def stop(self) -> None:
-        """Stop accepting, let open sessions finish briefly, stop delivery. Never raises."""
+        """Drain and stop (SIGTERM). /readyz turns 503 at once; after drain_delay the
+        listeners close and idle sessions get 421 4.3.2; sessions in a transaction may
+        finish it within drain_timeout, then they get the 421 too. Deliveries in flight are
+        given the same time. Nothing acknowledged is lost: a message whose 250 was not sent
+        was never acknowledged. Never raises."""
         if self.stopped.is_set() or self._stopping:
             return
         self._stopping = True
+        cfg = self.config.server
         try:
-            logger.info("stopping: {} open sessions", len(self.sessions))
-            for server in self.servers:
-                server.close()
-            for proc in self.workers:
+            for proc in self.workers:  # they drain their own sessions the same way
                 if proc is not None and proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            self.sessions.join(timeout=STOP_GRACE)
+            logger.info("draining: {} open sessions; listeners close in {:g}s", len(self.sessions), cfg.drain_delay)
+            gevent.sleep(cfg.drain_delay)
+            for server in self.servers:
+                server.close()
+            self.services.draining = True
+            self._interrupt(lambda session: session.idle)
+            self.sessions.join(timeout=cfg.drain_timeout)
+            if len(self.sessions):
+                logger.info("drain timeout: closing {} sessions with 421", len(self.sessions))
+                self._interrupt(lambda session: True)
+                self.sessions.join(timeout=5)
             self.sessions.kill(block=True, timeout=2)
-            deadline = time.monotonic() + STOP_GRACE + 5
+            deadline = time.monotonic() + cfg.drain_delay + cfg.drain_timeout + 10
             for proc in self.workers:
                 while proc is not None and proc.poll() is None and time.monotonic() < deadline:
                     gevent.sleep(0.1)
                 if proc is not None and proc.poll() is None:
                     proc.kill()
             if self.role != "worker":
-                self.queue.stop(timeout=STOP_GRACE)
+                self.queue.stop(timeout=cfg.drain_timeout)
                 self.relay.close()
+            if self.http is not None:
+                self.http.stop(timeout=1)
             logger.info("stopped")
         except BaseException:  # never leave a half-stopped process running
             logger.exception("error while stopping")
         finally:
             self.stopped.set()
+
+    def _interrupt(self, which) -> None:
+        """Raise Draining into the sessions `which(session)` picks (it sends the 421)."""
+        for greenlet, session in list(self.live.items()):
+            if which(session):
+                greenlet.kill(Draining, block=False)
 
     # -- one connection ---------------------------------------------------------------------
     def handle(self, listener: ListenerConfig, settings: SessionSettings, sock: socket.socket, addr) -> None:
@@ -395,9 +416,13 @@ class Server:
             self.per_ip[ip] += 1
             sessions = metrics.SESSIONS.labels(listener.name)
             sessions.inc()
+            session = Session(conn, ip, settings, self.services)
+            me = gevent.getcurrent()
+            self.live[me] = session
             try:
-                Session(conn, ip, settings, self.services).run()
+                session.run()
             finally:
+                del self.live[me]
                 sessions.dec()
                 self.active[listener.name] -= 1
                 self.per_ip[ip] -= 1

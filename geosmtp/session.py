@@ -78,6 +78,10 @@ class SessionSettings:
     trusted_networks: tuple = ()
 
 
+class Draining(Exception):
+    """Raised into an idle session (or one past the drain timeout) when the server stops."""
+
+
 @dataclass
 class Services:
     """The shared, long-lived parts a session works with (built once by the server)."""
@@ -89,6 +93,7 @@ class Services:
     users: auth.UserStore | None = None  # replaced whole on reload
     senders: dict = field(default_factory=dict)  # user → extra sender addresses / "@domain"
     limiter: Limiter = field(default_factory=MemoryLimiter)
+    draining: bool = False  # the server is stopping: end each session at its next pause
     run: Callable = lambda fn, *args: fn(*args)  # runs slow work (scrypt) off the hub
 
 
@@ -170,6 +175,7 @@ class Session:
         self.auth_failures = 0
         self.errors = 0
         self.verb = "CONNECT"  # the command the next reply answers (for metrics)
+        self.idle = False  # waiting for a command outside a transaction: safe to interrupt
         self.messages = 0
         self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
         # transaction state
@@ -191,6 +197,15 @@ class Session:
                 while not self.send(self.next_reply()):
                     if self._start_tls:
                         self.handshake()
+                    if self.services.draining and self.tx is None:  # between transactions
+                        raise Draining()
+        except Draining:
+            how = "server shutting down"
+            self.verb = "-"
+            try:
+                self.send(replies.SHUTTING_DOWN)
+            except ConnectionClosed:
+                pass
         except HandshakeFailed as exc:
             how = f"TLS handshake failed ({exc})"
         except ConnectionClosed as exc:
@@ -227,6 +242,7 @@ class Session:
 
     def next_reply(self) -> Reply:
         self.verb = "-"  # what metrics count the reply under: the verb, or "-" if none
+        self.idle = self.tx is None and not self.conn.pending()
         try:
             line = self.conn.read_line(COMMAND_LINE_LIMIT, self.settings.command_timeout)
         except LineTooLong:
@@ -237,6 +253,8 @@ class Session:
             return replies.BARE_NEWLINE_IN_COMMAND
         except ReadTimeout:
             return replies.COMMAND_TIMEOUT
+        finally:
+            self.idle = False
         try:
             command = parse_command(line)
         except ProtocolError as exc:
