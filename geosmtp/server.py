@@ -27,7 +27,8 @@ from loguru import logger
 
 from geosmtp import metrics, replies
 from geosmtp.auth import UserStore
-from geosmtp.config import Config, ListenerConfig, split_hostport
+from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
+from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.dkim import Signer, load_key
@@ -130,6 +131,24 @@ def may_sign(envelope, trusted_networks: tuple) -> bool:
         return False
 
 
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    """What a reload cannot change under a running server."""
+    out = []
+    if [(i.name, i.address, i.mode, i.tls) for i in old.listener] != \
+            [(i.name, i.address, i.mode, i.tls) for i in new.listener]:
+        out.append("[[listener]] names, addresses, modes or TLS")
+    for key in ("spool_dir", "workers", "hostname"):
+        if getattr(old.server, key) != getattr(new.server, key):
+            out.append(f"server.{key}")
+    if old.local.maildir_root != new.local.maildir_root:
+        out.append("local.maildir_root")
+    if old.queue.concurrency != new.queue.concurrency:
+        out.append("queue.concurrency")
+    if old.metrics != new.metrics or old.log != new.log:
+        out.append("[metrics] or [log]")
+    return out
+
+
 class Server:
     """role "all": listeners and the queue manager in one process (workers = 1).
     role "worker": listeners only; a new message is announced on notify_fd.
@@ -149,23 +168,17 @@ class Server:
             return hub.threadpool.apply(fn, args)
 
         self.spool = Spool(config.server.spool_dir, run=run)
-        local = config.local
-        self.directory = LocalDirectory(
-            domains=frozenset(local.domains),
-            users=frozenset(local.users),
-            aliases={k: tuple(v) for k, v in local.aliases.items()},
-        )
-        self.maildir = MaildirDelivery(local.maildir_root, config.server.hostname, self.directory.users, run)
+        self.directory = self._directory(config)
+        self.maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, self.directory.users, run)
         q = config.queue
         self.relay = build_relay(config) if role != "worker" else None
-        trusted = tuple(config.relay.trusted_networks)
         self.queue = QueueManager(
             self.spool,
             self.maildir,
             self.directory.domains,
             relay=self.relay,
             signer=build_signer(config) if role != "worker" else None,
-            may_sign=lambda envelope: may_sign(envelope, trusted),
+            may_sign=lambda envelope: may_sign(envelope, tuple(self.config.relay.trusted_networks)),
             hostname=config.server.hostname,
             delay_warning=q.delay_warning,
             concurrency=q.concurrency,
@@ -183,6 +196,7 @@ class Server:
             limiter=MemoryLimiter(),
             run=run,
         )
+        self.settings = {item.name: self.settings_for(item) for item in config.listener}
         self.sessions = gevent.pool.Group()
         self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
         self.http: WSGIServer | None = None
@@ -191,6 +205,15 @@ class Server:
         self.per_ip: Counter[str] = Counter()
         self.servers: list[StreamServer] = []
         self.stopped = gevent.event.Event()
+
+    @staticmethod
+    def _directory(config: Config) -> LocalDirectory:
+        local = config.local
+        return LocalDirectory(
+            domains=frozenset(local.domains),
+            users=frozenset(local.users),
+            aliases={k: tuple(v) for k, v in local.aliases.items()},
+        )
 
     @staticmethod
     def tls_files(config: Config) -> TLSFiles:
@@ -232,7 +255,7 @@ class Server:
             recovered = self.spool.recover()
         if self.role != "master":
             for listener in self.config.listener:
-                handler = partial(self.handle, listener, self.settings_for(listener))
+                handler = partial(self.handle, listener)
                 sock = listen_socket(listener.host, listener.port, reuse_port=self.role == "worker")
                 server = StreamServer(sock, handler, spawn=self.sessions.spawn)
                 server.start()
@@ -328,25 +351,50 @@ class Server:
         return self._stopping
 
     def reload(self) -> None:
-        """SIGHUP: load the certificate, key and users file again. Open sessions keep what
-        they have; a file that fails to load is refused and the old one stays."""
+        """SIGHUP: read the configuration file again and apply what can change under a
+        running server: TLS certificate, users, local domains, mailboxes and aliases,
+        limits and policy, relay and queue settings, DKIM keys. Everything is built first
+        and swapped in only if all of it loads: a bad file or key is refused with a log line
+        and the running configuration stays. Open sessions finish with what they had."""
         for proc in self.workers:  # a master passes it on
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
-        tls = self.services.tls
-        if tls is not None:
+        new = self.config
+        if self.config_path is not None:
             try:
-                tls.reload()
-                logger.info("reload: TLS certificate loaded from {}", tls.files.cert_file)
-            except (OSError, ValueError) as exc:
-                logger.error("reload: TLS certificate not reloaded, keeping the old one: {}", exc)
-        users_file = self.config.auth.users_file
-        if users_file is not None:
-            try:
-                self.services.users = UserStore.load(users_file)
-                logger.info("reload: {} users loaded from {}", len(self.services.users.users), users_file)
-            except (OSError, ValueError) as exc:
-                logger.error("reload: users file not reloaded, keeping the old one: {}", exc)
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
+                return
+        try:
+            tls = ServerTLS(self.tls_files(new)) if new.tls else None
+            users = UserStore.load(new.auth.users_file) if new.auth.users_file else None
+            relay = build_relay(new) if self.role != "worker" else None
+            signer = build_signer(new) if self.role != "worker" else None
+        except (OSError, ValueError) as exc:
+            logger.error("reload refused, keeping the running configuration: {}", exc)
+            return
+        for what in _needs_restart(self.config, new):
+            logger.warning("reload: {} changed; that takes a restart", what)
+        self.config = new
+        directory = self._directory(new)
+        self.directory = self.services.directory = directory
+        self.maildir.users = directory.users
+        self.services.tls = tls if tls is not None else self.services.tls
+        self.services.users = users
+        self.services.senders = dict(new.auth.senders)
+        self.settings = {item.name: self.settings_for(item) for item in new.listener}
+        if self.role != "worker":
+            q = self.queue
+            old_relay, q.relay, q.signer = q.relay, relay, signer
+            self.relay = relay
+            q.local_domains = directory.domains
+            q.retry_schedule = tuple(new.queue.retry_schedule)
+            q.max_lifetime = new.queue.max_lifetime
+            q.delay_warning = new.queue.delay_warning
+            gevent.spawn(old_relay.close)  # its kept connections; deliveries in flight finish
+        logger.info("reload: configuration from {} applied ({} users, {} local domains)",
+                    self.config_path, len(users.users) if users else 0, len(directory.domains))
 
     def stop(self) -> None:
         """Drain and stop (SIGTERM). /readyz turns 503 at once; after drain_delay the
@@ -398,7 +446,9 @@ class Server:
                 greenlet.kill(Draining, block=False)
 
     # -- one connection ---------------------------------------------------------------------
-    def handle(self, listener: ListenerConfig, settings: SessionSettings, sock: socket.socket, addr) -> None:
+    def handle(self, listener: ListenerConfig, sock: socket.socket, addr) -> None:
+        # the settings current now: a reload changes them for new connections only
+        settings = self.settings.get(listener.name) or self.settings_for(listener)
         ip = addr[0]
         lim = self.config.limits
         conn = Connection(sock, settings.command_timeout)  # it times every send and read
