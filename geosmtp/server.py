@@ -366,14 +366,20 @@ class Server:
             except ConfigError as exc:
                 logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
                 return
-        try:
-            tls = ServerTLS(self.tls_files(new)) if new.tls else None
-            users = UserStore.load(new.auth.users_file) if new.auth.users_file else None
-            relay = build_relay(new) if self.role != "worker" else None
-            signer = build_signer(new) if self.role != "worker" else None
-        except (OSError, ValueError) as exc:
-            logger.error("reload refused, keeping the running configuration: {}", exc)
-            return
+        parts = {}
+        for part, build in (
+            ("TLS certificate", lambda: ServerTLS(self.tls_files(new)) if new.tls else None),
+            ("users file", lambda: UserStore.load(new.auth.users_file) if new.auth.users_file else None),
+            ("relay", lambda: build_relay(new) if self.role != "worker" else None),
+            ("DKIM keys", lambda: build_signer(new) if self.role != "worker" else None),
+        ):
+            try:
+                parts[part] = build()
+            except (OSError, ValueError) as exc:
+                logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
+                             "configuration): {}", part, exc)
+                return
+        tls, users, relay, signer = parts.values()
         for what in _needs_restart(self.config, new):
             logger.warning("reload: {} changed; that takes a restart", what)
         self.config = new
@@ -393,8 +399,12 @@ class Server:
             q.max_lifetime = new.queue.max_lifetime
             q.delay_warning = new.queue.delay_warning
             gevent.spawn(old_relay.close)  # its kept connections; deliveries in flight finish
-        logger.info("reload: configuration from {} applied ({} users, {} local domains)",
-                    self.config_path, len(users.users) if users else 0, len(directory.domains))
+        if tls is not None:
+            logger.info("reload: TLS certificate loaded from {}", tls.files.cert_file)
+        if users is not None:
+            logger.info("reload: {} users loaded from {}", len(users.users), new.auth.users_file)
+        logger.info("reload: configuration from {} applied ({} local domains)",
+                    self.config_path, len(directory.domains))
 
     def stop(self) -> None:
         """Drain and stop (SIGTERM). /readyz turns 503 at once; after drain_delay the
