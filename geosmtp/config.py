@@ -122,6 +122,19 @@ class ListenerConfig(_Section):
     require_tls: bool = False  # refuse mail commands until STARTTLS (530 5.7.0)
     auth: bool | None = None  # offer AUTH here; default: on submission listeners only
     allow_plaintext_auth: bool = False  # AUTH without TLS (only for loopback or a trusted LAN)
+    # HAProxy PROXY protocol v1/v2 in front of every connection, required from proxy_trusted
+    # (the balancers) and refused from anywhere else; the real client address then drives
+    # policy, limits, logs and Received:. The header must arrive within proxy_timeout.
+    proxy_protocol: bool = False
+    proxy_trusted: list[Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                  BeforeValidator(lambda v: _network(v))]] = []
+    proxy_timeout: Annotated[float, BeforeValidator(lambda v: parse_duration(v))] = 5.0
+
+    @model_validator(mode="after")
+    def _proxy(self) -> "ListenerConfig":
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError("proxy_protocol needs proxy_trusted, the balancers' networks")
+        return self
 
     @property
     def offers_auth(self) -> bool:

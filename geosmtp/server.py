@@ -26,6 +26,7 @@ from gevent.server import StreamServer
 from loguru import logger
 
 from geosmtp import metrics, replies
+from geosmtp import proxy as proxy_protocol
 from geosmtp.auth import UserStore
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
@@ -463,7 +464,12 @@ class Server:
         lim = self.config.limits
         conn = Connection(sock, settings.command_timeout)  # it times every send and read
         metrics.CONNECTIONS.labels(listener.name).inc()
+        proxy = None
         try:
+            if listener.proxy_protocol:
+                proxy, ip = ip, self._proxied_client(listener, conn, ip)
+                if ip is None:
+                    return
             if self.active[listener.name] >= lim.max_connections:
                 metrics.REFUSED.labels(listener.name, "max_connections").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
@@ -476,7 +482,7 @@ class Server:
             self.per_ip[ip] += 1
             sessions = metrics.SESSIONS.labels(listener.name)
             sessions.inc()
-            session = Session(conn, ip, settings, self.services)
+            session = Session(conn, ip, settings, self.services, proxy=proxy)
             me = gevent.getcurrent()
             self.live[me] = session
             try:
@@ -490,6 +496,27 @@ class Server:
                     del self.per_ip[ip]
         finally:
             conn.close()  # the TLS socket, if the session started TLS
+
+    def _proxied_client(self, listener: ListenerConfig, conn: Connection, peer: str) -> str | None:
+        """The real client's address from the PROXY header, or None after closing a
+        connection that may not or did not send a good one (no reply: it is not SMTP yet).
+        A LOCAL header (a balancer's health check) keeps the balancer's own address."""
+        if not is_trusted(ipaddress.ip_address(peer), listener.proxy_trusted):
+            metrics.REFUSED.labels(listener.name, "proxy_untrusted").inc()
+            logger.warning("refused [{}] on {}: not a trusted PROXY source", peer, listener.name)
+            return None
+        try:
+            info = proxy_protocol.read(conn, listener.proxy_timeout)
+        except proxy_protocol.ProxyError as exc:
+            metrics.REFUSED.labels(listener.name, "proxy_header").inc()
+            logger.warning("refused [{}] on {}: bad PROXY header ({})", peer, listener.name, exc)
+            return None
+        if info.source is None:
+            return peer
+        address = ipaddress.ip_address(info.source[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a balancer listening on IPv6 for IPv4 clients
+        return str(address)
 
     def _refuse(self, conn: Connection, settings: SessionSettings, reply: replies.Reply, ip: str) -> None:
         """Turn a connection away with a 421; on an implicit-TLS port the reply goes inside

@@ -158,9 +158,11 @@ class Session:
         ip: str,
         settings: SessionSettings,
         services: Services,
+        proxy: str | None = None,
     ):
         self.conn = conn
         self.ip, self.trusted, self.rate_key = _client_identity(ip, settings.trusted_networks)
+        self.proxy = proxy  # the balancer that sent a PROXY header for this client, if any
         self.settings = settings
         self.services = services
         self.spool = services.spool
@@ -188,7 +190,8 @@ class Session:
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         started = time.monotonic()
-        self.log.info("connect from [{}] on {}", self.ip, self.settings.listener)
+        self.log.info("connect from [{}]{} on {}", self.ip, f" via [{self.proxy}]" if self.proxy else "",
+                      self.settings.listener)
         how = "quit"
         try:
             if self.settings.tls == "implicit":  # RFC 8314: TLS first, then the greeting
@@ -220,8 +223,9 @@ class Session:
                 pass
         finally:
             self.log.info(
-                "disconnect from [{}] helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",
-                self.ip, self.helo, self.tls or "-", self.auth_user or "-", self.messages, self.errors,
+                "disconnect from [{}] proxy={} helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",
+                self.ip, self.proxy or "-", self.helo, self.tls or "-", self.auth_user or "-", self.messages,
+                self.errors,
                 time.monotonic() - started, how,
             )
 
