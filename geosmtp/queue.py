@@ -149,6 +149,9 @@ class QueueManager:
         now = time.time()
         envelope.attempts += 1
         envelope.last_attempt = now
+        log.info("from=<{}> size={} nrcpt={} attempt={} client=[{}] user={}", envelope.sender, envelope.size,
+                 len(envelope.pending()), envelope.attempts, envelope.client.address,
+                 envelope.client.auth_user or "-")
         open_body = partial(self.spool.open_body, qid)
         failed: list[Recipient] = []
 
