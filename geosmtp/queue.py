@@ -145,6 +145,12 @@ class QueueManager:
             log.error("queue: unreadable envelope ({}); moved to corrupt/", exc)
             self.spool.move(qid, "active", "corrupt")
             return
+        if not os.path.exists(self.spool.message_path(qid)):
+            # no message will ever come back (an operator's delete that raced our last
+            # rewrite, or a damaged spool): park the envelope where a person looks
+            log.error("queue: the message file is gone; entry moved to corrupt/")
+            self.spool.move(qid, "active", "corrupt")
+            return
         redelivery = qid in self._recovered
         now = time.time()
         envelope.attempts += 1

@@ -71,11 +71,15 @@ def lock_spool(spool_dir) -> int:
     """One geosmtp (master) per spool: recover() and the queue manager assume it."""
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for _ in range(20):  # `geosmtp-queue` holds it shared for an instant to see if we run
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.05)
+    else:
         os.close(fd)
-        raise OSError(f"another geosmtp is running on the spool {spool_dir}") from None
+        raise OSError(f"another geosmtp is running on the spool {spool_dir}")
     # geosmtp-queue signals this pid (SIGUSR1) after it changes the queue
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -252,6 +256,8 @@ class Server:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         if self.role != "worker":
+            # geosmtp-queue signals the pid written into the lock: be ready before it is there
+            gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
             self._lock = lock_spool(self.config.server.spool_dir)
             recovered = self.spool.recover()
         if self.role != "master":
@@ -343,8 +349,6 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
-        if self.role != "worker":  # geosmtp-queue flush/release/requeue/bounce: look now
-            gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
         self.stopped.wait()
 
     @property

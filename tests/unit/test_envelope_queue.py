@@ -276,7 +276,8 @@ def test_queue_moves_an_unreadable_entry_to_corrupt(spool):
     assert spool.ids("corrupt") == [qid] and spool.ids("active") == []
 
 
-def test_queue_missing_message_file_is_retried(spool, tmp_path):
+def test_queue_missing_message_file_parks_the_entry_in_corrupt(spool, tmp_path):
+    # the file will not come back: retrying for days would only hide it from the operator
     maildir = local.MaildirDelivery(tmp_path / "mail", "mx.example.test", frozenset({"alice@example.test"}))
     qm = QueueManager(spool, maildir, LOCAL_DOMAINS)
     envelope = enqueue(spool)
@@ -284,9 +285,7 @@ def test_queue_missing_message_file_is_retried(spool, tmp_path):
     spool.update(envelope)  # a standalone entry, so unlinking msg/<id> really loses the file
     os.unlink(spool.message_path(envelope.id))
     qm.deliver(envelope.id)
-    assert spool.ids("deferred") == [envelope.id]
-    saved = spool.load(envelope.id, "deferred")
-    assert saved.recipients[0].status == PENDING and saved.recipients[0].last_reply == str(local.MAILBOX_ERROR)
+    assert spool.ids("corrupt") == [envelope.id] and spool.ids("deferred") == []
 
 
 def test_queue_ignores_an_entry_that_vanished(spool):

@@ -1193,3 +1193,104 @@ def test_concurrent_deferrals_share_sync_rounds(tmp_path, monkeypatch):
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert len(s.ids("deferred")) == 20
     assert 1 <= fsyncs.calls < 20
+
+
+# -- the operator's side: locate, delete, rewrite (geosmtp-queue) --------------------------
+def test_locate_finds_the_entry_in_every_state(spool):
+    env = enqueue(spool)
+    assert spool.locate(env.id) == "incoming"
+    for src, dst in [("incoming", "active"), ("active", "deferred"), ("deferred", "hold"), ("hold", "corrupt")]:
+        assert spool.move(env.id, src, dst)
+        assert spool.locate(env.id) == dst
+    assert spool.locate(new_id()) is None
+    assert spool.locate("../../etc/passwd") is None
+    assert spool.locate("") is None
+
+
+def test_locate_is_none_once_delivered(spool):
+    env = enqueue(spool)
+    assert spool.claim(env.id)
+    spool.done(env.id)
+    assert spool.locate(env.id) is None
+
+
+def test_locate_sees_an_entry_that_moves_while_it_looks(spool, monkeypatch):
+    # the entry goes active→deferred just after deferred/ was looked at: the next round finds it
+    env = enqueue(spool)
+    assert spool.claim(env.id)
+    real = os.path.lexists
+    moved = []
+
+    def lexists(path):
+        result = real(path)
+        if path == spool.entry_path(env.id, "deferred") and not moved:
+            moved.append(spool.move(env.id, "active", "deferred"))
+        return result
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    assert spool.locate(env.id) == "deferred" and moved == [True]
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("size", [len(DATA), 3 * SPILL_SIZE])
+def test_delete_removes_entry_and_message_in_any_state(spool, state, size):
+    env = enqueue(spool, big() if size > len(DATA) else DATA)
+    if state != "incoming":
+        assert spool.move(env.id, "incoming", state)
+    other = enqueue(spool)
+    assert spool.delete(env.id, state)
+    assert not os.path.exists(spool.entry_path(env.id, state))
+    assert not os.path.exists(spool.message_path(env.id))
+    assert spool.locate(env.id) is None
+    assert not spool.delete(env.id, state)  # a second time: nothing there
+    assert spool.locate(other.id) == "incoming" and body(spool, other.id) == DATA
+
+
+def test_delete_of_a_wrong_state_changes_nothing(spool):
+    env = enqueue(spool)
+    assert not spool.delete(env.id, "deferred")
+    assert spool.locate(env.id) == "incoming" and body(spool, env.id) == DATA
+
+
+def test_delete_during_delivery_is_noticed_at_the_end_of_the_attempt(spool):
+    env = enqueue(spool)
+    assert spool.claim(env.id)
+    assert spool.delete(env.id, "active")
+    assert spool.update(env) is False
+    assert spool.defer(env, time.time() + 60) is False
+    assert files_under(Path(spool.root) / "queue") == [] and files_under(Path(spool.root) / "msg") == []
+
+
+@pytest.mark.parametrize("size", [len(DATA), 3 * SPILL_SIZE])
+def test_rewrite_of_a_held_entry_keeps_the_message(spool, size):
+    data = big() if size > len(DATA) else DATA
+    env = enqueue(spool, data, hold=True)
+    original = read(spool.message_path(env.id)).partition(b"\n")[0]
+    env.extra["return_to_sender"] = "spam run"
+    assert spool.rewrite(env, "hold")
+    assert spool.load(env.id, "hold").extra == {"return_to_sender": "spam run"}
+    assert os.stat(spool.entry_path(env.id, "hold")).st_nlink == 1  # a file of its own now
+    assert read(spool.message_path(env.id)).partition(b"\n")[0] == original
+    assert body(spool, env.id) == data
+    assert os.listdir(os.path.join(spool.root, "tmp")) == []
+    assert spool.move(env.id, "hold", "incoming") and spool.load(env.id, "incoming").extra["return_to_sender"]
+
+
+def test_rewrite_repairs_a_corrupt_entry(spool):
+    env = enqueue(spool)
+    assert spool.move(env.id, "incoming", "corrupt")
+    os.unlink(spool.entry_path(env.id, "corrupt"))
+    write(spool.entry_path(env.id, "corrupt"), b"{not json\n")
+    with pytest.raises(ValueError):
+        spool.load(env.id, "corrupt")
+    assert spool.rewrite(env, "corrupt")
+    assert spool.load(env.id, "corrupt").id == env.id
+
+
+def test_rewrite_refuses_the_states_the_queue_manager_uses(spool):
+    env = enqueue(spool)
+    for state in ("incoming", "active", "deferred"):
+        with pytest.raises(ValueError):
+            spool.rewrite(env, state)
+    assert not spool.rewrite(env, "hold")  # not there: nothing is created
+    assert spool.locate(env.id) == "incoming" and not os.path.exists(spool.entry_path(env.id, "hold"))
