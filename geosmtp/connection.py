@@ -114,7 +114,10 @@ class Connection:
         self._buf.clear()
         return n
 
-    def _fill(self, deadline: float | None = None) -> None:
+    def _fill(self, deadline: float | None = None, size: int = RECV_SIZE) -> None:
+        """One receive of at most `size` octets onto the buffer (the PROXY reader asks for
+        no more than the header can still hold, so a TLS ClientHello behind it stays in the
+        socket for the handshake)."""
         self.flush()  # never wait for input while the client may be waiting for our replies
         try:
             if deadline is not None:
@@ -122,7 +125,7 @@ class Connection:
                 if remaining <= 0:
                     raise ReadTimeout()
                 self.sock.settimeout(remaining)
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(size)
         except socket.timeout:
             raise ReadTimeout() from None
         except OSError as exc:

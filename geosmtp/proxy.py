@@ -23,6 +23,7 @@ from time import monotonic
 from geosmtp.connection import Connection, ConnectionClosed, ReadTimeout
 
 V1_PREFIX = b"PROXY "
+V1_MIN = 15  # "PROXY UNKNOWN\r\n"
 V1_MAX = 107  # octets, CRLF included: "PROXY UNKNOWN" + two full IPv6 addresses and ports
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -196,8 +197,8 @@ def read(conn: Connection, timeout: float) -> ProxyInfo:
     buffer is then left as it was and the connection must be closed.
 
     This relies on two private parts of Connection, its own class: `_buf`, the bytearray of
-    received, unconsumed input (read and cut from the front only), and `_fill(deadline)`,
-    one receive appended to it, or ReadTimeout / ConnectionClosed. The socket's timeout,
+    received, unconsumed input (read and cut from the front only), and `_fill(deadline, size)`,
+    one receive of at most `size` octets appended to it, or ReadTimeout / ConnectionClosed. The socket's timeout,
     which _fill() changes, is put back as it was.
     """
     deadline = monotonic() + timeout
@@ -228,7 +229,7 @@ def _read(conn: Connection, deadline: float) -> ProxyInfo:
             return _read_v1(conn, deadline)
         if not (V2_SIGNATURE.startswith(start) or V1_PREFIX.startswith(start[:len(V1_PREFIX)])):
             raise ProxyError("not a PROXY header")
-        conn._fill(deadline)
+        conn._fill(deadline, len(V2_SIGNATURE) - len(conn._buf))
 
 
 def _read_v1(conn: Connection, deadline: float) -> ProxyInfo:
@@ -241,15 +242,17 @@ def _read_v1(conn: Connection, deadline: float) -> ProxyInfo:
             return info
         if len(buf) >= V1_MAX:
             raise ProxyError(f"v1: no line end within {V1_MAX} octets")
-        conn._fill(deadline)
+        # the shortest line is "PROXY UNKNOWN\r\n"; past it, an octet at a time: never a
+        # byte of what follows the line (a TLS ClientHello must stay in the socket)
+        conn._fill(deadline, max(V1_MIN - len(buf), 1))
 
 
 def _read_v2(conn: Connection, deadline: float) -> ProxyInfo:
     while len(conn._buf) < V2_FIXED:
-        conn._fill(deadline)
+        conn._fill(deadline, V2_FIXED - len(conn._buf))
     total = v2_length(conn._buf[:V2_FIXED])
     while len(conn._buf) < total:
-        conn._fill(deadline)
+        conn._fill(deadline, total - len(conn._buf))
     buf = conn._buf
     info = parse_v2(bytes(buf[:total]))
     del buf[:total]
