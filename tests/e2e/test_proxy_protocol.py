@@ -42,7 +42,7 @@ def proxied(port: int, head: bytes, source: str = BALANCER) -> RawClient:
 @pytest.fixture
 def srv(tmp_path):
     s = ServerProcess(tmp_path, {"listeners": {
-        "smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]},
+        "smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"], "proxy_timeout": "1s"},
         "submission": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}}})
     # ServerProcess.start() probes with a plain connection: give it a LOCAL header's worth
     s.start = _start_with_local(s)

@@ -42,7 +42,7 @@ SAFETY = 5.0  # seconds: the socket timeout and feeder limit that turn a test bu
 SLOW = 30.0  # seconds allowed to a byte-by-byte feed, which a loaded machine can make slow
 PROMPT = SAFETY / 2  # "at once": well under any timeout in play, yet safe on a loaded machine
 SMTP = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\n"
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
+PROPERTY = settings(max_examples=100, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 V1 = ProxyProtocolV1()

@@ -222,7 +222,7 @@ _line = st.text(alphabet=".a \t", max_size=12).map(str.encode)  # lots of dots, 
 _lines = st.lists(_line, max_size=25)
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(lines=_lines, positions=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
 def test_stuffing_then_unstuffing_gives_the_body_back(lines, positions):
     body = b"".join(line + b"\r\n" for line in lines)
@@ -236,7 +236,7 @@ def test_stuffing_then_unstuffing_gives_the_body_back(lines, positions):
     assert unstuff(out) == body
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(lines=_lines, positions=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
        prefix=st.sampled_from([b"", b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\n", b".x: y\r\n"]),
        unterminated=st.sampled_from([b"", b"no newline", b"."]))
