@@ -110,11 +110,10 @@ def world(tmp_path_factory):
         port = pick_port([fresh_address(), fresh_address()])
         overrides = relay_config(dns, port)
         overrides["listeners"] = {"submission": {"allow_plaintext_auth": True}}
-        srv = ServerProcess(root / "srv", overrides)
         txt = dkim_key(root / "dkim.pem")
-        with open(srv.config_path, "a") as fh:  # tests.support.toml cannot write arrays of tables in a table
-            fh.write(f'\n[[dkim.key]]\ndomain = "{DKIM_DOMAIN}"\nselector = "{DKIM_SELECTOR}"\n'
-                     f'key_file = "{root / "dkim.pem"}"\n')
+        overrides["dkim"] = {"key": [{"domain": DKIM_DOMAIN, "selector": DKIM_SELECTOR,
+                                      "key_file": str(root / "dkim.pem")}]}
+        srv = ServerProcess(root / "srv", overrides)
         srv.start()
         try:
             yield World(dns, port, srv, txt)
