@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support import toml
-from tests.support.e2e import (
+from tests.support.e2e import (  # noqa: F401 (srv, net: fixtures)
+    net, srv,
     SENDER, Remotes, connect, dot_stuff, dsn_fields, fresh_address, log_lines, notices, only, queue_id,
     relay_config, remote_domain, send_message, sent_line, submit, verbs, wait_deferred, wait_gone,
     wait_notices,
@@ -120,18 +121,6 @@ def world(tmp_path_factory):
         finally:
             srv.stop()
 
-
-@pytest.fixture
-def srv(world):
-    yield world.server
-    assert world.server.proc.poll() is None, "the server died"
-
-
-@pytest.fixture
-def net(world):
-    remotes = Remotes(world.dns, world.port)
-    yield remotes
-    remotes.close()
 
 
 # -- which host ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import pytest
 import trustme
 
 from tests.support.certs import ServerCert
-from tests.support.e2e import (
+from tests.support.e2e import (  # noqa: F401 (srv, net: fixtures)
+    net, srv,
     HOSTNAME, Remotes, fresh_address, log_lines, notices, only, relay_config, remote_domain, sent_line,
     submit, verbs, wait_deferred, wait_gone,
 )
@@ -66,18 +67,6 @@ def world(tmp_path_factory, ca_file):
         finally:
             srv.stop()
 
-
-@pytest.fixture
-def srv(world):
-    yield world.server
-    assert world.server.proc.poll() is None, "the server died"
-
-
-@pytest.fixture
-def net(world):
-    remotes = Remotes(world.dns, world.port)
-    yield remotes
-    remotes.close()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.fakedns import FakeDNS
 from tests.support.fakemx import FakeMX
 from tests.support.server import ServerProcess
@@ -339,3 +341,19 @@ def dsn_fields(dsn: bytes) -> list[dict[str, str]]:
     assert m, "no delivery-status part"
     blocks = [re.sub(r"\n[ \t]+", " ", b) for b in m.group(1).split("\n\n") if b.strip()]
     return [dict(line.split(": ", 1) for line in b.splitlines()) for b in blocks[1:]]
+
+
+# -- fixtures shared by the outbound test modules, each of which defines `world` ----------------
+@pytest.fixture
+def srv(world):
+    """The module's relaying server; it must still be running after each test."""
+    yield world.server
+    assert world.server.proc.poll() is None, "the server died"
+
+
+@pytest.fixture
+def net(world):
+    """Fresh remote domains and fake MX servers for one test (see Remotes)."""
+    remotes = Remotes(world.dns, world.port)
+    yield remotes
+    remotes.close()
