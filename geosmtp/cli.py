@@ -47,7 +47,9 @@ def start(config_path: str, worker: bool) -> None:
 
         spool = os.path.abspath(config.server.spool_dir)
         directory = os.path.join(spool, "metrics")
-        if not _spool_in_use(spool):  # the files of a previous run are stale
+        from geosmtp.spool import lock_holder
+
+        if lock_holder(spool) is None:  # no geosmtp runs here: the files are a previous run's
             shutil.rmtree(directory, ignore_errors=True)
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
@@ -65,24 +67,6 @@ def start(config_path: str, worker: bool) -> None:
     except (OSError, ValueError) as exc:  # the port is taken, the spool or a file is unusable
         click.echo(f"geosmtp: cannot start: {exc}", err=True)
         sys.exit(1)
-
-
-def _spool_in_use(spool: str) -> bool:
-    """Whether a running geosmtp holds the spool's lock."""
-    import fcntl
-    import os
-
-    try:
-        fd = os.open(os.path.join(spool, "lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 @main.command("check-config")

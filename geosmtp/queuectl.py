@@ -12,7 +12,6 @@ and the server sees the changes when it starts.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import click
 
 from geosmtp.config import ConfigError, load, parse_duration
 from geosmtp.envelope import DELIVERED, PENDING, Envelope
-from geosmtp.spool import STATES, Spool, valid_id
+from geosmtp.spool import STATES, Spool, lock_holder, valid_id
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # qshape's age buckets (minutes): 0-5, 5-10, 10-20, 20-40, 40-80, 80-160, 160+
@@ -123,37 +122,24 @@ def wake_server(spool_dir: str) -> bool:
     Quiet about every failure: with no server (the lock is free), an empty or stale pid, or
     a pid that is not a geosmtp, nothing is sent and the next start or scan finds the change.
     """
+    pid = lock_holder(spool_dir)
+    if not pid or pid <= 1 or pid == os.getpid():
+        return False
+    # the pid was written by the lock's holder; still, never signal a process that is not a
+    # geosmtp (SIGUSR1 kills a process that does not handle it)
     try:
-        fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"geosmtp" not in fh.read():
+                return False
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no /proc to ask
+    try:
+        os.kill(pid, signal.SIGUSR1)
     except OSError:
         return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # held: a server runs
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False  # nobody holds it: no server
-        pid = int(os.pread(fd, 64, 0).strip() or 0)
-        if pid <= 1 or pid == os.getpid():
-            return False
-        # the pid was written by the lock's holder; still, never signal a process that is not
-        # a geosmtp (SIGUSR1 kills a process that does not handle it)
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if b"geosmtp" not in fh.read():
-                    return False
-        except FileNotFoundError:
-            return False
-        except OSError:
-            pass  # no /proc to ask
-        os.kill(pid, signal.SIGUSR1)
-        return True
-    except (OSError, ValueError):
-        return False
-    finally:
-        os.close(fd)
+    return True
 
 
 # -- reading entries ------------------------------------------------------------------------

@@ -6,7 +6,6 @@ that runs a Session; the spool, directory and queue manager are shared.
 """
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
 import signal
@@ -40,7 +39,7 @@ from geosmtp.relay.client import Timeouts
 from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
 from geosmtp.session import Draining, Services, Session, SessionSettings
-from geosmtp.spool import Spool
+from geosmtp.spool import Spool, lock_spool
 from geosmtp.tls import ServerTLS, TLSFiles
 
 LISTEN_BACKLOG = 1024
@@ -65,25 +64,6 @@ def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def lock_spool(spool_dir) -> int:
-    """One geosmtp (master) per spool: recover() and the queue manager assume it."""
-    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    for _ in range(20):  # `geosmtp-queue` holds it shared for an instant to see if we run
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            time.sleep(0.05)
-    else:
-        os.close(fd)
-        raise OSError(f"another geosmtp is running on the spool {spool_dir}")
-    # geosmtp-queue signals this pid (SIGUSR1) after it changes the queue
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def build_relay(config: Config) -> Relay:

@@ -20,6 +20,7 @@ work runs through `run` (the server passes gevent's threadpool) so the hub never
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import time
@@ -416,3 +417,44 @@ class Spool:
         if recovered:
             logger.info("spool: {} entries recovered from active/", len(recovered))
         return recovered
+
+
+# -- the spool lock: one geosmtp (master) per spool ------------------------------------------
+def lock_spool(spool_dir) -> int:
+    """Take the spool's lock for this process and write our pid in it (geosmtp-queue
+    signals that pid after it changes the queue); recover() and the queue manager assume
+    no other geosmtp works on the spool. Returns the open descriptor, to keep."""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for _ in range(20):  # lock_holder() holds it shared for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.05)
+    else:
+        os.close(fd)
+        raise OSError(f"another geosmtp is running on the spool {spool_dir}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(spool_dir) -> int | None:
+    """The pid of the geosmtp holding the spool's lock (0 if it cannot be read), or None
+    when no geosmtp runs on this spool."""
+    try:
+        fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a server runs
+            try:
+                return int(os.pread(fd, 64, 0).strip() or 0)
+            except (OSError, ValueError):
+                return 0
+        return None
+    finally:
+        os.close(fd)  # releases a shared lock taken above
