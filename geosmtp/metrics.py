@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from geosmtp.spool import id_time
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 CONNECTIONS = Counter("geosmtp_connections", "Connections accepted", ["listener"])
@@ -37,14 +39,6 @@ DELIVERY_SECONDS = Histogram("geosmtp_delivery_seconds", "From arrival to delive
                              buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
 
 QUEUE_STATES = ("incoming", "active", "deferred", "hold", "corrupt")
-
-
-def id_time(qid: str) -> float | None:
-    """Arrival time encoded in a queue id (microseconds, 13 hex digits)."""
-    try:
-        return int(qid[:13], 16) / 1e6
-    except ValueError:
-        return None
 
 
 class SpoolCollector:

@@ -61,6 +61,14 @@ def new_id() -> str:
     return f"{time.time_ns() // 1000:013X}{_rng.getrandbits(40):010X}"
 
 
+def id_time(qid: str) -> float | None:
+    """The arrival time new_id() put in front of an id (microseconds, 13 hex digits)."""
+    try:
+        return int(qid[:13], 16) / 1e6
+    except ValueError:
+        return None
+
+
 def valid_id(qid: str) -> bool:
     return 16 <= len(qid) <= 40 and qid.isalnum() and qid.isascii()
 
