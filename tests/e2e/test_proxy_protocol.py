@@ -5,6 +5,7 @@ implicit TLS work behind the header; a real HAProxy is used when one is installe
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from hypothesis import given, settings
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6, ProxyResultLocal
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -21,6 +23,7 @@ from tests.support.certs import ServerCert, client_context
 from tests.support.e2e import expect, queue_id, send_message
 from tests.support.server import ServerProcess, free_port
 from tests.support.smtp import RawClient
+from tests.unit.test_proxy import near_headers
 
 BALANCER = "127.0.0.1"
 
@@ -155,11 +158,45 @@ def test_implicit_tls_behind_the_header(tls_srv):
     assert "connect from [192.0.2.10]" in tls_srv.log()
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="HAProxy is not installed")
-def test_through_a_real_haproxy(srv, tmp_path):
-    front = free_port()
+HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin")
+
+
+def haproxy_server_state(stats: str) -> int | None:
+    """srv_op_state of the one backend server (0 down, 2 up), asked on HAProxy's stats socket."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(stats)
+            s.sendall(b"show servers state geo\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+    except OSError:
+        return None
+    lines = [line.split() for line in out.decode().splitlines() if line.strip()]
+    names = next((line[1:] for line in lines if line[0] == "#"), None)
+    rows = [line for line in lines if line[0] != "#" and len(line) > 5]
+    if not names or not rows:
+        return None
+    return int(rows[0][names.index("srv_op_state")])
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="HAProxy is not installed (.ci/run installs Debian's)")
+def test_mail_and_drain_through_a_real_haproxy(tmp_path):
+    """Our shipped haproxy.cfg's shape: send-proxy-v2 to the listener, health from /readyz.
+    Mail from 127.0.0.3 arrives with 127.0.0.3 as its client; on SIGTERM HAProxy takes the
+    node out (readyz 503) while its listener is still open (drain_delay), then it exits 0."""
+    mport, front = free_port(), free_port()
+    s = ServerProcess(tmp_path / "geo", {
+        "listeners": {"smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}},
+        "metrics": {"address": f"127.0.0.1:{mport}"}, "server": {"drain_delay": "4s"}})
+    s.start = _start_with_local(s)
+    s.start()
+    stats = str(tmp_path / "haproxy.sock")
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(f"""
+global
+    stats socket {stats} level admin
 defaults
     mode tcp
     timeout connect 5s
@@ -169,21 +206,65 @@ frontend smtp
     bind 127.0.0.1:{front}
     default_backend geo
 backend geo
-    server geo 127.0.0.1:{srv.port} send-proxy-v2
+    option httpchk GET /readyz
+    http-check expect status 200
+    server geo 127.0.0.1:{s.port} check port {mport} inter 200ms fall 2 rise 1 send-proxy-v2
 """)
-    proc = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                c = RawClient(front, timeout=10, source="127.0.0.3")
-                break
-            except OSError:
-                time.sleep(0.1)
-        with c:
+        s.wait_for(lambda: haproxy_server_state(stats) == 2, timeout=10)  # /readyz said 200
+        with RawClient(front, timeout=10, source="127.0.0.3") as c:
             assert c.reply()[0] == 220
+            assert c.cmd("EHLO client.test")[0] == 250
+            qid = queue_id(send_message(c, "x@remote.test", ["alice@example.test"], b"Subject: via haproxy\r\n\r\nhi"))
             assert c.code("QUIT") == "221 2.0.0"
-        srv.wait_for(lambda: "connect from [127.0.0.3] via [127.0.0.1]" in srv.log())
+        (msg,) = s.wait_for(lambda: s.messages("alice@example.test"))
+        received = msg.partition(b"\nReceived: ")[2].partition(b";")[0]  # ours: the first one
+        assert b"[127.0.0.3]" in received and qid.encode() in received, msg[:400]
+        s.wait_for(lambda: "connect from [127.0.0.3] via [127.0.0.1]" in s.log())
+
+        s.proc.send_signal(signal.SIGTERM)
+        s.wait_for(lambda: haproxy_server_state(stats) == 0, timeout=3)  # taken out by /readyz...
+        assert s.proc.poll() is None  # ...while geosmtp still listens (drain_delay 4 s)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as direct:
+            direct.sendall(ProxyProtocolV2().pack(ProxyResultLocal()))
+            assert direct.recv(100).startswith(b"220")
+        assert s.proc.wait(20) == 0
     finally:
         proc.terminate()
         proc.wait(10)
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def garbage_srv(tmp_path_factory):
+    s = ServerProcess(tmp_path_factory.mktemp("garbage"), {"listeners": {
+        "smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"], "proxy_timeout": "1s"}}})
+    s.start = _start_with_local(s)
+    s.start()
+    yield s
+    s.stop()
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(near_headers())
+def test_garbage_on_the_proxy_listener_is_closed_or_greeted_never_a_crash(garbage_srv, data):
+    """Random bytes, real prefixes with random tails and mutated real headers, over a real
+    socket: the server either closes at once without a word or (a mutation that is still
+    a valid header) greets; whatever was said, it is never more than SMTP replies."""
+    with proxied(garbage_srv.port, data) as c:
+        c.sock.shutdown(socket.SHUT_WR)  # nothing more comes: never a wait for the timeout
+        assert c.closed(timeout=5)
+        out = c.buf
+    assert out == b"" or out.startswith(b"220 "), out[:200]
+    assert all(line[:3].isdigit() for line in out.split(b"\r\n")[:-1]), out[:200]
+
+
+def test_after_the_garbage_the_listener_still_serves(garbage_srv):
+    # runs after the property above (same module, file order): no session or process harmed
+    with proxied(garbage_srv.port, header(2, "192.0.2.33")) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.code("QUIT") == "221 2.0.0"
+    log = garbage_srv.log()
+    assert "Traceback" not in log and "session failed" not in log

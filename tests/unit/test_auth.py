@@ -102,7 +102,7 @@ SECRET_HASH = hash_password("do-not-print-me", ln=LN)
     "alice@example.test:do-not-print-me",  # a password where the hash belongs
     f"alice@example.test:{SECRET_HASH.replace(f'ln={LN},', 'ln=30,')}",  # absurd cost
     "alice@example.test:",
-])
+], ids=["no-colon", "no-at", "broken-hash", "plain-password", "absurd-cost", "empty-hash"])
 def test_parse_error_names_the_line_but_not_its_content(bad):
     good = store_text(**{"bob@example.test": "x"})
     with pytest.raises(ValueError) as info:
