@@ -77,3 +77,46 @@ def _refused(port: int) -> bool:
             return False
     except OSError:
         return True
+
+
+def test_drain_with_workers(tmp_path):
+    """workers = 2: SIGTERM to the master reaches both workers; each finishes the
+    transactions it has open and turns its idle sessions away; the master exits 0 and
+    every acknowledged message is delivered exactly once, now or after a restart."""
+    srv = start(tmp_path, workers=2, drain_delay="1s", drain_timeout="10s")
+    srv.wait_for(lambda: len({line.split()[3] for line in srv.log().splitlines()
+                              if f"listening on 127.0.0.1:{srv.port}" in line}) == 2)
+    clients, seen = [], len(srv.log())  # the start-up probe's session does not count
+    for _ in range(40):  # until both workers hold sessions (the kernel picks; bounded)
+        clients.append(connect(srv.port))
+        pids = {line.split()[3] for line in srv.log()[seen:].splitlines() if "connect from" in line}
+        if len(clients) >= 6 and len(pids) >= 2:
+            break
+    assert len(pids) >= 2, "the kernel gave every connection to one worker"
+    busy, idle = clients[::2], clients[1::2]
+    for c in busy:
+        assert c.code("MAIL FROM:<x@remote.test>") == "250 2.1.0"
+        assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.wait_for(lambda: readyz(srv.metrics_port) == 503, timeout=5)
+    for c in idle:
+        expect(c.reply(), replies.SHUTTING_DOWN)
+        assert c.closed()
+    qids = []
+    for n, c in enumerate(busy):
+        assert c.cmd("DATA")[0] == 354
+        c.send(f"Subject: drained {n}\r\n\r\nmade it\r\n.\r\n".encode())
+        qids.append(queue_id(c.reply()))
+        expect(c.cmd("NOOP"), replies.SHUTTING_DOWN)
+    assert srv.proc.wait(30) == 0
+    assert "Traceback" not in srv.log()
+
+    again = ServerProcess(tmp_path / "again", {"server": {"spool_dir": str(srv.spool)},
+                                               "local": {"maildir_root": str(srv.maildir_root)}}).start()
+    try:
+        delivered = again.wait_for(lambda: len(srv.messages("alice@example.test")) == len(qids)
+                                   and srv.messages("alice@example.test"))
+        for qid in qids:
+            assert sum(qid.encode() in m for m in delivered) == 1, qid
+    finally:
+        assert again.stop() == 0
