@@ -59,6 +59,7 @@ CONFIG_TEMPLATE = """\
 [server]
 hostname = "geosmtp-bench.test"
 spool_dir = "{spool}"
+workers = {workers}                  # 1: one process; N: N SMTP processes and a queue master
 
 [[listener]]
 name = "smtp"
@@ -219,14 +220,20 @@ def raise_nofile():
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
 
 
+_HANDED_OUT = set()  # ports given to servers not started yet
+
+
 def free_port():
     """A free port below the ephemeral range (2640-2699) if there is one, else any."""
     for port in [*range(2640, 2700), 0]:
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(s.getsockname()[1])
             return s.getsockname()[1]
     raise OSError("no free port")
 
@@ -256,9 +263,11 @@ def geosmtp_command(a):
 
 
 class GeoServer:
-    def __init__(self, a, scratch):
+    def __init__(self, a, scratch, workers=1):
+        os.makedirs(scratch, exist_ok=True)
         self.scratch = scratch
-        self.port = a.port or free_port()
+        self.workers = workers
+        self.port = (a.port + workers - 1 if a.port else 0) or free_port()
         self.spool = os.path.join(scratch, "spool")
         self.qdir = os.path.join(self.spool, "queue")
         self.config = os.path.join(scratch, "geosmtp-bench.toml")
@@ -266,7 +275,7 @@ class GeoServer:
         with open(self.config, "w") as f:
             f.write(CONFIG_TEMPLATE.format(spool=self.spool, port=self.port, mail=os.path.join(scratch, "mail"),
                                            queue_concurrency=a.queue_concurrency, log_level=a.log_level,
-                                           hold="true" if a.hold else "false"))
+                                           hold="true" if a.hold else "false", workers=workers))
         self.cmd = [geosmtp_command(a), "start", "-c", self.config]
         self.proc = None
         self._log = None
@@ -495,11 +504,12 @@ def report(res):
              "| peak RSS MB | N per run | ok runs | server log warnings+ |",
              "|---|---|---|---|---|---|---|---|"]
     keys = []
-    for c in res["cells"]:
-        if (c["size"], c["conc"]) not in keys:
-            keys.append((c["size"], c["conc"]))
-    for size, conc in keys:
-        rs = [c for c in res["cells"] if (c["size"], c["conc"]) == (size, conc)]
+    for c in sorted(res["cells"], key=lambda c: c.get("workers", 1)):
+        if (c.get("workers", 1), c["size"], c["conc"]) not in keys:
+            keys.append((c.get("workers", 1), c["size"], c["conc"]))
+    several = len({k[0] for k in keys}) > 1
+    for workers, size, conc in keys:
+        rs = [c for c in res["cells"] if (c.get("workers", 1), c["size"], c["conc"]) == (workers, size, conc)]
         ok = [c for c in rs if c["ok"]]
         if ok:
             v = [c["msgs_per_s"] for c in ok]
@@ -511,12 +521,13 @@ def report(res):
         rss = f"{max(c['peak_rss_mb'] for c in rs):.0f}"
         okc = f"{len(ok)}/{len(rs)}" + ("" if len(ok) == len(rs) else " FAIL")
         logs = sum(c["server_log_problems"] for c in rs)
-        lines.append(f"| {fmt_size(size)} c={conc} | {rate} | {cpu} | {cpud} | {rss} | {rs[0]['n']} | {okc} | {logs} |")
+        label = f"{fmt_size(size)} c={conc}" + (f", workers={workers}" if several else "")
+        lines.append(f"| {label} | {rate} | {cpu} | {cpud} | {rss} | {rs[0]['n']} | {okc} | {logs} |")
     fails = [c for c in res["cells"] if not c["ok"]]
     if fails:
         lines += ["", "Failed runs (not counted):"]
         for c in fails:
-            lines.append(f"* {fmt_size(c['size'])} c={c['conc']} rep={c.get('rep')}: rc={c['rc']} "
+            lines.append(f"* {fmt_size(c['size'])} c={c['conc']} workers={c.get('workers', 1)} rep={c.get('rep')}: rc={c['rc']} "
                          f"accepted={c['accepted']}/{c['n']} {c['load_errors'][:200]}")
     return "\n".join(lines)
 
@@ -532,64 +543,78 @@ def cmd_run(a):
         sys.exit("smtp-source not found (apt-get install postfix), use --load python")
     scratch = a.scratch or tempfile.mkdtemp(prefix="geosmtp-ownbench-")
     os.makedirs(scratch, exist_ok=True)
-    srv = GeoServer(a, scratch)
+    workers = [int(x) for x in a.workers.split(",")]
+    # one server per `workers` value, all started at once; every cell runs on each in turn
+    # (interleaved), so a drift of this shared machine hits them alike
+    servers = ([GeoServer(a, scratch, workers[0])] if len(workers) == 1 else
+               [GeoServer(a, os.path.join(scratch, f"workers{w}"), w) for w in workers])
     res = dict(kind="geosmtp-own-bench", started=time.strftime("%Y-%m-%dT%H:%M:%S"), load=load,
-               reps=a.reps, target_secs=a.target_secs, cpus=os.cpu_count(), cmd=srv.cmd,
-               config=open(srv.config).read(), cells=[], probes=[])
-    print(f"geosmtp on 127.0.0.1:{srv.port}, scratch {scratch}, load generator {load}", flush=True)
+               reps=a.reps, target_secs=a.target_secs, cpus=os.cpu_count(),
+               cmd=[srv.cmd for srv in servers], config=[open(srv.config).read() for srv in servers],
+               cells=[], probes=[])
+    for srv in servers:
+        print(f"geosmtp (workers={srv.workers}) on 127.0.0.1:{srv.port}, scratch {srv.scratch}, "
+              f"load generator {load}", flush=True)
     t_start = time.monotonic()
-    stop_rc = None
+    stop_rcs = []
     try:
-        srv.start()
+        for srv in servers:
+            srv.start()
         for size in sizes:
             for conc in concs:
-                if time.monotonic() - t_start > a.budget:
-                    raise TimeoutError("time budget exhausted")
-                probe = run_once(srv, a, load, size, conc, max(2 * conc, 60))
-                probe.update(probe=True)
-                res["probes"].append(probe)
-                if not srv.alive():
-                    raise RuntimeError("server died during the probe")
-                rate = probe["msgs_per_s_raw"] or 1
-                n = max(int(rate * a.target_secs), 3 * conc, 100)
-                n = min(n, a.max_msgs if size < 10000 else a.max_msgs // 4)
-                if not probe["ok"]:
-                    print(f"  probe {fmt_size(size)} c={conc} FAILED: rc={probe['rc']} accepted="
-                          f"{probe['accepted']}/{probe['n']} {probe['load_errors'][:200]}", flush=True)
-                for rep in range(a.reps):
+                sized = {}
+                for srv in servers:
                     if time.monotonic() - t_start > a.budget:
                         raise TimeoutError("time budget exhausted")
-                    r = run_once(srv, a, load, size, conc, n)
-                    r.update(rep=rep)
-                    res["cells"].append(r)
-                    print(f"{fmt_size(size):>6} c={conc:>3} rep={rep} n={n:>5} ok={r['ok']!s:5} "
-                          f"{r['msgs_per_s_raw']:7.1f} msg/s cpu/1k={r['cpu_s_per_1000']:.2f}s "
-                          f"(+drain {r['cpu_drained_s_per_1000']:.2f}s) "
-                          f"rss={r['peak_rss_mb']:.0f}MB accepted={r['accepted']} settle={r['settle_s']}s "
-                          f"log+={r['server_log_problems']} {r['load_errors'][:150]}", flush=True)
+                    probe = run_once(srv, a, load, size, conc, max(2 * conc, 60))
+                    probe.update(probe=True, workers=srv.workers)
+                    res["probes"].append(probe)
                     if not srv.alive():
-                        raise RuntimeError("server died")
+                        raise RuntimeError("server died during the probe")
+                    rate = probe["msgs_per_s_raw"] or 1
+                    n = max(int(rate * a.target_secs), 3 * conc, 100)
+                    sized[srv] = min(n, a.max_msgs if size < 10000 else a.max_msgs // 4)
+                    if not probe["ok"]:
+                        print(f"  probe {fmt_size(size)} c={conc} workers={srv.workers} FAILED: rc={probe['rc']} "
+                              f"accepted={probe['accepted']}/{probe['n']} {probe['load_errors'][:200]}", flush=True)
+                for rep in range(a.reps):
+                    for srv in servers:
+                        if time.monotonic() - t_start > a.budget:
+                            raise TimeoutError("time budget exhausted")
+                        n = sized[srv]
+                        r = run_once(srv, a, load, size, conc, n)
+                        r.update(rep=rep, workers=srv.workers)
+                        res["cells"].append(r)
+                        print(f"{fmt_size(size):>6} c={conc:>3} w={srv.workers} rep={rep} n={n:>5} ok={r['ok']!s:5} "
+                              f"{r['msgs_per_s_raw']:7.1f} msg/s cpu/1k={r['cpu_s_per_1000']:.2f}s "
+                              f"(+drain {r['cpu_drained_s_per_1000']:.2f}s) "
+                              f"rss={r['peak_rss_mb']:.0f}MB accepted={r['accepted']} settle={r['settle_s']}s "
+                              f"log+={r['server_log_problems']} {r['load_errors'][:150]}", flush=True)
+                        if not srv.alive():
+                            raise RuntimeError("server died")
     except (TimeoutError, RuntimeError) as exc:
         print("STOPPED:", exc, flush=True)
         res["stopped"] = str(exc)
     finally:
-        stop_rc = srv.stop()
+        stop_rcs = [srv.stop() for srv in servers]
         res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        res["server_exit"] = stop_rc
+        res["server_exit"] = stop_rcs
         if a.json:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)
         if a.keep:
-            print(f"scratch dir kept: {scratch} (server log {srv.logpath})")
+            print(f"scratch dir kept: {scratch} (server logs: " + ", ".join(srv.logpath for srv in servers) + ")")
         elif res["cells"] and all(c["ok"] and not c["server_log_problems"] for c in res["cells"]):
             shutil.rmtree(scratch, ignore_errors=True)
         else:
-            # keep only the log and config when something went wrong
-            shutil.rmtree(os.path.join(scratch, "spool"), ignore_errors=True)
-            print(f"server log kept: {srv.logpath}")
-    if stop_rc not in (0, None):
-        print(f"note: geosmtp exited with status {stop_rc} on SIGTERM")
+            # keep only the logs and configs when something went wrong
+            for srv in servers:
+                shutil.rmtree(srv.spool, ignore_errors=True)
+            print("server logs kept: " + ", ".join(srv.logpath for srv in servers))
+    for srv, stop_rc in zip(servers, stop_rcs):
+        if stop_rc not in (0, None):
+            print(f"note: geosmtp (workers={srv.workers}) exited with status {stop_rc} on SIGTERM")
     print()
     print(report(res))
     return 0 if res["cells"] and all(c["ok"] for c in res["cells"]) else 1
@@ -615,6 +640,8 @@ def main():
                     help="load generator (auto: smtp-source if installed)")
     ap.add_argument("--port", type=int, default=0, help="listener port (default: a free one)")
     ap.add_argument("--geosmtp", help="geosmtp executable (default: <repo>/.venv/bin/geosmtp)")
+    ap.add_argument("--workers", default="1",
+                    help="[server] workers; a list (1,2) runs one server per value, interleaved cell by cell")
     ap.add_argument("--queue-concurrency", type=int, default=20, help="[queue] concurrency (default 20)")
     ap.add_argument("--log-level", default="WARNING", help="[log] level (default WARNING)")
     ap.add_argument("--hold", action="store_true",

@@ -175,11 +175,11 @@ class QueueManager:
                 rcpt.status = FAILED
                 failed.append(rcpt)
             result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
-            metrics.DELIVERIES.labels(result, "local" if where == "local" else "remote").inc()
-            log.info(
-                "to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                rcpt.address, outcome.remote or where, now - envelope.created, rcpt.attempts, result, reply,
-            )
+            if where != "returned":  # returned by the postmaster: not a delivery attempt
+                metrics.DELIVERIES.labels(result, where).inc()
+            relay = outcome.remote or ("local" if where == "local" else "none")
+            log.info("to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
+                     rcpt.address, relay, now - envelope.created, rcpt.attempts, result, reply)
 
         remote: dict[str, list[int]] = {}
         returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
@@ -188,7 +188,7 @@ class QueueManager:
                 continue
             if returned is not None:
                 record(index, Outcome(Reply(554, "5.0.0", f"Returned to sender by the postmaster: {returned}")),
-                       "none")
+                       "returned")
                 continue
             domain = rcpt.address.rpartition("@")[2].lower()
             if domain in self.local_domains:
@@ -228,7 +228,7 @@ class QueueManager:
         def all_get(outcome: Outcome) -> None:
             for indices in remote.values():
                 for i in indices:
-                    record(i, outcome, "none")
+                    record(i, outcome, "remote")
 
         if self.relay is None:
             return all_get(Outcome(NO_RELAY))
@@ -255,7 +255,7 @@ class QueueManager:
                 eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
             )
             for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
-                record(i, outcome, "none")
+                record(i, outcome, "remote")
             unfinished[0] -= 1
             if unfinished[0]:
                 # other domains are still in flight, maybe for minutes: save what this one

@@ -49,15 +49,14 @@ LISTEN_BACKLOG = 1024
 IO_THREADS = 16
 
 
-def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A listening socket; workers share a port with SO_REUSEPORT (the kernel spreads the
-    connections). A single process does not set it, so a second one on the port fails."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket. With workers the master binds it and every worker accepts on the
+    same socket (one accept queue: a worker that dies loses no waiting connection); no
+    SO_REUSEPORT, so a second server on the port fails to start."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -116,6 +115,23 @@ def may_sign(envelope, trusted_networks: tuple) -> bool:
         return False
 
 
+def inherited_sockets() -> dict[str, socket.socket]:
+    """A worker's listening sockets, bound by the master: GEOSMTP_LISTEN_FDS="name=fd,…"."""
+    out = {}
+    for item in filter(None, os.environ.get(LISTEN_FDS, "").split(",")):
+        name, _, fd = item.rpartition("=")
+        out[name] = socket.socket(fileno=int(fd))
+    return out
+
+
+LISTEN_FDS = "GEOSMTP_LISTEN_FDS"
+# A worker that dies within this many seconds of its start is failing, not crashing once:
+# it is restarted after a pause that doubles each time, up to the cap (like Postfix's
+# master throttling a service that keeps failing).
+WORKER_FAST_FAIL = 10.0
+WORKER_BACKOFF_CAP = 60.0
+
+
 def _needs_restart(old: Config, new: Config) -> list[str]:
     """What a reload cannot change under a running server."""
     out = []
@@ -146,6 +162,7 @@ class Server:
         self.config_path = config_path
         self.notify_fd = notify_fd
         self.workers: list[subprocess.Popen | None] = []
+        self.listen_socks: dict[str, socket.socket] = {}  # a master's, kept for its workers
         hub = gevent.get_hub()
         hub.threadpool.maxsize = IO_THREADS
 
@@ -181,6 +198,7 @@ class Server:
             limiter=MemoryLimiter(),
             run=run,
         )
+        self.listeners = {item.name: item for item in config.listener}
         self.settings = {item.name: self.settings_for(item) for item in config.listener}
         self.sessions = gevent.pool.Group()
         self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
@@ -240,10 +258,14 @@ class Server:
             gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
             self._lock = lock_spool(self.config.server.spool_dir)
             recovered = self.spool.recover()
-        if self.role != "master":
+        if self.role == "master":
             for listener in self.config.listener:
-                handler = partial(self.handle, listener)
-                sock = listen_socket(listener.host, listener.port, reuse_port=self.role == "worker")
+                self.listen_socks[listener.name] = listen_socket(listener.host, listener.port)
+        else:
+            inherited = inherited_sockets() if self.role == "worker" else {}
+            for listener in self.config.listener:
+                handler = partial(self.handle, listener.name)
+                sock = inherited.get(listener.name) or listen_socket(listener.host, listener.port)
                 server = StreamServer(sock, handler, spawn=self.sessions.spawn)
                 server.start()
                 self.servers.append(server)
@@ -271,6 +293,8 @@ class Server:
         """Why a load balancer should not send us connections now, or None."""
         if self._stopping:
             return "draining"
+        if self.role == "master" and not any(p is not None and p.poll() is None for p in self.workers):
+            return "no worker running"
         if not metrics.spool_writable(str(self.config.server.spool_dir), self.config.limits.max_message_size):
             return "spool not writable or full"
         return None
@@ -283,24 +307,35 @@ class Server:
         for slot in range(len(self.workers)):
             self._spawn_worker(slot)
         gevent.spawn(self._read_notices, read_fd)
-        gevent.spawn(self._supervise)
+        for slot in range(len(self.workers)):
+            gevent.spawn(self._supervise, slot)
 
     def _spawn_worker(self, slot: int) -> None:
-        env = {**os.environ, "GEOSMTP_NOTIFY_FD": str(self.notify_fd)}
+        fds = {name: sock.fileno() for name, sock in self.listen_socks.items()}
+        env = {**os.environ, "GEOSMTP_NOTIFY_FD": str(self.notify_fd),
+               LISTEN_FDS: ",".join(f"{name}={fd}" for name, fd in fds.items())}
         cmd = [sys.executable, "-m", "geosmtp", "start", "-c", self.config_path, "--worker"]
-        self.workers[slot] = subprocess.Popen(cmd, env=env, pass_fds=(self.notify_fd,))
+        self.workers[slot] = subprocess.Popen(cmd, env=env, pass_fds=(self.notify_fd, *fds.values()))
         logger.info("worker {} started, pid {}", slot, self.workers[slot].pid)
 
-    def _supervise(self) -> None:
-        """Restart a worker that died (at most once a second per slot)."""
+    def _supervise(self, slot: int) -> None:
+        """Restart the worker in `slot` when it dies; one that keeps dying at once is
+        restarted after a pause doubling up to WORKER_BACKOFF_CAP (the others serve on)."""
+        pause = 1.0
         while not self.stopped.is_set():
-            gevent.sleep(0.5)
-            for slot, proc in enumerate(self.workers):
-                if proc is not None and proc.poll() is not None and not self.stopping:
-                    logger.warning("worker {} (pid {}) exited with {}; restarting", slot, proc.pid, proc.returncode)
-                    metrics.process_gone(proc.pid)
-                    self._spawn_worker(slot)
-                    gevent.sleep(1)
+            proc, started = self.workers[slot], time.monotonic()
+            while proc.poll() is None and not self.stopped.is_set():
+                gevent.sleep(0.5)
+            if self.stopping or self.stopped.is_set():
+                return
+            metrics.process_gone(proc.pid)
+            pause = min(pause * 2, WORKER_BACKOFF_CAP) if time.monotonic() - started < WORKER_FAST_FAIL else 1.0
+            logger.warning("worker {} (pid {}) exited with {}; restarting in {:g}s",
+                           slot, proc.pid, proc.returncode, pause)
+            gevent.sleep(pause)
+            if self.stopping:
+                return
+            self._spawn_worker(slot)
 
     def _read_notices(self, fd: int) -> None:
         """Workers write a byte per queued message: the queue manager looks at once."""
@@ -374,7 +409,10 @@ class Server:
         self.services.tls = tls if tls is not None else self.services.tls
         self.services.users = users
         self.services.senders = dict(new.auth.senders)
-        self.settings = {item.name: self.settings_for(item) for item in new.listener}
+        # a listener's name and address take a restart; its other keys apply from now on
+        fresh = {item.name: item for item in new.listener}
+        self.listeners = {name: fresh.get(name, old) for name, old in self.listeners.items()}
+        self.settings = {name: self.settings_for(item) for name, item in self.listeners.items()}
         if self.role != "worker":
             q = self.queue
             old_relay, q.relay, q.signer = q.relay, relay, signer
@@ -383,6 +421,7 @@ class Server:
             q.retry_schedule = tuple(new.queue.retry_schedule)
             q.max_lifetime = new.queue.max_lifetime
             q.delay_warning = new.queue.delay_warning
+            q.scan_interval = new.queue.scan_interval
             gevent.spawn(old_relay.close)  # its kept connections; deliveries in flight finish
         if tls is not None:
             logger.info("reload: TLS certificate loaded from {}", tls.files.cert_file)
@@ -409,7 +448,11 @@ class Server:
             gevent.sleep(cfg.drain_delay)
             for server in self.servers:
                 server.close()
+            for sock in self.listen_socks.values():  # the workers close their copies too
+                sock.close()
             self.services.draining = True
+            # deliveries in flight get the same drain_timeout as the sessions, side by side
+            queue_stopped = gevent.spawn(self.queue.stop, cfg.drain_timeout) if self.role != "worker" else None
             self._interrupt(lambda session: session.idle)
             self.sessions.join(timeout=cfg.drain_timeout)
             if len(self.sessions):
@@ -417,14 +460,14 @@ class Server:
                 self._interrupt(lambda session: True)
                 self.sessions.join(timeout=5)
             self.sessions.kill(block=True, timeout=2)
-            deadline = time.monotonic() + cfg.drain_delay + cfg.drain_timeout + 10
+            deadline = time.monotonic() + cfg.drain_timeout + 10  # the workers started with us
             for proc in self.workers:
                 while proc is not None and proc.poll() is None and time.monotonic() < deadline:
                     gevent.sleep(0.1)
                 if proc is not None and proc.poll() is None:
                     proc.kill()
-            if self.role != "worker":
-                self.queue.stop(timeout=cfg.drain_timeout)
+            if queue_stopped is not None:
+                queue_stopped.join()
                 self.relay.close()
             if self.http is not None:
                 self.http.stop(timeout=1)
@@ -441,9 +484,10 @@ class Server:
                 greenlet.kill(Draining, block=False)
 
     # -- one connection ---------------------------------------------------------------------
-    def handle(self, listener: ListenerConfig, sock: socket.socket, addr) -> None:
-        # the settings current now: a reload changes them for new connections only
-        settings = self.settings.get(listener.name) or self.settings_for(listener)
+    def handle(self, name: str, sock: socket.socket, addr) -> None:
+        # the listener's settings current now: a reload changes them for new connections only
+        listener = self.listeners[name]
+        settings = self.settings[name]
         ip = addr[0]
         lim = self.config.limits
         conn = Connection(sock, settings.command_timeout)  # it times every send and read
