@@ -5,8 +5,11 @@ import smtplib
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
-from tests.support.server import ServerProcess
+from tests.support import toml
+from tests.support.server import ServerProcess, free_port
 
 
 def children(pid: int) -> set[int]:
@@ -80,3 +83,50 @@ def test_master_stops_workers_on_sigterm(tmp_path):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{p}/stat") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]
                    for p in workers)
+
+
+def readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_failing_workers_back_off_and_readyz_says_so(tmp_path):
+    """Workers that cannot start (here: the file became invalid) are restarted after a
+    doubling pause, /readyz is 503 while none runs, and service resumes once they can."""
+    mport = free_port()
+    srv = ServerProcess(tmp_path / "b", {"server": {"workers": 2}, "metrics": {"address": f"127.0.0.1:{mport}"}})
+    srv.start()
+    try:
+        workers = srv.wait_for(lambda: len(children(srv.proc.pid)) == 2 and children(srv.proc.pid))
+        good = srv.config_path.read_text()
+        srv.config_path.write_text(good + "\n[broken\n")
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        srv.wait_for(lambda: readyz(mport) == 503, timeout=10)
+        srv.wait_for(lambda: "restarting in 4s" in srv.log(), timeout=20)  # 2 s, then 4 s, ...
+        assert srv.proc.poll() is None  # the master stays, and says why it is not ready
+        srv.config_path.write_text(good)
+        srv.wait_for(lambda: readyz(mport) == 200, timeout=30)
+        send(srv.port, 3, "back")
+        srv.wait_for(lambda: len(srv.messages("alice@example.test")) == 3)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_the_port_is_the_masters_and_a_second_server_cannot_share_it(tmp_path):
+    srv = ServerProcess(tmp_path / "m", {"server": {"workers": 2}}).start()
+    try:
+        other = ServerProcess(tmp_path / "o")
+        other.config["listener"][0]["address"] = f"127.0.0.1:{srv.port}"
+        other.config_path.write_text(toml.dumps(other.config))
+        result = subprocess.run([sys.executable, "-m", "geosmtp", "start", "-c", str(other.config_path)],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1
+        assert "cannot start" in result.stderr and "in use" in result.stderr
+        send(srv.port, 2, "still")
+        srv.wait_for(lambda: len(srv.messages("alice@example.test")) == 2)
+    finally:
+        assert srv.stop() == 0
