@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import click
 
+from geosmtp import safeio
 from geosmtp.config import ConfigError, load, parse_duration
 from geosmtp.envelope import DELIVERED, PENDING, Envelope
 from geosmtp.spool import STATES, Spool, lock_holder, valid_id
@@ -112,7 +113,16 @@ def main(ctx: click.Context, config_path: str) -> None:
         click.echo(f"geosmtp-queue: {spool_dir}: no spool there (server.spool_dir; has geosmtp "
                    "run with this configuration?)", err=True)
         sys.exit(EXIT_USAGE)
+    become_spool_owner(spool_dir)
     ctx.obj = Ctl(Spool(spool_dir), spool_dir)
+
+
+def become_spool_owner(spool_dir: str) -> None:
+    """Run as root on a spool that belongs to the server's user: every file written is given
+    to that user (an envelope rewritten by root, mode 0600, would be unreadable to it)."""
+    st = os.stat(spool_dir)
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+        safeio.owner = (st.st_uid, st.st_gid)
 
 
 # -- waking the server ----------------------------------------------------------------------

@@ -24,9 +24,21 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+# (uid, gid) every new file is given, or None: set by geosmtp-queue when root works on a
+# spool that belongs to the server's user, who must still be able to read what it writes
+owner: tuple[int, int] | None = None
+
+
 def create(path: str | os.PathLike) -> int:
     """A new file only this writer knows about (O_EXCL: never reuses a name)."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    if owner is not None:
+        try:
+            os.fchown(fd, *owner)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def finish(fd: int, tmp: str | os.PathLike, final: str | os.PathLike, data: bytes = b"",

@@ -570,3 +570,19 @@ def test_concurrent_use_while_the_server_delivers(make_server):
     assert srv.proc.poll() is None
     log = srv.log()
     assert "delivery failed" not in log and "Traceback" not in log and "cannot defer" not in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_root_keeps_the_spool_readable_for_the_servers_user(tmp_path):
+    """Run as root on a spool owned by the server's user (nobody here): what the tool writes
+    belongs to that user, never root-owned 0600 files the server could not read."""
+    srv = ServerProcess(tmp_path)  # its configuration only
+    Spool(srv.spool).setup()
+    qid = park(srv, sender="s@x.test", rcpts=["r@y.test"])
+    nobody = (65534, 65534)
+    for path in [srv.spool, *srv.spool.rglob("*")]:
+        os.chown(path, *nobody)
+    assert q(srv, "bounce", qid, "--reason", "ownership test").returncode == 0
+    files = [p for p in srv.spool.rglob("*") if p.is_file() and p.name != "lock"]
+    assert any(p.parent.name == "incoming" for p in files), files  # rewritten and moved on
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in files} == {nobody}
