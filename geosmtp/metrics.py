@@ -91,13 +91,15 @@ def process_gone(pid: int) -> None:
 
 
 def spool_writable(spool_dir: str, need: int) -> bool:
-    """The spool can take a message: its tmp/ is writable and `need` octets are free."""
-    tmp = os.path.join(spool_dir, "tmp")
+    """The spool can take a message: the directories a commit writes in (tmp/, msg/,
+    queue/incoming/) are writable directories and `need` octets are free."""
+    dirs = [os.path.join(spool_dir, *d) for d in (("tmp",), ("msg",), ("queue", "incoming"))]
     try:
-        st = os.statvfs(tmp)
+        st = os.statvfs(dirs[0])
     except OSError:
         return False
-    return os.access(tmp, os.W_OK) and st.f_bavail * st.f_frsize >= need
+    return (all(os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK) for d in dirs)
+            and st.f_bavail * st.f_frsize >= need)
 
 
 def wsgi_app(registry: CollectorRegistry, ready: Callable[[], str | None]) -> Callable:

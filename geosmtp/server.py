@@ -360,10 +360,12 @@ class Server:
         self.stop()
 
     def serve_forever(self) -> None:
-        self.start()
+        # handlers first: a SIGHUP that came as soon as a worker says "listening" would
+        # otherwise end it (the default action)
         for sig in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        self.start()
         self.stopped.wait()
 
     @property

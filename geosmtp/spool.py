@@ -201,8 +201,11 @@ class Spool:
             if not alone:
                 self._sync(*dirs)
         except Exception as exc:  # the job has ended: nothing half-committed may stay behind
-            writer.abort()
-            safeio.unlink_quietly(entry)
+            for clean_up in (writer.abort, lambda: safeio.unlink_quietly(entry)):
+                try:
+                    clean_up()
+                except OSError:  # a failing clean-up must not hide why the commit failed
+                    pass
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise

@@ -253,7 +253,10 @@ def test_garbage_on_the_proxy_listener_is_closed_or_greeted_never_a_crash(garbag
     socket: the server either closes at once without a word or (a mutation that is still
     a valid header) greets; whatever was said, it is never more than SMTP replies."""
     with proxied(garbage_srv.port, data) as c:
-        c.sock.shutdown(socket.SHUT_WR)  # nothing more comes: never a wait for the timeout
+        try:
+            c.sock.shutdown(socket.SHUT_WR)  # nothing more comes: never a wait for the timeout
+        except OSError:  # the server has already closed it (a bad header is refused at once)
+            pass
         assert c.closed(timeout=5)
         out = c.buf
     assert out == b"" or out.startswith(b"220 "), out[:200]

@@ -301,7 +301,7 @@ def queue_entry(server: ServerProcess, qid: str) -> tuple[str, dict] | None:
     return None
 
 
-def wait_deferred(server: ServerProcess, qid: str, attempts: int = 1, timeout: float = 10.0) -> dict:
+def wait_deferred(server: ServerProcess, qid: str, attempts: int = 1, timeout: float = 20.0) -> dict:
     """The envelope once the entry sits in deferred/ after at least `attempts` attempts."""
     def deferred():
         got = queue_entry(server, qid)
@@ -309,7 +309,7 @@ def wait_deferred(server: ServerProcess, qid: str, attempts: int = 1, timeout: f
     return server.wait_for(deferred, timeout=timeout)
 
 
-def wait_gone(server: ServerProcess, qid: str, timeout: float = 10.0) -> None:
+def wait_gone(server: ServerProcess, qid: str, timeout: float = 20.0) -> None:
     """Delivery is over for this message: no entry and no message file left."""
     server.wait_for(lambda: queue_entry(server, qid) is None and not (server.spool / "msg" / qid).exists(),
                     timeout=timeout)

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tests.support import ports
+
 DEFAULT_EXTENSIONS = ["PIPELINING", "SIZE 10485760", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
 # Where hang_at / drop_at act: before the greeting; on EHLO or HELO, MAIL, (any) RCPT or DATA
 # before replying; "body": once some message bytes are in after the 354 (if the whole message
@@ -48,27 +50,9 @@ _MAIL_PARAMS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8", "AUT
 _RCPT_PARAMS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
 
 
-def pick_port(hosts: list[str] | tuple[str, ...], attempts: int = 100) -> int:
+def pick_port(hosts: list[str] | tuple[str, ...]) -> int:
     """A TCP port number that is free on every one of `hosts` (loopback addresses)."""
-    hosts = list(hosts)
-    for _ in range(attempts):
-        socks: list[socket.socket] = []
-        try:
-            first = socket.socket()
-            socks.append(first)
-            first.bind((hosts[0], 0))
-            port = first.getsockname()[1]
-            for host in hosts[1:]:
-                other = socket.socket()
-                socks.append(other)
-                other.bind((host, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no common free port on {hosts}")
+    return ports.free_port(tuple(hosts))
 
 
 @dataclass

@@ -11,15 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support import toml
+from tests.support import ports, toml
 
 DOMAIN = "example.test"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return ports.free_port((host,))
 
 
 def merge(base: dict, extra: dict) -> dict:
