@@ -155,9 +155,10 @@ class QueueManager:
         now = time.time()
         envelope.attempts += 1
         envelope.last_attempt = now
-        log.info("from=<{}> size={} nrcpt={} attempt={} client=[{}] user={}", envelope.sender, envelope.size,
-                 len(envelope.pending()), envelope.attempts, envelope.client.address,
-                 envelope.client.auth_user or "-")
+        client = envelope.client
+        log.info("from=<{}> size={} nrcpt={} attempt={} client=[{}] helo={} tls={} user={}", envelope.sender,
+                 envelope.size, len(envelope.pending()), envelope.attempts, client.address, client.helo or "-",
+                 (client.tls or "-").partition(" ")[0], client.auth_user or "-")
         open_body = partial(self.spool.open_body, qid)
         failed: list[Recipient] = []
 

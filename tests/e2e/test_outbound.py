@@ -291,6 +291,10 @@ def test_4xx_at_the_final_dot_is_retried_and_accepted_once(srv, net):
     lines = log_lines(srv, qid)
     assert any("attempt=1 status=deferred (451 4.3.0 try later)" in line for line in lines), lines
     assert "attempt=2 " in sent_line(srv, qid, f"bob@{domain}")
+    # one line per attempt: the envelope and the client that gave it to us
+    for n in (1, 2):
+        assert any(re.search(rf"from=<{re.escape(SENDER)}> size=\d+ nrcpt=1 attempt={n} "
+                             r"client=\[127\.0\.0\.2\] helo=client\.test tls=- user=-", line) for line in lines), lines
     assert not notices(srv, qid)
 
 
