@@ -6,20 +6,11 @@ from __future__ import annotations
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 
 from geosmtp import replies
-from tests.support.e2e import connect, expect, queue_id
+from tests.support.e2e import connect, expect, queue_id, readyz
 from tests.support.server import ServerProcess, free_port
 
-
-def readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def start(tmp_path, **server) -> ServerProcess:

@@ -5,10 +5,9 @@ import smtplib
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from tests.support import toml
+from tests.support.e2e import readyz
 from tests.support.server import ServerProcess, free_port
 
 
@@ -84,13 +83,6 @@ def test_master_stops_workers_on_sigterm(tmp_path):
     assert not any(os.path.exists(f"/proc/{p}/stat") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]
                    for p in workers)
 
-
-def readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 def test_failing_workers_back_off_and_readyz_says_so(tmp_path):

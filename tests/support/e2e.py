@@ -16,6 +16,8 @@ import select
 import socket
 import struct
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -357,3 +359,12 @@ def net(world):
     remotes = Remotes(world.dns, world.port)
     yield remotes
     remotes.close()
+
+
+def readyz(port: int) -> int:
+    """The status /readyz answers on the metrics port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
