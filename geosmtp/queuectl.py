@@ -113,11 +113,11 @@ def main(ctx: click.Context, config_path: str) -> None:
         click.echo(f"geosmtp-queue: {spool_dir}: no spool there (server.spool_dir; has geosmtp "
                    "run with this configuration?)", err=True)
         sys.exit(EXIT_USAGE)
-    become_spool_owner(spool_dir)
+    give_new_files_to_spool_owner(spool_dir)
     ctx.obj = Ctl(Spool(spool_dir), spool_dir)
 
 
-def become_spool_owner(spool_dir: str) -> None:
+def give_new_files_to_spool_owner(spool_dir: str) -> None:
     """Run as root on a spool that belongs to the server's user: every file written is given
     to that user (an envelope rewritten by root, mode 0600, would be unreadable to it)."""
     st = os.stat(spool_dir)
