@@ -201,17 +201,22 @@ class Connection:
                         buf.clear()
                     self._fill()
                     continue
-                block = bytes(buf[:end])
-                found = (tail + block).find(b"\r\n.\r\n")
+                block = tail + bytes(buf[:end])  # from the CRLF that may begin "\r\n.\r\n"
+                # "\r\n." starts both the end of the data and a dot-stuffed line: a block
+                # without it (most of a long message) needs neither search done twice
+                dot = block.find(b"\r\n.")
+                found = -1 if dot < 0 else block.find(b"\r\n.\r\n", dot)
                 if found >= 0:
-                    content = block[:found]
+                    content = block[2 : found + 2]
                     del buf[: found + 3]
                 else:
-                    content = block
+                    content = block[2:]
                     del buf[:end]
-                    tail = (tail + block)[-2:]
+                    tail = block[-2:]
                 if problem is None and content:
-                    problem, content = self._check(content, max_line, normalize)
+                    # (after a normalised bare LF the tail is no CRLF: look again)
+                    stuffed = dot >= 0 or not block.startswith(b"\r\n")
+                    problem, content = self._check(content, max_line, normalize, stuffed)
                 if problem is None:
                     size += len(content)
                     if size > max_size:
@@ -229,20 +234,24 @@ class Connection:
                 pass
 
     @staticmethod
-    def _check(content: bytes, max_line: int, normalize: bool) -> tuple[str | None, bytes]:
-        """Whole complete lines → (problem, unstuffed lines). C-speed scans, no per-line loop."""
-        crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+    def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True) -> tuple[str | None, bytes]:
+        """Whole complete lines → (problem, unstuffed lines). C-speed scans, no per-line loop.
+        `stuffed` False: the caller saw no "\r\n." in these lines (with the CRLF before them)."""
+        # every CR and LF is part of a CRLF exactly when they number twice the CRLFs
+        # (two passes; counting CR, LF and CRLF one by one takes three slower ones)
+        if len(content) - len(content.translate(None, b"\r\n")) != 2 * content.count(b"\r\n"):
             if not normalize:
                 return "bare", content
             content = _ANY_NEWLINE.sub(b"\r\n", content)
+            stuffed = True  # a bare LF before a "." has just become a CRLF
         if len(content) >= max_line and _has_long_line(content, max_line):
             return "line", content
         # RFC 5321 4.5.2: a line that begins with "." had one more "." added by the client
-        if content[:1] == b".":
-            content = content[1:]
-        if b"\r\n." in content:
-            content = content.replace(b"\r\n.", b"\r\n")
+        if stuffed:
+            if content[:1] == b".":
+                content = content[1:]
+            if b"\r\n." in content:
+                content = content.replace(b"\r\n.", b"\r\n")
         return None, content
 
 

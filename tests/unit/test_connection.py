@@ -537,6 +537,27 @@ def test_any_bare_cr_or_lf_is_refused(lines, bare, where, cuts):
 
 
 @PROPERTY
+@given(lines=_LINES, lf_only=st.lists(st.booleans(), max_size=25), cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_normalized_bare_lf_and_dot_stuffing_under_any_chunking(lines, lf_only, cuts):
+    """normalize_newlines: lines ended by a bare LF count as CRLF lines, and a dot-stuffed
+    line after one is unstuffed, wherever the receives cut the stream (a receive boundary
+    falls right after such a bare LF whenever a cut lands there)."""
+    endings = [b"\n" if i < len(lf_only) and lf_only[i] and i < len(lines) - 1 else b"\r\n"
+               for i in range(len(lines))]
+    stream = b"".join((b"." + ln if ln.startswith(b".") else ln) + end
+                      for ln, end in zip(lines, endings)) + b".\r\n"
+    expected = b"".join(ln + b"\r\n" for ln in lines)
+    p = Pair()
+    try:
+        p.feed(split(stream, cuts) + [b"QUIT\r\n"])
+        body, result, _ = p.data(normalize=True)
+        assert (body, result) == (expected, DataResult(len(expected), None))
+        assert p.line() == b"QUIT"
+    finally:
+        p.close()
+
+
+@PROPERTY
 @given(lines=st.lists(_LINE, min_size=1, max_size=10), cuts=st.lists(st.integers(min_value=0), max_size=10))
 def test_command_lines_survive_any_chunking(lines, cuts):
     stream = b"".join(ln + b"\r\n" for ln in lines)
