@@ -20,7 +20,16 @@ for d in geosmtp-bench-spool geosmtp-bench-mail; do
   if [ -e "$d" ]; then mv "$d" "$d.old.$$"; fi
 done
 
-"${GEOSMTP:-$HERE/../.venv/bin/geosmtp}" start -c "${GEOSMTP_BENCH_CONFIG:-$HERE/geosmtp-bench.toml}" &
+config=${GEOSMTP_BENCH_CONFIG:-$HERE/geosmtp-bench.toml}
+# GEOSMTP_WORKERS=N: the same config with [server] workers = N (written to the scratch dir)
+if [ -n "$GEOSMTP_WORKERS" ]; then
+  case "$GEOSMTP_WORKERS" in
+    *[!0-9]*) echo "geosmtp-harness.sh: GEOSMTP_WORKERS must be a number" >&2; exit 2 ;;
+  esac
+  sed "s/^\[server\]\$/[server]\nworkers = $GEOSMTP_WORKERS/" "$config" > ./geosmtp-bench-workers.toml
+  config=./geosmtp-bench-workers.toml
+fi
+"${GEOSMTP:-$HERE/../.venv/bin/geosmtp}" start -c "$config" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null' TERM INT HUP
 status=0
