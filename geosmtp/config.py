@@ -90,7 +90,7 @@ class ServerConfig(_Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     spool_dir: Path = Path("./var/spool")
     # SMTP worker processes: 1 runs everything in one process; N > 1 starts N processes that
-    # accept on the same ports (SO_REUSEPORT) and a master that runs the one queue manager
+    # accept on the master's listening sockets, and the master runs the one queue manager
     workers: int = Field(1, ge=1, le=64)
     # RFC 5321 2.3.8: lines end in CRLF. A bare LF or CR in DATA is rejected (550 5.6.0), or
     # with "normalize" rewritten to CRLF. The end of data is <CRLF>.<CRLF> either way.
