@@ -8,7 +8,7 @@ import socket
 import time
 
 from geosmtp import replies
-from tests.support.e2e import connect, expect, queue_id, readyz
+from tests.support.e2e import connect, expect, queue_id, readyz, start_data
 from tests.support.server import ServerProcess, free_port
 
 
@@ -50,9 +50,7 @@ def test_drain_finishes_the_transaction_and_turns_the_rest_away(tmp_path):
 def test_drain_timeout_closes_a_slow_transaction_without_acknowledging_it(tmp_path):
     srv = start(tmp_path, drain_timeout="1s")
     slow = connect(srv.port)
-    assert slow.code("MAIL FROM:<x@remote.test>") == "250 2.1.0"
-    assert slow.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-    assert slow.cmd("DATA")[0] == 354
+    start_data(slow, "x@remote.test", ["alice@example.test"])
     slow.send(b"Subject: half\r\n\r\nnever finished\r\n")
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import pytest
 from geosmtp import replies
 from tests.support.e2e import (
     abort, code, connect, expect, known_ids, nothing_more, queue_id, rss_kib, send_marker, send_message,
-    spool_tmp, wait_closed, wait_delivered,
+    spool_tmp, start_data, wait_closed, wait_delivered,
 )
 from tests.support.server import ServerProcess
 from tests.support.smtp import RawClient
@@ -374,9 +374,7 @@ def test_client_vanishing_mid_data_harms_no_one(server, how):
     a = connect(server.port)
     b = connect(server.port)
     for c, rcpt in ((a, "alice@example.test"), (b, "bob@example.test")):
-        assert c.code("MAIL FROM:<x@remote.test>") == "250 2.1.0"
-        assert c.code(f"RCPT TO:<{rcpt}>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "x@remote.test", [rcpt])
     a.send(b"Subject: vanishing\r\n\r\n" + (b"a" * 98 + b"\r\n") * 2000)  # 200 kB, spilled to disk
     b.send(b"Subject: survivor\r\n\r\nfirst half\r\n")
     if how == "reset":
@@ -415,9 +413,7 @@ def test_client_reset_at_any_stage(server, stage):
 
 def test_stalled_client_does_not_slow_others(server):
     stalled = connect(server.port)
-    assert stalled.code("MAIL FROM:<x@remote.test>") == "250 2.1.0"
-    assert stalled.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-    assert stalled.cmd("DATA")[0] == 354
+    start_data(stalled, "x@remote.test", ["alice@example.test"])
     stalled.send(b"Subject: stalled\r\n\r\npart")
     start = time.monotonic()
     for i in range(5):

@@ -12,7 +12,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 
 from geosmtp import replies
 from tests.support import toml
-from tests.support.e2e import connect, expect
+from tests.support.e2e import connect, expect, send_message
 from tests.support.server import ServerProcess
 from tests.support.smtp import RawClient
 
@@ -190,11 +190,8 @@ def test_reload_reaches_every_worker(tmp_path):
         assert pids_logging(srv, f"connect from [{source}]") == workers
         # and the master, which delivers, knows dave's mailbox too
         with connect(srv.port) as c:
-            assert c.code("MAIL FROM:<x@remote.test>") == "250 2.1.0"
-            assert c.code("RCPT TO:<dave@example.test>") == "250 2.1.5"
-            assert c.cmd("DATA")[0] == 354
-            c.send(b"Subject: after reload\r\n\r\nhello dave\r\n.\r\n")
-            assert c.reply()[0] == 250
+            body = b"Subject: after reload\r\n\r\nhello dave"
+            assert send_message(c, "x@remote.test", ["dave@example.test"], body)[0] == 250
         assert b"hello dave" in srv.wait_for(lambda: srv.messages("dave@example.test"))[0]
     finally:
         srv.stop()

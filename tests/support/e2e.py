@@ -65,16 +65,22 @@ def queue_id(reply: tuple[int, list[str]]) -> str:
     return m.group(1)
 
 
-def send_message(c: RawClient, sender: str, rcpts: list[str], body: bytes,
-                 mail_params: str = "") -> tuple[int, list[str]]:
-    """One transaction on an open, greeted client; `body` is sent as is, then CRLF.CRLF.
-
-    Returns the final reply to DATA (asserting MAIL, every RCPT and the 354 on the way)."""
+def start_data(c: RawClient, sender: str, rcpts: list[str], mail_params: str = "") -> None:
+    """MAIL, every RCPT and DATA on an open, greeted client, asserting 250s and the 354:
+    the next bytes sent are the message."""
     assert c.code(f"MAIL FROM:<{sender}>{(' ' + mail_params) if mail_params else ''}") == "250 2.1.0"
     for r in rcpts:
         assert c.code(f"RCPT TO:<{r}>") == "250 2.1.5", r
     code_, lines = c.cmd("DATA")
     assert code_ == 354, (code_, lines)
+
+
+def send_message(c: RawClient, sender: str, rcpts: list[str], body: bytes,
+                 mail_params: str = "") -> tuple[int, list[str]]:
+    """One transaction on an open, greeted client; `body` is sent as is, then CRLF.CRLF.
+
+    Returns the final reply to DATA (asserting MAIL, every RCPT and the 354 on the way)."""
+    start_data(c, sender, rcpts, mail_params)
     c.send(body + b"\r\n.\r\n")
     return c.reply()
 
