@@ -11,6 +11,10 @@ import random
 import socket
 
 BASE, SLICE, SLICES = 20000, 2000, 6  # 20000-31999
+# Two test runs side by side (two checkouts) each need their own range:
+# GEOSMTP_TEST_PORTS="BASE:SLICE" moves this run's six slices (say "2000:500": 2000-4999).
+if os.environ.get("GEOSMTP_TEST_PORTS"):
+    BASE, SLICE = (int(x) for x in os.environ["GEOSMTP_TEST_PORTS"].split(":"))
 _handed_out: set[int] = set()
 
 
