@@ -1,6 +1,7 @@
 """The `geosmtp` console script: monkey-patch first, then hand over to the click CLI.
 
-This is the only place that patches. Library modules never do, and `bin/geosmtp-queue`
+This and `geosmtp/__main__.py` (how the master starts its workers) are the only
+places that patch. Library modules never do, and `bin/geosmtp-queue`
 (plain file operations) does not patch at all.
 """
 from gevent import monkey

@@ -24,7 +24,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import metrics, replies
+from geosmtp import lifeline, metrics, replies
 from geosmtp import proxy as proxy_protocol
 from geosmtp.auth import UserStore
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
@@ -39,7 +39,7 @@ from geosmtp.relay.client import Timeouts
 from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
 from geosmtp.session import Draining, Services, Session, SessionSettings
-from geosmtp.spool import Spool, lock_spool
+from geosmtp.spool import Spool, held_lock, lock_spool
 from geosmtp.tls import ServerTLS, TLSFiles
 
 LISTEN_BACKLOG = 1024
@@ -125,6 +125,7 @@ def inherited_sockets() -> dict[str, socket.socket]:
 
 
 LISTEN_FDS = "GEOSMTP_LISTEN_FDS"
+LOCK_FD = "GEOSMTP_LOCK_FD"  # the master's spool lock, held by each worker too
 # A worker that dies within this many seconds of its start is failing, not crashing once:
 # it is restarted after a pause that doubles each time, up to the cap (like Postfix's
 # master throttling a service that keeps failing).
@@ -253,11 +254,16 @@ class Server:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        if self.role != "worker":
+        cfg = self.config.server
+        if self.role == "worker":  # the master's lock, passed down: it lives as long as we do
+            self._lock = held_lock(cfg.spool_dir, int(os.environ[LOCK_FD]))
+        else:
             # geosmtp-queue signals the pid written into the lock: be ready before it is there
             gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
-            self._lock = lock_spool(self.config.server.spool_dir)
-            recovered = self.spool.recover()
+            # a previous master's workers may still be finishing their sessions: recovery
+            # waits for the last of them (they are gone within drain_timeout and a few seconds)
+            self._lock = lock_spool(cfg.spool_dir, wait=cfg.drain_timeout + 15)
+            recovered = self.spool.run(self.spool.recover)
         if self.role == "master":
             for listener in self.config.listener:
                 self.listen_socks[listener.name] = listen_socket(listener.host, listener.port)
@@ -271,7 +277,7 @@ class Server:
                 self.servers.append(server)
                 logger.info("listening on {} ({}, mode {})", listener.address, listener.name, listener.mode)
         if self.role == "worker":
-            gevent.spawn(self._watch_master, os.getppid())
+            gevent.spawn(self._watch_master, int(os.environ[lifeline.LIFELINE_FD]))
             return
         if self.role == "master":
             self._start_workers()
@@ -303,6 +309,9 @@ class Server:
     def _start_workers(self) -> None:
         read_fd, self.notify_fd = os.pipe()
         os.set_blocking(read_fd, False)
+        # the workers' lifeline: they get the read end, only we hold the write end, so they
+        # see end-of-file when we are gone (geosmtp.lifeline)
+        self._lifeline, self._lifeline_w = os.pipe()
         self.workers = [None] * self.config.server.workers
         for slot in range(len(self.workers)):
             self._spawn_worker(slot)
@@ -313,9 +322,14 @@ class Server:
     def _spawn_worker(self, slot: int) -> None:
         fds = {name: sock.fileno() for name, sock in self.listen_socks.items()}
         env = {**os.environ, "GEOSMTP_NOTIFY_FD": str(self.notify_fd),
-               LISTEN_FDS: ",".join(f"{name}={fd}" for name, fd in fds.items())}
+               LISTEN_FDS: ",".join(f"{name}={fd}" for name, fd in fds.items()),
+               lifeline.MASTER_PID: str(os.getpid()), lifeline.LIFELINE_FD: str(self._lifeline),
+               LOCK_FD: str(self._lock)}
         cmd = [sys.executable, "-m", "geosmtp", "start", "-c", self.config_path, "--worker"]
-        self.workers[slot] = subprocess.Popen(cmd, env=env, pass_fds=(self.notify_fd, *fds.values()))
+        # from this (the main) thread: PR_SET_PDEATHSIG fires when the thread that forked the
+        # worker ends, so a worker must never be started from a threadpool thread
+        self.workers[slot] = subprocess.Popen(
+            cmd, env=env, pass_fds=(self.notify_fd, self._lifeline, self._lock, *fds.values()))
         logger.info("worker {} started, pid {}", slot, self.workers[slot].pid)
 
     def _supervise(self, slot: int) -> None:
@@ -353,11 +367,15 @@ class Server:
         except (BlockingIOError, BrokenPipeError):
             pass  # the master is busy (its next scan finds the message) or gone
 
-    def _watch_master(self, master: int) -> None:
-        while os.getppid() == master:
-            gevent.sleep(1)
-        logger.warning("the master process is gone; stopping")
+    def _watch_master(self, lifeline_fd: int) -> None:
+        lifeline.master_gone(lifeline_fd)
+        logger.warning("the master process is gone; no longer accepting, stopping")
         self.stop()
+
+    @property
+    def orphaned(self) -> bool:
+        """A worker whose master has exited (its parent is no longer the master)."""
+        return self.role == "worker" and os.getppid() != int(os.environ[lifeline.MASTER_PID])
 
     def serve_forever(self) -> None:
         # handlers first: a SIGHUP that came as soon as a worker says "listening" would
@@ -446,8 +464,11 @@ class Server:
             for proc in self.workers:  # they drain their own sessions the same way
                 if proc is not None and proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
-            logger.info("draining: {} open sessions; listeners close in {:g}s", len(self.sessions), cfg.drain_delay)
-            gevent.sleep(cfg.drain_delay)
+            # an orphaned worker stops accepting at once: nobody delivers what it would queue
+            # until the next master starts, which waits for it (and no balancer needs telling)
+            delay = 0.0 if self.orphaned else cfg.drain_delay
+            logger.info("draining: {} open sessions; listeners close in {:g}s", len(self.sessions), delay)
+            gevent.sleep(delay)
             for server in self.servers:
                 server.close()
             for sock in self.listen_socks.values():  # the workers close their copies too

@@ -15,7 +15,9 @@ fsync; when delivery progress must be saved, the entry is replaced by a small en
 (written in tmp/, fsynced, renamed over it). A message too big to hold in memory is streamed
 to msg/ during DATA behind a placeholder line and gets a separate envelope file at commit.
 
-No locks: exactly one claimer wins a rename, so several processes can share a spool. Disk
+No locks between entries: exactly one claimer wins a rename, so a master and its workers
+share the spool. One lock for the whole spool (lock_spool) keeps a second geosmtp, and the
+start-up recovery, away while any process of a running one lives. Disk
 work runs through `run` (the server passes gevent's threadpool) so the hub never waits on it.
 """
 from __future__ import annotations
@@ -430,24 +432,75 @@ class Spool:
         return recovered
 
 
-# -- the spool lock: one geosmtp (master) per spool ------------------------------------------
-def lock_spool(spool_dir) -> int:
+# -- the spool lock: one geosmtp per spool, held by every process that writes it --------------
+def lock_spool(spool_dir, wait: float = 0.0) -> int:
     """Take the spool's lock for this process and write our pid in it (geosmtp-queue
-    signals that pid after it changes the queue); recover() and the queue manager assume
-    no other geosmtp works on the spool. Returns the open descriptor, to keep."""
+    signals that pid after it changes the queue). recover() and the queue manager assume
+    no other geosmtp works on the spool. Returns the open descriptor, to keep.
+
+    A master passes this descriptor to its workers, so the lock (an flock: it belongs to the
+    open file, not to one process) is held until the last of them exits. When the pid in the
+    lock is dead but the lock is still held, the processes it left behind (workers finishing
+    their sessions) are waited for up to `wait` seconds: recovery never runs beside them.
+    A live holder is refused at once."""
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(spool_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    for _ in range(20):  # lock_holder() holds it shared for an instant
+    started = time.monotonic()
+    told = False
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            time.sleep(0.05)
-    else:
-        os.close(fd)
-        raise OSError(f"another geosmtp is running on the spool {spool_dir}")
+            pass
+        holder = _pid_in(fd)
+        orphans = holder is not None and not _alive(holder)
+        waited = time.monotonic() - started
+        if orphans and not told:
+            logger.warning("spool {}: the processes left by geosmtp pid {} (gone) still hold it; "
+                           "waiting up to {:g}s for them to finish their sessions", spool_dir, holder, wait)
+            told = True
+        # lock_holder() holds it shared for an instant: a second is plenty for that
+        if waited >= (wait if orphans else 1.0):
+            os.close(fd)
+            if orphans:
+                raise OSError(f"the processes left by geosmtp pid {holder} still hold the spool "
+                              f"{spool_dir} after {waited:.0f}s")
+            raise OSError(f"another geosmtp{f' (pid {holder})' if holder else ''} is running on the spool {spool_dir}")
+        time.sleep(0.05)
+    if told:
+        logger.info("spool {}: the previous geosmtp's processes are gone after {:.1f}s",
+                    spool_dir, time.monotonic() - started)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _pid_in(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 64, 0).strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def held_lock(spool_dir, fd: int) -> int:
+    """A worker's check of the lock descriptor its master passed it: the same file as the
+    spool's lock (so the worker holds the master's lock for as long as it lives)."""
+    st, lock = os.fstat(fd), os.stat(os.path.join(spool_dir, "lock"))
+    if (st.st_dev, st.st_ino) != (lock.st_dev, lock.st_ino):
+        raise OSError(f"descriptor {fd} is not the lock of the spool {spool_dir}")
     return fd
 
 
@@ -462,10 +515,7 @@ def lock_holder(spool_dir) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held: a server runs
-            try:
-                return int(os.pread(fd, 64, 0).strip() or 0)
-            except (OSError, ValueError):
-                return 0
+            return _pid_in(fd) or 0
         return None
     finally:
         os.close(fd)  # releases a shared lock taken above

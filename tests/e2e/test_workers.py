@@ -8,21 +8,7 @@ import time
 
 from tests.support import toml
 from tests.support.e2e import readyz
-from tests.support.server import ServerProcess, free_port
-
-
-def children(pid: int) -> set[int]:
-    out = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as fh:
-                    data = fh.read()
-            except OSError:
-                continue
-            if int(data[data.rindex(")") + 2:].split()[1]) == pid:
-                out.add(int(name))
-    return out
+from tests.support.server import ServerProcess, alive, children, free_port
 
 
 def send(port, n, tag):
@@ -67,7 +53,7 @@ def test_a_second_server_on_the_same_spool_is_refused(tmp_path):
         result = subprocess.run([sys.executable, "-m", "geosmtp", "start", "-c", str(clash.config_path)],
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 1
-        assert "another geosmtp is running on the spool" in result.stderr
+        assert f"another geosmtp (pid {first.proc.pid}) is running on the spool" in result.stderr
     finally:
         first.stop()
 
@@ -77,11 +63,7 @@ def test_master_stops_workers_on_sigterm(tmp_path):
     workers = srv.wait_for(lambda: len(children(srv.proc.pid)) == 3 and children(srv.proc.pid))
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(30) == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
-        time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{p}/stat") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]
-                   for p in workers)
+    srv.wait_for(lambda: not any(alive(p) for p in workers), timeout=10)
 
 
 

@@ -101,13 +101,18 @@ class ServerProcess:
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
 
-    def start(self, timeout: float = 15.0) -> "ServerProcess":
+    def launch(self) -> subprocess.Popen:
+        """Start the process and return at once (start() also waits for its greeting)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "geosmtp", "start", "-c", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
         )
         log.close()
+        return self.proc
+
+    def start(self, timeout: float = 15.0) -> "ServerProcess":
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -160,3 +165,29 @@ class ServerProcess:
     def queue_files(self, state: str) -> list[str]:
         d = self.spool / "queue" / state
         return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def children(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (a master's workers)."""
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    data = fh.read()
+            except OSError:
+                continue
+            state, ppid = data[data.rindex(")") + 2:].split()[:2]
+            if int(ppid) == pid and state not in ("Z", "X"):
+                out.add(int(name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: its parent is gone and nobody reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            data = fh.read()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2:].split()[0] not in ("Z", "X")
