@@ -412,7 +412,7 @@ def test_restrict_sender_off_lets_any_sender_through(make_server):
 # -- STARTTLS -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
-    trustme = pytest.importorskip("trustme")
+    import trustme
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     d = tmp_path_factory.mktemp("tls")

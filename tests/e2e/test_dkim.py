@@ -297,10 +297,7 @@ def test_a_bad_key_file_stops_the_server_from_starting(tmp_path, fake_dns, keys,
     elif problem == "encrypted":
         bad.write_bytes(openssl("pkey", "-in", str(keys["rsa"].path), "-aes256", "-passout", "pass:secret"))
     elif problem == "short-rsa":
-        try:
-            bad.write_bytes(openssl("genrsa", "512"))
-        except subprocess.CalledProcessError:
-            pytest.skip("this openssl will not make a 512-bit key")
+        bad.write_bytes(openssl("genrsa", "512"))
     entry = {"domain": DOMAIN, "selector": "bad", "key_file": str(bad), "algorithm": algorithm}
     srv = dkim_server(tmp_path / "srv", fake_dns, 2525, [keys["ed"].entry(), entry])
     with pytest.raises(RuntimeError) as exc:

@@ -181,11 +181,11 @@ def haproxy_server_state(stats: str) -> int | None:
     return int(rows[0][names.index("srv_op_state")])
 
 
-@pytest.mark.skipif(HAPROXY is None, reason="HAProxy is not installed (.ci/run installs Debian's)")
 def test_mail_and_drain_through_a_real_haproxy(tmp_path):
     """Our shipped haproxy.cfg's shape: send-proxy-v2 to the listener, health from /readyz.
     Mail from 127.0.0.3 arrives with 127.0.0.3 as its client; on SIGTERM HAProxy takes the
     node out (readyz 503) while its listener is still open (drain_delay), then it exits 0."""
+    assert HAPROXY is not None, "HAProxy is not installed (.ci/run installs Debian's haproxy)"
     mport, front = free_port(), free_port()
     s = ServerProcess(tmp_path / "geo", {
         "listeners": {"smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}},
