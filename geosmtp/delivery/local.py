@@ -78,8 +78,13 @@ class MaildirDelivery:
     def _write(box: Path, name: str, header: bytes, open_body: Callable[[], BinaryIO],
                redelivery: bool) -> None:
         if not (box / "new").is_dir():
+            # every level 0700, files 0600 (as Postfix's local does): Dovecot copies these
+            # modes to its index files, which hold subjects and senders
+            box.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # maildir_root
+            for level in (box.parent, box):
+                level.mkdir(exist_ok=True, mode=0o700)
             for sub in ("tmp", "new", "cur"):
-                (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+                (box / sub).mkdir(exist_ok=True, mode=0o700)
             for folder in (box, box.parent, box.parent.parent):  # make the new folders durable
                 safeio.fsync_path(folder)
         if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(box / "cur")):
