@@ -229,6 +229,17 @@ class LocalConfig(_Section):
     maildir_root: Path = Path("./var/mail")
     users: list[str] = []
     aliases: dict[str, list[str]] = {}
+    # "alice+lists@" delivers to alice (each character is a delimiter, as in Postfix); ""
+    # turns sub-addresses off
+    recipient_delimiter: str = "+"
+
+    @field_validator("recipient_delimiter")
+    @classmethod
+    def _delimiter(cls, v: str) -> str:
+        bad = [c for c in v if not (c.isascii() and c.isprintable()) or c in '@."\\ ']
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"{v!r}: delimiters are distinct printable ASCII characters other than @ . \" \\ and space")
+        return v
 
     @field_validator("domains")
     @classmethod

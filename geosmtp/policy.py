@@ -37,9 +37,17 @@ class LocalDirectory:
     domains: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    delimiters: str = "+"  # recipient_delimiter: "alice+lists@" is alice's; "" turns it off
 
     def is_local(self, domain: str) -> bool:
         return domain.lower() in self.domains
+
+    def without_detail(self, key: str) -> str | None:
+        """"alice+lists@example.com" → "alice@example.com" (RFC 5233 sub-addressing, the
+        first delimiter character in the local part), or None when there is no detail."""
+        local, _, domain = key.rpartition("@")
+        cut = min((i for i in map(local.find, self.delimiters) if i > 0), default=-1)
+        return f"{local[:cut]}@{domain}" if cut > 0 else None
 
     def primary_domain(self) -> str | None:
         return min(self.domains) if self.domains else None
@@ -49,7 +57,9 @@ class LocalDirectory:
         does not exist. An alias may name itself to keep a copy in its own mailbox. Each
         alias is expanded once, so shared sub-aliases cost no more than their edges."""
         if key not in self.aliases and key not in self.users:
-            return None
+            # the whole address first (an alias may name one with a detail), then without it
+            base = self.without_detail(key)
+            return None if base is None else self.expand(base)
         out: list[str] = []
         expanded: set[str] = set()
         stack: list[tuple[str, frozenset[str]]] = [(key, frozenset())]
@@ -99,7 +109,7 @@ def check_sender(user: str, sender: Address | None, local: LocalDirectory,
     if sender is None:
         return None
     key = sender.key
-    if key == user:
+    if key == user or local.without_detail(key) == user:
         return None
     allowed = extra.get(user, ())
     if key in allowed or f"@{sender.domain}" in allowed:

@@ -217,6 +217,7 @@ class Server:
             domains=frozenset(local.domains),
             users=frozenset(local.users),
             aliases={k: tuple(v) for k, v in local.aliases.items()},
+            delimiters=local.recipient_delimiter,
         )
 
     @staticmethod

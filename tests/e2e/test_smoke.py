@@ -22,3 +22,22 @@ def test_mailboxes_are_private(server):
     for path in (server.maildir_root, box.parent, box, box / "tmp", box / "new", box / "cur"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
     assert stat.S_IMODE(msgs[0].stat().st_mode) == 0o600
+
+
+def test_sub_addresses_reach_the_mailbox(server, tmp_path):
+    before = len(server.messages("alice@example.test"))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as c:
+        c.sendmail("x@remote.test", ["alice+lists@example.test"], b"Subject: sub\r\n\r\nbody\r\n")
+    server.wait_for(lambda: len(server.messages("alice@example.test")) == before + 1)
+
+    from tests.support.server import ServerProcess
+
+    off = ServerProcess(tmp_path / "off", {"local": {"recipient_delimiter": ""}}).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", off.port, timeout=10) as c:
+            c.ehlo()
+            c.mail("x@remote.test")
+            code, text = c.rcpt("alice+lists@example.test")
+        assert (code, text[:5]) == (550, b"5.1.1")
+    finally:
+        off.stop()

@@ -271,3 +271,38 @@ def test_check_sender_table(sender, allowed):
 def test_extra_senders_belong_to_their_user_only():
     bob = check_sender("bob@example.test", Address("alice", "remote.test"), SENDER_DIRECTORY, EXTRA)
     assert bob == replies.SENDER_NOT_OWNED
+
+
+# -- sub-addresses (recipient_delimiter) -------------------------------------------------------
+SUB = LocalDirectory(
+    domains=frozenset({"example.test"}),
+    users=frozenset({"alice@example.test", "bob@example.test", "a+b@example.test"}),
+    aliases={"team@example.test": ("alice@example.test", "bob@example.test"),
+             "alice+spam@example.test": ("bob@example.test",)},
+    delimiters="+-",
+)
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("alice+lists@example.test", ["alice@example.test"]),
+    ("alice-lists@example.test", ["alice@example.test"]),
+    ("alice+a-b+c@example.test", ["alice@example.test"]),  # the first delimiter cuts
+    ("team+x@example.test", ["alice@example.test", "bob@example.test"]),  # aliases too
+    ("alice+spam@example.test", ["bob@example.test"]),  # the whole address wins
+    ("a+b@example.test", ["a+b@example.test"]),  # a user whose name has the delimiter
+    ("+alice@example.test", replies.UNKNOWN_USER),  # no local part before the delimiter
+    ("carol+x@example.test", replies.UNKNOWN_USER),
+    ("alice+@example.test", ["alice@example.test"]),
+])
+def test_sub_addresses_deliver_to_the_base_address(address, expected):
+    assert resolve_rcpt(STRANGER, rcpt(address), SUB) == expected
+
+
+def test_sub_addresses_off():
+    off = LocalDirectory(domains=SUB.domains, users=SUB.users, aliases=SUB.aliases, delimiters="")
+    assert resolve_rcpt(STRANGER, rcpt("alice+lists@example.test"), off) == replies.UNKNOWN_USER
+
+
+def test_a_user_may_send_from_their_sub_addresses():
+    assert check_sender("alice@example.test", Address("alice+lists", "example.test"), SUB, {}) is None
+    assert check_sender("alice@example.test", Address("bob+x", "example.test"), SUB, {}) == replies.SENDER_NOT_OWNED
