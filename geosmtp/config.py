@@ -189,11 +189,73 @@ class LimitsConfig(_Section):
     auth_failures_per_hour_per_ip: int = Field(30, ge=0)  # then AUTH is refused (421 4.7.0)
 
 
-class TLSConfig(_Section):
+class CertificateConfig(_Section):
+    """[[tls.certificate]]: one more certificate, for the SNI names it lists."""
+
     cert_file: Path
     key_file: Path
+    names: list[str] = []  # "mx.example.com" or "*.example.org" (one label)
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        out = []
+        for name in v:
+            bare = name[2:] if name.startswith("*.") else name
+            if not is_hostname(bare):
+                raise ValueError(f"{name!r} is not a host name or *.domain")
+            out.append(name.lower())
+        return out
+
+
+# TLS 1.2: forward-secret AEAD suites only (no CBC, no static RSA key exchange)
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP:!DSS"
+# TLS 1.3: OpenSSL's own default (all three are AEAD and forward-secret)
+DEFAULT_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+_CIPHERSUITE = re.compile(r"TLS_[A-Z0-9_]+(:TLS_[A-Z0-9_]+)*")
+
+
+class TLSConfig(_Section):
+    # the default certificate; [[tls.certificate]] adds more, chosen by the client's SNI
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    certificate: list[CertificateConfig] = []
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
     handshake_timeout: Duration = 30.0
+    ciphers: str = DEFAULT_CIPHERS  # OpenSSL cipher string, TLS 1.2
+    ciphersuites: str = DEFAULT_CIPHERSUITES  # TLS 1.3
+    session_tickets: bool = False
+
+    @field_validator("ciphers")
+    @classmethod
+    def _ciphers(cls, v: str) -> str:
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(v)
+        except ssl.SSLError:
+            raise ValueError(f"{v!r}: OpenSSL selects no cipher with this string") from None
+        return v
+
+    @field_validator("ciphersuites")
+    @classmethod
+    def _ciphersuites(cls, v: str) -> str:
+        if not _CIPHERSUITE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a list like TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256")
+        return v
+
+    @model_validator(mode="after")
+    def _some_certificate(self) -> "TLSConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is None and not self.certificate:
+            raise ValueError("needs cert_file and key_file, or a [[tls.certificate]]")
+        return self
+
+    def certificates(self) -> list[CertificateConfig]:
+        """Every certificate, the default first (cert_file, else the first [[tls.certificate]])."""
+        top = [CertificateConfig(cert_file=self.cert_file, key_file=self.key_file)] if self.cert_file else []
+        return top + list(self.certificate)
 
 
 class AuthConfig(_Section):

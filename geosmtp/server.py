@@ -40,7 +40,7 @@ from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
 from geosmtp.session import Draining, Services, Session, SessionSettings
 from geosmtp.spool import Spool, held_lock, lock_spool
-from geosmtp.tls import ServerTLS, TLSFiles
+from geosmtp.tls import Certificate, ServerTLS, TLSSettings
 
 LISTEN_BACKLOG = 1024
 # Disk work (fsync, big writes) runs in gevent's threadpool. Several fsyncs in flight at
@@ -193,7 +193,7 @@ class Server:
             spool=self.spool,
             directory=self.directory,
             on_queued=self._announce if role == "worker" else self.queue.notify,
-            tls=ServerTLS(self.tls_files(config)) if config.tls else None,
+            tls=ServerTLS(self.tls_settings(config)) if config.tls else None,
             users=UserStore.load(config.auth.users_file) if config.auth.users_file else None,
             senders=dict(config.auth.senders),
             limiter=MemoryLimiter(),
@@ -221,9 +221,14 @@ class Server:
         )
 
     @staticmethod
-    def tls_files(config: Config) -> TLSFiles:
+    def tls_settings(config: Config) -> TLSSettings:
         t = config.tls
-        return TLSFiles(str(t.cert_file), str(t.key_file), t.min_version)
+        return TLSSettings(
+            certificates=tuple(Certificate(str(c.cert_file), str(c.key_file), tuple(c.names))
+                               for c in t.certificates()),
+            min_version=t.min_version, ciphers=t.ciphers, ciphersuites=t.ciphersuites,
+            session_tickets=t.session_tickets,
+        )
 
     def settings_for(self, listener: ListenerConfig) -> SessionSettings:
         c = self.config
@@ -409,7 +414,7 @@ class Server:
                 return
         parts = {}
         for part, build in (
-            ("TLS certificate", lambda: ServerTLS(self.tls_files(new)) if new.tls else None),
+            ("TLS certificate", lambda: ServerTLS(self.tls_settings(new)) if new.tls else None),
             ("users file", lambda: UserStore.load(new.auth.users_file) if new.auth.users_file else None),
             ("relay", lambda: build_relay(new) if self.role != "worker" else None),
             ("DKIM keys", lambda: build_signer(new) if self.role != "worker" else None),
@@ -445,7 +450,7 @@ class Server:
             q.scan_interval = new.queue.scan_interval
             gevent.spawn(old_relay.close)  # its kept connections; deliveries in flight finish
         if tls is not None:
-            logger.info("reload: TLS certificate loaded from {}", tls.files.cert_file)
+            logger.info("reload: TLS certificates loaded from {}", tls.settings.cert_files)
         if users is not None:
             logger.info("reload: {} users loaded from {}", len(users.users), new.auth.users_file)
         logger.info("reload: configuration from {} applied ({} local domains)",

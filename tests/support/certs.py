@@ -15,9 +15,10 @@ class ServerCert:
     """A leaf certificate for the test server, issued by `ca` (a new CA unless given)."""
 
     def __init__(self, ca: trustme.CA | None = None, common_name: str = HOSTNAME,
-                 identities: tuple[str, ...] = (HOSTNAME, "127.0.0.1")):
+                 identities: tuple[str, ...] = (HOSTNAME, "127.0.0.1"),
+                 key_type: trustme.KeyType = trustme.KeyType.ECDSA):
         self.ca = ca or trustme.CA()
-        self.leaf = self.ca.issue_cert(*identities, common_name=common_name)
+        self.leaf = self.ca.issue_cert(*identities, common_name=common_name, key_type=key_type)
         self.common_name = common_name
 
     @property
