@@ -159,18 +159,18 @@ class Client:
         if self.conn.pending():
             # replies nobody asked for: a man in the middle, or a broken server
             self.broken = True
-            raise TransientError(Reply(451, "4.7.5", f"{self.label} sent unexpected data before STARTTLS"))
+            raise TransientError(Reply(451, "4.7.5", f"{self.label} sent unexpected data before STARTTLS"), self.label)
         reply = self.command("STARTTLS", "STARTTLS")
         if reply.code != 220:
             return False
         if self.conn.pending():  # bytes after the 220 would be taken as TLS-protected replies
             self.broken = True
-            raise TransientError(Reply(451, "4.7.5", f"{self.label} sent data after its STARTTLS reply"))
+            raise TransientError(Reply(451, "4.7.5", f"{self.label} sent data after its STARTTLS reply"), self.label)
         try:
             self.tls = self.conn.start_tls(context, self.timeouts.command, server_hostname=server_hostname)
         except HandshakeFailed as exc:
             self.broken = True
-            raise TransientError(Reply(451, "4.7.5", f"TLS handshake with {self.label} failed: {exc}")) from None
+            raise TransientError(Reply(451, "4.7.5", f"TLS handshake with {self.label} failed: {exc}"), self.label) from None
         self.extensions = {}
         self.hello(helo_name)  # RFC 3207 4.2: everything learnt before is forgotten
         return True
@@ -179,13 +179,13 @@ class Client:
         """AUTH PLAIN (RFC 4616) with the initial response. The caller ensures TLS. The
         command is never logged: it carries the password."""
         if "PLAIN" not in self.extensions.get("AUTH", "").upper().split():
-            raise TransientError(Reply(451, "4.7.0", f"{self.label} does not offer AUTH PLAIN"))
+            raise TransientError(Reply(451, "4.7.0", f"{self.label} does not offer AUTH PLAIN"), self.label)
         token = base64.b64encode(f"\0{user}\0{password}".encode("utf-8")).decode("ascii")
         reply = self.command(f"AUTH PLAIN {token}", "AUTH")
         if reply.code != 235:
             # a rejected login is the relay operator's problem to fix, not the sender's:
             # keep the mail and retry (Postfix does the same)
-            raise TransientError(Reply(451, "4.7.0", f"authentication to {self.label} failed: {reply}"))
+            raise TransientError(Reply(451, "4.7.0", f"authentication to {self.label} failed: {reply}"), self.label)
         self.auth_user = user
 
     # -- the transaction --------------------------------------------------------------------
@@ -196,14 +196,14 @@ class Client:
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) > 0 and msg.size > int(limit):
             raise PermanentError(Reply(552, "5.3.4", f"message size {msg.size} exceeds the limit "
-                                       f"of {self.label} ({limit})"))
+                                       f"of {self.label} ({limit})"), self.label)
         if msg.smtputf8 and "SMTPUTF8" not in self.extensions:
             raise PermanentError(Reply(553, "5.6.7", f"{self.label} does not support SMTPUTF8, "
-                                       "which this message needs"))
+                                       "which this message needs"), self.label)
         if msg.eightbit and "8BITMIME" not in self.extensions and not _all_ascii(body):
             # RFC 6152 3: convert or refuse; we do not rewrite MIME, so the sender hears of it
             raise PermanentError(Reply(554, "5.6.3", f"{self.label} does not support 8BITMIME, "
-                                       "which this message needs"))
+                                       "which this message needs"), self.label)
         params = ""
         if "SIZE" in self.extensions:
             params += f" SIZE={msg.size}"
@@ -316,7 +316,7 @@ class Client:
         except ConnectionClosed as exc:
             self.broken = True
             raise ConnectionLost(Reply(451, "4.4.2", f"lost connection with {self.label} "
-                                       f"while sending {stage}: {exc}")) from None
+                                       f"while sending {stage}: {exc}"), self.label) from None
 
     def read_reply(self, timeout: float, stage: str) -> Reply:
         """One whole reply, its lines joined; it must all arrive within `timeout`."""
@@ -346,15 +346,15 @@ class Client:
         except ReadTimeout:
             self.broken = True
             raise TransientError(Reply(451, "4.4.2", f"timeout waiting for {stage} reply from "
-                                       f"{self.label}")) from None
+                                       f"{self.label}"), self.label) from None
         except (ConnectionClosed, LineFlood) as exc:
             self.broken = True
             raise ConnectionLost(Reply(451, "4.4.2", f"lost connection with {self.label} "
-                                       f"after {stage}: {exc}")) from None
+                                       f"after {stage}: {exc}"), self.label) from None
         except (ValueError, LineTooLong) as exc:
             self.broken = True
             raise TransientError(Reply(451, "4.5.0", f"protocol error from {self.label} after {stage}: "
-                                       f"{exc!s:.80}")) from None
+                                       f"{exc!s:.80}"), self.label) from None
         return code, lines
 
 

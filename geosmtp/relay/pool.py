@@ -33,6 +33,15 @@ OPPORTUNISTIC, REQUIRED, VERIFY = "opportunistic", "required", "verify"
 class Outcome:
     reply: Reply
     remote: str | None = None  # "name[address]" of the server that replied, if any
+    tls: str | None = None  # "TLSv1.3 verified", "TLSv1.2 unverified", "none"; None: no session
+
+
+def tls_state(client: Client, policy: str) -> str:
+    """What protected the transaction: the TLS version, and whether the certificate was
+    checked (only the "verify" policy checks the chain and the host name)."""
+    if client.tls is None:
+        return "none"
+    return f"{client.tls.partition(' ')[0]} {'verified' if policy == VERIFY else 'unverified'}"
 
 
 @dataclass(frozen=True)
@@ -129,12 +138,13 @@ class Relay:
                     replies = client.send(msg, body)
         except PermanentError as exc:  # this server can never take it (SIZE, SMTPUTF8)
             self._release(client, host, address, policy)
-            return [Outcome(exc.reply, exc.remote)] * len(msg.recipients)
+            return [Outcome(exc.reply, exc.remote, tls_state(client, policy))] * len(msg.recipients)
         except TransientError as exc:
             client.close()
-            return [Outcome(exc.reply, exc.remote)] * len(msg.recipients)
+            return [Outcome(exc.reply, exc.remote, tls_state(client, policy))] * len(msg.recipients)
         self._release(client, host, address, policy)
-        return [Outcome(r, client.label) for r in replies]
+        tls = tls_state(client, policy)
+        return [Outcome(r, client.label, tls) for r in replies]
 
     # -- connections ------------------------------------------------------------------------
     def _key(self, host: Host, address: str, policy: str) -> tuple:
@@ -166,7 +176,7 @@ class Relay:
                 # RFC 5321 5.1: we are talking to ourselves (an MX or a smarthost that
                 # points back here); going on would loop the message
                 raise PermanentError(Reply(554, "5.4.6", f"mail for this destination loops back to "
-                                           f"myself ({label} greets as {client.server_name})"))
+                                           f"myself ({label} greets as {client.server_name})"), label)
             if "STARTTLS" in client.extensions:
                 try:
                     encrypted = client.starttls(self.contexts[policy], host.name, s.helo_name)
@@ -183,11 +193,11 @@ class Relay:
                 encrypted = False
             if not encrypted and policy != OPPORTUNISTIC:
                 raise TransientError(Reply(451, "4.7.5", f"TLS is required, but {label} does not "
-                                           "offer STARTTLS"))
+                                           "offer STARTTLS"), label)
             if s.smarthost_auth:
                 if not encrypted:
                     raise TransientError(Reply(451, "4.7.5", f"refusing to send a password to "
-                                               f"{label} without TLS"))
+                                               f"{label} without TLS"), label)
                 client.auth_plain(*s.smarthost_auth)
         except BaseException:
             client.close()

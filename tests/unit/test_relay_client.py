@@ -857,3 +857,20 @@ def test_relay_timeout_outcome_and_no_reuse_of_the_broken_connection(mx, make_re
     assert outcome.reply.code == 250
     msgs = mx.wait_for_messages(1)
     assert msgs[0].connection == 2
+
+
+@pytest.mark.parametrize("drop_at", ["rcpt", "data", "body", "dot"])
+def test_a_failure_after_talking_to_a_host_names_it(mx, make_relay, drop_at):
+    """relay=host[ip] in the log and Remote-MTA in a bounce, whatever went wrong after the
+    greeting (here: the connection dropped at some stage)."""
+    mx.drop_at = drop_at
+    [outcome] = deliver(make_relay())
+    assert outcome.reply.code == 451
+    assert (outcome.remote, outcome.tls) == (LABEL, "none")
+
+
+def test_a_refusal_decided_by_us_after_ehlo_names_the_host(mx, make_relay):
+    mx.extensions = [e for e in mx.extensions if not e.startswith("SIZE")] + ["SIZE 10"]
+    [outcome] = deliver(make_relay())
+    assert (outcome.reply.code, outcome.reply.enhanced) == (552, "5.3.4")
+    assert outcome.remote == LABEL
