@@ -24,7 +24,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import metrics, replies
+from geosmtp import metrics, replies, safeio
 from geosmtp import proxy as proxy_protocol
 from geosmtp.auth import UserStore
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
@@ -165,10 +165,7 @@ class Server:
         self.listen_socks: dict[str, socket.socket] = {}  # a master's, kept for its workers
         hub = gevent.get_hub()
         hub.threadpool.maxsize = IO_THREADS
-
-        def run(fn, *args):
-            return hub.threadpool.apply(fn, args)
-
+        run = safeio.threadpool_runner(hub.threadpool)
         self.spool = Spool(config.server.spool_dir, run=run)
         self.directory = self._directory(config)
         self.maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, self.directory.users, run)
