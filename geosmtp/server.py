@@ -26,7 +26,7 @@ from loguru import logger
 
 from geosmtp import metrics, replies, safeio
 from geosmtp import proxy as proxy_protocol
-from geosmtp.auth import UserStore
+from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
@@ -87,18 +87,6 @@ def build_relay(config: Config) -> Relay:
     )
     own_names = frozenset({config.server.hostname, settings.helo_name})
     return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
-
-
-def read_secret(path) -> str:
-    """The first line of a file that only its owner may read."""
-    mode = os.stat(path).st_mode
-    if mode & 0o077:
-        raise ValueError(f"{path}: readable by others (mode {mode & 0o777:o}); chmod 600 it")
-    with open(path, encoding="utf-8") as fh:
-        secret = fh.readline().rstrip("\r\n")
-    if not secret:
-        raise ValueError(f"{path}: empty")
-    return secret
 
 
 def build_signer(config: Config) -> Signer:
