@@ -274,15 +274,14 @@ class Server:
         self.http.start()
         logger.info("metrics and health on http://{}/metrics", address)
 
-    def not_ready(self) -> str | None:
-        """Why a load balancer should not send us connections now, or None."""
+    def not_ready(self) -> metrics.Unready | None:
+        """Why a load balancer should not send us connections now (or should, knowing that
+        big messages get 452), or None."""
         if self._stopping:
-            return "draining"
+            return metrics.Unready("draining")
         if self.role == "master" and not any(p is not None and p.poll() is None for p in self.workers):
-            return "no worker running"
-        if not metrics.spool_writable(str(self.config.server.spool_dir), self.config.limits.max_message_size):
-            return "spool not writable or full"
-        return None
+            return metrics.Unready("no worker running")
+        return metrics.spool_readiness(str(self.config.server.spool_dir), self.config.limits.max_message_size)
 
     # -- workers (role "master" and "worker") -----------------------------------------------
     def _start_workers(self) -> None:
