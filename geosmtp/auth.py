@@ -82,9 +82,15 @@ class UserStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UserStore:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        """Raises OSError if unreadable, ValueError naming the file and the line."""
+        with open(path, "rb") as fh:
+            data = fh.read()
         try:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                number = data.count(b"\n", 0, exc.start) + 1
+                raise ValueError(f"line {number}: not UTF-8") from None
             return cls.parse(text)
         except ValueError as exc:
             raise ValueError(f"{os.fspath(path)}: {exc}") from None
@@ -97,6 +103,22 @@ class UserStore:
         encoded = self.users.get(ascii_lower(user))
         ok = verify_password(password, encoded or _dummy_hash())
         return ok and encoded is not None
+
+
+def read_secret(path: str | os.PathLike) -> str:
+    """The first line of a file that only its owner may read (the smarthost password).
+    Raises OSError, or ValueError naming the file (never its content)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ValueError(f"{os.fspath(path)}: readable by others (mode {mode & 0o777:o}); chmod 600 it")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            secret = fh.readline().rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.fspath(path)}: not UTF-8") from None
+    if not secret:
+        raise ValueError(f"{os.fspath(path)}: empty")
+    return secret
 
 
 def decode_response(text: str) -> bytes:

@@ -5,6 +5,7 @@ Reached through geosmtp.entry (or `python -m geosmtp`), which monkey-patches fir
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import click
 
@@ -21,10 +22,26 @@ def load_or_exit(path: str) -> Config:
     try:
         return load(path)
     except ConfigError as exc:
-        click.echo(f"geosmtp: {exc.source}: configuration is not valid:", err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(2)
+        refuse(f"{exc.source}: configuration is not valid", exc.problems)
+
+
+def refuse(what: str, problems: list[str]) -> NoReturn:
+    click.echo(f"geosmtp: {what}:", err=True)
+    for problem in problems:
+        click.echo(f"  {problem}", err=True)
+    sys.exit(2)
+
+
+def check_or_exit(path: str) -> Config:
+    """The configuration, once it is valid and everything it names can be used; else the
+    list of problems and exit status 2."""
+    from geosmtp import preflight
+
+    config = load_or_exit(path)
+    problems = preflight.check(config)
+    if problems:
+        refuse(f"{path}: cannot start with this configuration", problems)
+    return config
 
 
 @click.group()
@@ -40,7 +57,8 @@ def start(config_path: str, worker: bool) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT."""
     import os
 
-    config = load_or_exit(config_path)
+    # the master checks what the workers will use; it starts them only if all is well
+    config = load_or_exit(config_path) if worker else check_or_exit(config_path)
     if config.server.workers > 1 and config.metrics.address and not worker:
         # every process keeps its counters in files here; the master adds them up
         import shutil
@@ -72,8 +90,10 @@ def start(config_path: str, worker: bool) -> None:
 @main.command("check-config")
 @CONFIG_OPTION
 def check_config(config_path: str) -> None:
-    """Validate the configuration file and exit (status 2 when it is not valid)."""
-    config = load_or_exit(config_path)
+    """Validate the configuration file and open everything it names (certificate and key,
+    users file, DKIM keys, password and CA files, spool, Maildir root) as `start` does; exit
+    with status 2 and every problem listed when the server could not start with it."""
+    config = check_or_exit(config_path)
     names = ", ".join(f"{item.name}={item.address}" for item in config.listener)
     click.echo(f"{config_path}: ok ({len(config.listener)} listeners: {names})")
 

@@ -52,9 +52,11 @@ def load_key(domain: str, selector: str, key_file: str | Path, algorithm: str) -
         pem = Path(key_file).read_bytes().replace(b"\r\n", b"\n")  # dkimpy wants LF
     except OSError as exc:
         raise KeyError_(f"{key_file}: cannot read: {exc.strerror}") from None
-    m = _PEM.search(pem)
-    if m is None or m.group(1) == b"ENCRYPTED PRIVATE KEY" or b"Proc-Type: 4,ENCRYPTED" in pem:
-        raise KeyError_(f"{key_file}: not a PEM private key without a passphrase")
+    m = next((b for b in _PEM.finditer(pem) if b.group(1).endswith(b"PRIVATE KEY")), None)
+    if m is None:  # a certificate or a public key given by mistake, or no PEM at all
+        raise KeyError_(f"{key_file}: no PEM private key in it")
+    if m.group(1) == b"ENCRYPTED PRIVATE KEY" or b"Proc-Type: 4,ENCRYPTED" in m.group(0):
+        raise KeyError_(f"{key_file}: the key is encrypted; give geosmtp a key without a passphrase")
     try:
         der = base64.b64decode(m.group(2), validate=False)
     except ValueError:

@@ -1,6 +1,6 @@
 """Counters, gauges and histograms (prometheus_client), and the HTTP side: /metrics,
-/healthz (the process answers) and /readyz (it should get traffic: not draining, spool
-writable), served by gevent's WSGI server on [metrics] address.
+/healthz (the process answers) and /readyz (it should get traffic: not draining, the spool
+can take mail), served by gevent's WSGI server on [metrics] address.
 
 The metric objects are module globals, one set per process; the rest of geosmtp updates them
 directly. With workers, every process writes its values to files in PROMETHEUS_MULTIPROC_DIR
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from geosmtp.spool import id_time
+from geosmtp.spool import SPILL_SIZE, id_time
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
@@ -79,6 +80,7 @@ def registry_for(spool_dir: str) -> CollectorRegistry:
     else:
         from prometheus_client import REGISTRY as registry
     registry.register(SpoolCollector(spool_dir))
+    registry.register(SpoolRoomCollector(spool_dir))
     return registry
 
 
@@ -90,20 +92,66 @@ def process_gone(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def spool_writable(spool_dir: str, need: int) -> bool:
-    """The spool can take a message: the directories a commit writes in (tmp/, msg/,
-    queue/incoming/) are writable directories and `need` octets are free."""
+@dataclass(frozen=True)
+class Unready:
+    """Why /readyz is not a plain "ready". `serve`: keep sending us traffic anyway (200)."""
+
+    text: str
+    serve: bool = False
+
+
+def spool_room(spool_dir: str) -> tuple[str | None, int]:
+    """(why the spool cannot take any message, or None; octets free to us on its disk).
+    The directories a commit writes in (tmp/, msg/, queue/incoming/) must be writable
+    directories on a filesystem mounted read-write (os.access says so for root too)."""
     dirs = [os.path.join(spool_dir, *d) for d in (("tmp",), ("msg",), ("queue", "incoming"))]
     try:
         st = os.statvfs(dirs[0])
-    except OSError:
-        return False
-    return (all(os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK) for d in dirs)
-            and st.f_bavail * st.f_frsize >= need)
+    except OSError as exc:
+        return f"{dirs[0]}: {exc.strerror}", 0
+    unwritable = [d for d in dirs if not (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK))]
+    problem = f"{unwritable[0]} is not a writable directory" if unwritable else None
+    return problem, st.f_bavail * st.f_frsize
 
 
-def wsgi_app(registry: CollectorRegistry, ready: Callable[[], str | None]) -> Callable:
-    """/metrics, /healthz, /readyz. `ready()` returns None when ready, else why not."""
+def spool_readiness(spool_dir: str, max_message_size: int) -> Unready | None:
+    """None while a message of max size fits. With less room the spool answers 452 4.3.1 to
+    the messages that do not fit, but takes the others: that is no reason to leave the
+    balancer, whose other nodes are often just as full (a queue backed up behind the same
+    outage). Below SPILL_SIZE free (nor max size) the disk is full in practice: the common,
+    small message fails too, and so do the queue's own rewrites; that is "cannot accept"."""
+    problem, free = spool_room(spool_dir)
+    if problem is None and free < min(SPILL_SIZE, max_message_size):
+        problem = f"disk full ({free} octets free)"
+    if problem is not None:
+        return Unready(f"spool cannot accept mail: {problem}")
+    if free < max_message_size:
+        return Unready(f"no space for a message of max size ({free} octets free, max_message_size "
+                       f"{max_message_size}): larger messages get 452 4.3.1", serve=True)
+    return None
+
+
+class SpoolRoomCollector:
+    """geosmtp_spool_writable and geosmtp_spool_free_bytes, read at scrape time: what
+    /readyz decides on, for alerts that come before it turns 503."""
+
+    def __init__(self, spool_dir: str):
+        self.spool_dir = spool_dir
+
+    def collect(self):
+        problem, free = spool_room(self.spool_dir)
+        writable = GaugeMetricFamily("geosmtp_spool_writable",
+                                     "1 when the spool's directories can be written, else 0")
+        writable.add_metric([], 0.0 if problem else 1.0)
+        room = GaugeMetricFamily("geosmtp_spool_free_bytes", "Octets free to geosmtp on the spool's filesystem")
+        room.add_metric([], float(free))
+        yield writable
+        yield room
+
+
+def wsgi_app(registry: CollectorRegistry, ready: Callable[[], Unready | None]) -> Callable:
+    """/metrics, /healthz, /readyz. `ready()` returns None when ready, else an Unready:
+    /readyz says 503 and why, or (`serve`) 200 and what is wrong."""
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
@@ -119,8 +167,11 @@ def wsgi_app(registry: CollectorRegistry, ready: Callable[[], str | None]) -> Ca
             if problem is None:
                 start_response("200 OK", [("Content-Type", "text/plain")])
                 return [b"ready\n"]
+            if problem.serve:
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [f"ready, but {problem.text}\n".encode()]
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [f"not ready: {problem}\n".encode()]
+            return [f"not ready: {problem.text}\n".encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

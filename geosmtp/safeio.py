@@ -2,7 +2,8 @@
 
 A crash leaves either the old file or the new one, never half of one. Directory fsyncs are
 shared by concurrent callers (group commit): one fsync covers every rename made before it
-began, so a burst of commits costs one directory fsync instead of one each.
+began, so a burst of commits costs one directory fsync instead of one each. The disk work
+runs off the gevent hub, in a threadpool, through threadpool_runner().
 """
 from __future__ import annotations
 
@@ -147,3 +148,36 @@ class GroupSync:
             raise
         finally:
             self._running = False
+
+
+class _Raised:
+    """What a pool job raised, carried back as its return value."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _outcome(fn: Callable, args: tuple):
+    try:
+        return fn(*args)
+    except Exception as exc:  # BaseException (SystemExit, ...) stays gevent's to handle
+        return _Raised(exc)
+
+
+def threadpool_runner(pool) -> Callable:
+    """`run(fn, *args)`: fn(*args) in gevent's threadpool `pool`; the caller gets its result
+    or its exception, and only the caller. A job that raises is otherwise also reported to
+    the hub, which prints its traceback raw on stderr whether or not the caller handles it
+    (gevent#617: "the threadpool works just like greenlets and the hub: uncaught errors are
+    printed"): a full disk would print one per refused message. The exception keeps its
+    traceback from the thread, so a caller that logs an unexpected one logs where it began."""
+
+    def run(fn: Callable, *args):
+        result = pool.apply(_outcome, (fn, args))
+        if isinstance(result, _Raised):
+            raise result.error
+        return result
+
+    return run

@@ -24,9 +24,9 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import lifeline, metrics, replies
+from geosmtp import lifeline, metrics, replies, safeio
 from geosmtp import proxy as proxy_protocol
-from geosmtp.auth import UserStore
+from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
@@ -87,18 +87,6 @@ def build_relay(config: Config) -> Relay:
     )
     own_names = frozenset({config.server.hostname, settings.helo_name})
     return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
-
-
-def read_secret(path) -> str:
-    """The first line of a file that only its owner may read."""
-    mode = os.stat(path).st_mode
-    if mode & 0o077:
-        raise ValueError(f"{path}: readable by others (mode {mode & 0o777:o}); chmod 600 it")
-    with open(path, encoding="utf-8") as fh:
-        secret = fh.readline().rstrip("\r\n")
-    if not secret:
-        raise ValueError(f"{path}: empty")
-    return secret
 
 
 def build_signer(config: Config) -> Signer:
@@ -166,10 +154,7 @@ class Server:
         self.listen_socks: dict[str, socket.socket] = {}  # a master's, kept for its workers
         hub = gevent.get_hub()
         hub.threadpool.maxsize = IO_THREADS
-
-        def run(fn, *args):
-            return hub.threadpool.apply(fn, args)
-
+        run = safeio.threadpool_runner(hub.threadpool)
         self.spool = Spool(config.server.spool_dir, run=run)
         self.directory = self._directory(config)
         self.maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, self.directory.users, run)
@@ -301,15 +286,14 @@ class Server:
         self.http.start()
         logger.info("metrics and health on http://{}/metrics", address)
 
-    def not_ready(self) -> str | None:
-        """Why a load balancer should not send us connections now, or None."""
+    def not_ready(self) -> metrics.Unready | None:
+        """Why a load balancer should not send us connections now (or should, knowing that
+        big messages get 452), or None."""
         if self._stopping:
-            return "draining"
+            return metrics.Unready("draining")
         if self.role == "master" and not any(p is not None and p.poll() is None for p in self.workers):
-            return "no worker running"
-        if not metrics.spool_writable(str(self.config.server.spool_dir), self.config.limits.max_message_size):
-            return "spool not writable or full"
-        return None
+            return metrics.Unready("no worker running")
+        return metrics.spool_readiness(str(self.config.server.spool_dir), self.config.limits.max_message_size)
 
     # -- workers (role "master" and "worker") -----------------------------------------------
     def _start_workers(self) -> None:

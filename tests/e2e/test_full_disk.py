@@ -1,8 +1,10 @@
 """A full disk answers 452 4.3.1, never 250, leaves nothing behind, and recovers by itself.
 
 The spool lives on a small tmpfs that the test fills up: a real ENOSPC from the kernel.
+Each refusal is one log record; nothing raw (a threadpool traceback) reaches the output.
 """
 import os
+import re
 import smtplib
 import subprocess
 
@@ -76,3 +78,17 @@ def test_full_disk_gives_452_and_recovers(small_disk, tmp_path):
             c.sendmail("a@remote.test", ["bob@example.test"], big)
     finally:
         srv.stop()
+    assert_one_record_per_line(srv.log(), refusals=2)
+
+
+RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [A-Z]+ +\d+ \[[^\]]+\] ")
+
+
+def assert_one_record_per_line(log, refusals):
+    """Every line of the server's stdout and stderr is a log record of its own."""
+    raw = [line for line in log.splitlines() if not RECORD.match(line)]
+    assert raw == [], "\n".join(raw[:20])
+    assert "Traceback" not in log
+    refused = [line for line in log.splitlines() if "cannot queue message" in line]
+    assert len(refused) == refusals, refused
+    assert all("No space left on device" in line for line in refused), refused

@@ -109,14 +109,15 @@ def test_health_and_readiness(srv):
 
 
 def test_readyz_is_503_while_the_spool_cannot_take_a_message(srv):
-    # spool_writable() asks os.access(spool/tmp, W_OK) and statvfs(spool/tmp): as root a mode
+    # spool_room() asks os.access(spool/tmp, W_OK) and statvfs(spool/tmp): as root a mode
     # of 0o500 changes neither, so tmp/ is taken away instead (and put back)
     tmp = srv.spool / "tmp"
     away = srv.spool / "tmp.away"
     assert tmp.is_dir()
     tmp.rename(away)
     try:
-        assert get(srv.metrics_port, "/readyz") == (503, "not ready: spool not writable or full\n")
+        assert get(srv.metrics_port, "/readyz") == (
+            503, f"not ready: spool cannot accept mail: {tmp}: No such file or directory\n")
         assert get(srv.metrics_port, "/healthz") == (200, "ok\n")  # alive, just not ready
     finally:
         away.rename(tmp)

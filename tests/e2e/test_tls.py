@@ -762,10 +762,12 @@ def test_connection_limit_on_implicit_tls_is_refused_inside_tls(make_server, tmp
 def test_unusable_certificate_at_start_is_a_clean_error(tmp_path):
     srv = ServerProcess(tmp_path / "srv", {**tls_section(tmp_path / "missing.pem", tmp_path / "missing.key"),
                                            "listeners": {"smtp": {"tls": "starttls"}}})
-    with pytest.raises(RuntimeError, match="server exited with 1"):
+    with pytest.raises(RuntimeError, match="server exited with 2"):  # as for a bad config
         srv.start(timeout=10)
     log = srv.log()
     assert "cannot start" in log and "Traceback" not in log, log
+    assert f"tls.cert_file: {tmp_path / 'missing.pem'}: No such file or directory" in log
+    assert f"tls.key_file: {tmp_path / 'missing.key'}: No such file or directory" in log
 
 
 def test_sighup_with_an_encrypted_key_does_not_freeze_the_server(tmp_path):
