@@ -193,7 +193,7 @@ class Connection:
         self.sock.settimeout(timeout)
         try:
             while True:
-                end = buf.rfind(b"\n") + 1
+                end = self._lines_end(buf, normalize)
                 if not end:
                     if len(buf) > max_line:  # a line over the limit with no end in sight
                         problem = problem or "line"
@@ -232,6 +232,17 @@ class Connection:
                 self.sock.settimeout(old_timeout)
             except OSError:
                 pass
+
+    @staticmethod
+    def _lines_end(buf: bytearray, normalize: bool) -> int:
+        """Where the complete lines in `buf` end (0: none yet). A line ends at LF; with
+        `normalize` at a bare CR too, so short bare-CR lines are never taken for one long
+        line whatever the receives' sizes. A CR as the last octet may be the first half of a
+        CRLF: it ends a line only once the next octet is there."""
+        end = buf.rfind(b"\n") + 1
+        if normalize:
+            end = max(end, buf.rfind(b"\r", 0, len(buf) - 1) + 1)
+        return end
 
     @staticmethod
     def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True) -> tuple[str | None, bytes]:

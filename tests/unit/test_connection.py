@@ -573,3 +573,37 @@ def test_command_lines_survive_any_chunking(lines, cuts):
         assert got == [ln if len(ln) + 2 <= LIMIT else None for ln in lines]
     finally:
         p.close()
+
+
+@PROPERTY
+@given(lines=_LINES, crlf=st.lists(st.booleans(), max_size=25), cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_normalized_bare_cr_lines_under_any_chunking(lines, crlf, cuts):
+    """The fuzzer's case: with normalize_newlines, lines ended by a bare CR are lines, and the
+    answer (here: the message, no "line too long") is the same wherever the receives cut the
+    stream, although the stream has far more than max_line octets before its first LF."""
+    # mostly bare CRs (a line is CRLF-ended where `crlf` says so), and CRLF before the final dot
+    endings = [b"\r\n" if (i < len(crlf) and crlf[i]) or i == len(lines) - 1 else b"\r"
+               for i in range(len(lines))]
+    stream = b"".join((b"." + ln if ln.startswith(b".") else ln) + end
+                      for ln, end in zip(lines, endings)) + b".\r\n"
+    expected = b"".join(ln + b"\r\n" for ln in lines)
+    p = Pair()
+    try:
+        p.feed(split(stream, cuts) + [b"QUIT\r\n"])
+        body, result, _ = p.data(max_line=60, normalize=True)
+        assert (body, result) == (expected, DataResult(len(expected), None))
+        assert p.line() == b"QUIT"
+    finally:
+        p.close()
+
+
+def test_bare_cr_lines_longer_than_max_line_in_all_before_any_lf(pair):
+    """Found by the fuzzer: 250 in one piece, "line too long" when the first receive held
+    more than max_line octets of short bare-CR lines and no LF."""
+    lines = [b"line %02d of a message with bare CR line ends" % i for i in range(40)]
+    wire = b"\r".join(lines) + b"\r\n.\r\n"
+    pair.feed([wire[:1500], wire[1500:] + b"QUIT\r\n"])
+    body, result, _ = pair.data(max_line=1000, normalize=True)
+    expected = b"\r\n".join(lines) + b"\r\n"
+    assert (body, result) == (expected, DataResult(len(expected), None))
+    assert pair.line() == b"QUIT"
