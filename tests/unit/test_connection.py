@@ -28,10 +28,12 @@ from geosmtp.connection import (
     Connection,
     ConnectionClosed,
     DataResult,
+    DataTooSlow,
     LineFlood,
     LineTooLong,
     ReadTimeout,
 )
+from geosmtp.limits import DataClock, Limits
 
 LIMIT = 512  # RFC 5321 4.5.3.1.4: command line incl. CRLF
 SAFETY = 5.0  # seconds: the socket timeout that turns a test bug into ReadTimeout
@@ -48,9 +50,10 @@ class Feeder(threading.Thread):
     """Sends chunks one by one; before each next chunk waits until the reader took the last."""
 
     def __init__(self, writer: socket.socket, reader: socket.socket, chunks: list[bytes],
-                 close: bool = False):
+                 close: bool = False, gap: float = 0.0):
         super().__init__(daemon=True)
         self.writer, self.reader, self.chunks, self.close = writer, reader, chunks, close
+        self.gap = gap  # seconds between chunks: a client that drips
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -62,6 +65,7 @@ class Feeder(threading.Thread):
                     break
                 while unread(self.reader) and time.monotonic() < deadline:
                     time.sleep(0.0001)
+                time.sleep(self.gap)
             if self.close:
                 self.writer.shutdown(socket.SHUT_WR)
         except (OSError, ValueError) as exc:  # the reader closed early; the test's asserts will say why
@@ -79,8 +83,8 @@ class Pair:
     def send(self, data: bytes) -> None:
         self.client.sendall(data)
 
-    def feed(self, chunks: list[bytes], close: bool = False) -> Feeder:
-        feeder = Feeder(self.client, self.server, [c for c in chunks if c], close)
+    def feed(self, chunks: list[bytes], close: bool = False, gap: float = 0.0) -> Feeder:
+        feeder = Feeder(self.client, self.server, [c for c in chunks if c], close, gap)
         feeder.start()
         self.feeders.append(feeder)
         return feeder
@@ -88,9 +92,11 @@ class Pair:
     def line(self, limit: int = LIMIT) -> bytes:
         return self.conn.read_line(limit, SAFETY)
 
-    def data(self, max_size=10_000_000, max_line=1000, normalize=False, timeout=SAFETY):
+    def data(self, max_size=10_000_000, max_line=1000, normalize=False, timeout=SAFETY, limits=None):
+        """read_data; `timeout` is the data_timeout (the longest silence), or `limits` all."""
         parts: list[bytes] = []
-        result = self.conn.read_data(parts.append, max_size, max_line, normalize, timeout)
+        limits = limits or Limits(data_timeout=timeout, data_deadline=SAFETY, min_data_rate=1.0)
+        result = self.conn.read_data(parts.append, max_size, max_line, normalize, DataClock(lambda: limits))
         return b"".join(parts), result, parts
 
     def close(self) -> None:
@@ -607,3 +613,52 @@ def test_bare_cr_lines_longer_than_max_line_in_all_before_any_lf(pair):
     expected = b"\r\n".join(lines) + b"\r\n"
     assert (body, result) == (expected, DataResult(len(expected), None))
     assert pair.line() == b"QUIT"
+
+
+# -- the DATA deadline and the minimum rate (over real sockets, real time) ----------------------
+DRIP = Limits(data_timeout=SAFETY, data_deadline=0.3, min_data_rate=1000)
+
+
+def test_data_dripping_below_the_minimum_rate_is_too_slow(pair):
+    # one octet every 20 ms never meets the 5 s silence bound, but earns only 1 ms each
+    feeder = pair.feed([b"Subject: drip\r\n\r\n"] + [b"x"] * 200 + [b"\r\n.\r\n"], gap=0.02)
+    start = time.monotonic()
+    with pytest.raises(DataTooSlow):
+        pair.data(limits=DRIP)
+    assert DRIP.data_deadline < time.monotonic() - start < 1.5
+    assert feeder.is_alive()  # cut off while still dripping, long before its end
+
+
+def test_data_at_the_minimum_rate_outlasts_the_deadline(pair):
+    # 100 octets every 20 ms (5000 B/s, five times the minimum) for about 0.6 s: twice the deadline
+    body = [b"y" * 98 + b"\r\n"] * 30
+    pair.feed([b"Subject: steady\r\n\r\n"] + body + [b".\r\n"], gap=0.02)
+    start = time.monotonic()
+    got, result, _ = pair.data(limits=DRIP)
+    assert result.problem is None and got.endswith(b"y" * 98 + b"\r\n")
+    assert time.monotonic() - start > DRIP.data_deadline
+
+
+def test_silence_is_a_read_timeout_not_too_slow(pair):
+    pair.send(b"Subject: silent\r\n")
+    with pytest.raises(ReadTimeout) as caught:
+        pair.data(limits=Limits(data_timeout=0.1, data_deadline=SAFETY, min_data_rate=1))
+    assert not isinstance(caught.value, DataTooSlow)
+
+
+def test_line_deadline_shortened_mid_line_counts_from_its_start(pair):
+    limit = [SAFETY]
+    pair.send(b"MAIL FROM:")
+
+    def shorten():
+        time.sleep(0.2)
+        limit[0] = 0.3  # as stress would, while the line drips
+        pair.client.sendall(b"<")
+
+    t = threading.Thread(target=shorten, daemon=True)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(ReadTimeout):
+        pair.conn.read_line(LIMIT, lambda: limit[0])
+    t.join(SAFETY)
+    assert 0.25 < time.monotonic() - start < 1.0
