@@ -180,9 +180,22 @@ class LimitsConfig(_Section):
     max_line_length: int = Field(10_000, ge=1000)  # RFC 5321 4.5.3.1.6 allows no fewer than 1000
     command_timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: Duration = 180.0  # RFC 5321 4.5.3.2.5: data block 3 minutes
-    max_connections: int = Field(1000, ge=1)
-    max_connections_per_ip: int = Field(20, ge=1)
+    # a whole DATA body: it starts with data_deadline in hand and earns 1 s per min_data_rate
+    # octets, saving up no more than data_deadline (Postfix smtpd_min_data_rate); 451 4.4.2
+    data_deadline: Duration = 300.0
+    min_data_rate: Size = 500  # octets per second
+    max_connections: int = Field(1000, ge=1)  # per listener and per process (worker)
+    max_connections_per_ip: int = Field(20, ge=1)  # an IPv6 client counts by its /64
     max_errors: int = Field(20, ge=1)
+    # stress (Postfix STRESS_README): past this share of max_connections open on a listener,
+    # its sessions, open ones too, get timeouts of at most stress_timeout, a minimum data rate
+    # of at least stress_min_data_rate and at most stress_max_errors; normal again a tenth of
+    # max_connections below it. A new client finding the listener full takes the slot of the
+    # session that has sent nothing useful for longest (421 4.7.0 to that one).
+    stress_threshold: float = Field(0.8, gt=0, le=1)
+    stress_timeout: Duration = 10.0
+    stress_min_data_rate: Size = 1000
+    stress_max_errors: int = Field(3, ge=1)
     # accepted messages per hour (451 4.7.1 past it); 0 means no limit
     messages_per_hour_per_ip: int = Field(0, ge=0)
     messages_per_hour_per_user: int = Field(0, ge=0)

@@ -10,6 +10,7 @@ import re
 import socket
 from dataclasses import dataclass
 from time import monotonic
+from typing import Callable
 
 import gevent
 
@@ -25,6 +26,10 @@ class ConnectionClosed(Exception):
 
 class ReadTimeout(Exception):
     """No complete command (or no DATA bytes) within the allowed time."""
+
+
+class DataTooSlow(ReadTimeout):
+    """A DATA body fell behind the minimum data rate (geosmtp.limits.DataClock)."""
 
 
 class LineTooLong(Exception):
@@ -58,6 +63,7 @@ class Connection:
         self.send_timeout = send_timeout  # a client that does not read its replies
         self._buf = bytearray()
         self._out: list[bytes] = []
+        self.reading = False  # blocked in a receive now: interrupting it loses nothing
 
     # -- output -----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -125,24 +131,29 @@ class Connection:
                 if remaining <= 0:
                     raise ReadTimeout()
                 self.sock.settimeout(remaining)
+            self.reading = True
             data = self.sock.recv(size)
         except socket.timeout:
             raise ReadTimeout() from None
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from None
+        finally:
+            self.reading = False
         if not data:
             raise ConnectionClosed("closed by peer")
         self._buf += data
 
-    def read_line(self, limit: int, timeout: float, strict: bool = True) -> bytes:
+    def read_line(self, limit: int, timeout: float | Callable[[], float], strict: bool = True) -> bytes:
         """One line without its CRLF. `limit` counts the CRLF (RFC 5321 4.5.3.1.4: 512).
 
         The whole line must arrive within `timeout` seconds, however slowly it drips: each
-        receive may wait only for what is left of that time. Not `strict` (the client
-        reading a server's replies), a bare LF ends a line too and a stray CR is kept.
+        receive may wait only for what is left of that time. A callable `timeout` is asked
+        again before each receive (a limit shortened meanwhile counts from the line's start).
+        Not `strict` (the client reading a server's replies), a bare LF ends a line too and a
+        stray CR is kept.
         """
         buf = self._buf
-        deadline = None
+        started = None
         while True:
             end = buf.find(b"\n", 0, limit)
             if end >= 0:
@@ -153,8 +164,9 @@ class Connection:
                         raise BareNewline()
                     return line.rstrip(b"\r\n")
                 return line[:-2]
-            if deadline is None:
-                deadline = monotonic() + timeout
+            if started is None:
+                started = monotonic()
+            deadline = started + (timeout() if callable(timeout) else timeout)
             if len(buf) >= limit:
                 self._discard_line(deadline)
                 raise LineTooLong()
@@ -174,7 +186,7 @@ class Connection:
                 raise LineFlood()
             self._fill(deadline)
 
-    def read_data(self, sink, max_size: int, max_line: int, normalize: bool, timeout: float) -> DataResult:
+    def read_data(self, sink, max_size: int, max_line: int, normalize: bool, clock) -> DataResult:
         """Read a DATA body through <CRLF>.<CRLF> and hand it, unstuffed, to sink(bytes).
 
         Only CR LF "." CR LF ends the message (RFC 5321 4.1.1.4): a bare LF or CR never does,
@@ -182,7 +194,7 @@ class Connection:
         message fail (problem "bare") unless `normalize` turns them into CRLF. Past `max_size`
         or a line over `max_line` (counting CRLF) the rest is read and dropped, so the reply
         comes at the end of the data. Memory stays at one receive buffer whatever the size.
-        `timeout` bounds the wait for each piece of the body.
+        `clock` (a geosmtp.limits.DataClock) bounds each receive and the body as a whole.
         """
         size = 0
         problem: str | None = None
@@ -190,16 +202,15 @@ class Connection:
         buf = self._buf
         self.flush()
         old_timeout = self.sock.gettimeout()
-        self.sock.settimeout(timeout)
         try:
             while True:
-                end = buf.rfind(b"\n") + 1
+                end = self._lines_end(buf, normalize)
                 if not end:
                     if len(buf) > max_line:  # a line over the limit with no end in sight
                         problem = problem or "line"
                         tail = bytes(buf[-2:])
                         buf.clear()
-                    self._fill()
+                    self._receive(clock)
                     continue
                 block = tail + bytes(buf[:end])  # from the CRLF that may begin "\r\n.\r\n"
                 # "\r\n." starts both the end of the data and a dot-stuffed line: a block
@@ -226,12 +237,32 @@ class Connection:
                 if found >= 0:
                     return DataResult(size, problem)
                 if not buf or b"\n" not in buf:
-                    self._fill()
+                    self._receive(clock)
         finally:
             try:
                 self.sock.settimeout(old_timeout)
             except OSError:
                 pass
+
+    def _receive(self, clock) -> None:
+        """One receive of message data, as long as `clock` allows; it learns what came."""
+        before = len(self._buf)
+        try:
+            self._fill(monotonic() + clock.wait())
+        except ReadTimeout:
+            raise clock.expired() from None
+        clock.got(len(self._buf) - before)
+
+    @staticmethod
+    def _lines_end(buf: bytearray, normalize: bool) -> int:
+        """Where the complete lines in `buf` end (0: none yet). A line ends at LF; with
+        `normalize` at a bare CR too, so short bare-CR lines are never taken for one long
+        line whatever the receives' sizes. A CR as the last octet may be the first half of a
+        CRLF: it ends a line only once the next octet is there."""
+        end = buf.rfind(b"\n") + 1
+        if normalize:
+            end = max(end, buf.rfind(b"\r", 0, len(buf) - 1) + 1)
+        return end
 
     @staticmethod
     def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True) -> tuple[str | None, bytes]:

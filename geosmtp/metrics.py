@@ -36,6 +36,12 @@ AUTH_FAILURES = Counter("geosmtp_auth_failures", "Failed AUTH attempts")
 RATE_LIMITED = Counter("geosmtp_rate_limited", "Requests refused by a rate limit", ["limit"])
 DELIVERIES = Counter("geosmtp_delivery_attempts", "Delivery attempts per recipient",
                      ["result", "destination"])  # result: sent|deferred|bounced; local|remote
+STRESS = Gauge("geosmtp_stress", "1 while a listener's open sessions are past the stress threshold "
+               "(with workers: how many processes are)", ["listener"], multiprocess_mode="livesum")
+STRESS_CHANGES = Counter("geosmtp_stress_changes", "A listener going under stress (on) or out of it (off)",
+                         ["listener", "state"])
+EVICTED = Counter("geosmtp_sessions_evicted",
+                  "Sessions closed (421 4.7.0) to give their slot to a new client", ["listener"])
 DELIVERY_SECONDS = Histogram("geosmtp_delivery_seconds", "From arrival to delivery, per recipient",
                              buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
 

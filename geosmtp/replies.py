@@ -62,6 +62,8 @@ TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address"
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection", close=True)
 COMMAND_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for a command, closing connection", close=True)
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for data, closing connection", close=True)
+# a new client needed the slot of a session that had sent nothing useful for longest
+BUSY_CLOSING_IDLE = Reply(421, "4.7.0", "Server busy, closing idle connection", close=True)
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection", close=True)
 LINE_FLOOD = Reply(500, "5.5.6", "Line too long, closing connection", close=True)
 
@@ -148,6 +150,8 @@ START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 BARE_NEWLINE = Reply(550, "5.6.0", "Message contains bare CR or LF; lines must end with CRLF")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 MESSAGE_LINE_TOO_LONG = Reply(552, "5.3.4", "Message line too long")
+# the body fell behind the minimum data rate: the client is mid-DATA, so the session closes
+DATA_TOO_SLOW = Reply(451, "4.4.2", "Message data arriving too slowly, closing connection", close=True)
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 STORAGE_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 

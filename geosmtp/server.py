@@ -32,14 +32,16 @@ from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.dkim import Signer, load_key
+from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
 from geosmtp.queue import QueueManager
 from geosmtp.ratelimit import MemoryLimiter
 from geosmtp.relay.client import Timeouts
 from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
-from geosmtp.session import Draining, Services, Session, SessionSettings
+from geosmtp.session import Draining, Services, Session, SessionSettings, client_key
 from geosmtp.spool import Spool, held_lock, lock_spool
+from geosmtp.stress import Load
 from geosmtp.tls import Certificate, ServerTLS, TLSSettings
 
 LISTEN_BACKLOG = 1024
@@ -190,8 +192,9 @@ class Server:
         self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
         self.http: WSGIServer | None = None
         self._stopping = False
-        self.active: Counter[str] = Counter()  # open sessions per listener
-        self.per_ip: Counter[str] = Counter()
+        # open sessions and stress per listener, in this process (workers count their own)
+        self.loads = {item.name: Load(item.name) for item in config.listener}
+        self.per_ip: Counter[str] = Counter()  # by client_key: an IPv6 client by its /64
         self.servers: list[StreamServer] = []
         self.stopped = gevent.event.Event()
 
@@ -218,6 +221,8 @@ class Server:
     def settings_for(self, listener: ListenerConfig) -> SessionSettings:
         c = self.config
         lim = c.limits
+        limits = Limits(command_timeout=lim.command_timeout, data_timeout=lim.data_timeout,
+                        data_deadline=lim.data_deadline, min_data_rate=lim.min_data_rate, max_errors=lim.max_errors)
         return SessionSettings(
             hostname=c.server.hostname,
             listener=listener.name,
@@ -225,9 +230,8 @@ class Server:
             max_message_size=lim.max_message_size,
             max_recipients=lim.max_recipients,
             max_line_length=lim.max_line_length,
-            command_timeout=lim.command_timeout,
-            data_timeout=lim.data_timeout,
-            max_errors=lim.max_errors,
+            limits=limits,
+            stressed=limits.tightened(lim.stress_timeout, lim.stress_min_data_rate, lim.stress_max_errors),
             normalize_newlines=c.server.bare_newline == "normalize",
             hold=listener.hold,
             trusted_networks=tuple(c.relay.trusted_networks),
@@ -503,7 +507,8 @@ class Server:
         settings = self.settings[name]
         ip = addr[0]
         lim = self.config.limits
-        conn = Connection(sock, settings.command_timeout)  # it times every send and read
+        load = self.loads[listener.name]
+        conn = Connection(sock, settings.limits.command_timeout)  # it times every send and read
         metrics.CONNECTIONS.labels(listener.name).inc()
         proxy = None
         try:
@@ -511,30 +516,31 @@ class Server:
                 proxy, ip = ip, self._proxied_client(listener, conn, ip)
                 if ip is None:
                     return
-            if self.active[listener.name] >= lim.max_connections:
-                metrics.REFUSED.labels(listener.name, "max_connections").inc()
-                self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
-                return
-            if self.per_ip[ip] >= lim.max_connections_per_ip:
+            key = client_key(ip)
+            if self.per_ip[key] >= lim.max_connections_per_ip:
                 metrics.REFUSED.labels(listener.name, "max_connections_per_ip").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_FROM_YOU, ip)
                 return
-            self.active[listener.name] += 1
-            self.per_ip[ip] += 1
+            if not load.make_room(lim.max_connections):  # full: the longest idle goes, if any may
+                metrics.REFUSED.labels(listener.name, "max_connections").inc()
+                self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
+                return
+            self.per_ip[key] += 1
             sessions = metrics.SESSIONS.labels(listener.name)
             sessions.inc()
-            session = Session(conn, ip, settings, self.services, proxy=proxy)
+            session = Session(conn, ip, settings, self.services, proxy=proxy, load=load)
             me = gevent.getcurrent()
             self.live[me] = session
+            load.join(me, session, lim.max_connections, lim.stress_threshold)
             try:
                 session.run()
             finally:
                 del self.live[me]
+                load.leave(me, lim.max_connections, lim.stress_threshold)
                 sessions.dec()
-                self.active[listener.name] -= 1
-                self.per_ip[ip] -= 1
-                if not self.per_ip[ip]:
-                    del self.per_ip[ip]
+                self.per_ip[key] -= 1
+                if not self.per_ip[key]:
+                    del self.per_ip[key]
         finally:
             conn.close()  # the TLS socket, if the session started TLS
 

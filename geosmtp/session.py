@@ -23,12 +23,15 @@ from geosmtp.connection import (
     BareNewline,
     Connection,
     ConnectionClosed,
+    DataTooSlow,
     HandshakeFailed,
     LineFlood,
     LineTooLong,
     ReadTimeout,
 )
+from geosmtp.limits import DataClock, Limits
 from geosmtp.ratelimit import Limiter, MemoryLimiter
+from geosmtp.stress import Evicted, Load
 from geosmtp.tls import ServerTLS
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.protocol import (
@@ -60,9 +63,8 @@ class SessionSettings:
     max_message_size: int = 36_700_160
     max_recipients: int = 100
     max_line_length: int = 10_000
-    command_timeout: float = 300.0
-    data_timeout: float = 180.0
-    max_errors: int = 20
+    limits: Limits = Limits()  # timeouts, data rate, errors
+    stressed: Limits = Limits()  # the same while the listener is under stress (geosmtp.stress)
     normalize_newlines: bool = False
     hold: bool = False  # accepted messages wait in queue/hold/ for an operator
     tls: str = "none"  # "none", "starttls" or "implicit"
@@ -143,12 +145,18 @@ def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
 
 
 @lru_cache(maxsize=4096)  # clients come back: parse and classify each address once
+def client_key(ip: str) -> str:
+    """The key rate and connection limits count a client under: its address, or for IPv6
+    its /64 (one host usually holds a whole /64)."""
+    address = ipaddress.ip_address(ip)
+    return str(address) if address.version == 4 else str(ipaddress.ip_network((address, 64), strict=False))
+
+
+@lru_cache(maxsize=4096)
 def _client_identity(ip: str, trusted_networks: tuple) -> tuple:
     """→ (address object, inside trusted_networks?, the key rate limits count it under)."""
     address = ipaddress.ip_address(ip)
-    # rate limits count an IPv6 client by its /64: one host usually holds a whole /64
-    rate_key = str(address) if address.version == 4 else str(ipaddress.ip_network((address, 64), strict=False))
-    return address, policy.is_trusted(address, trusted_networks), rate_key
+    return address, policy.is_trusted(address, trusted_networks), client_key(ip)
 
 
 class Session:
@@ -159,8 +167,10 @@ class Session:
         settings: SessionSettings,
         services: Services,
         proxy: str | None = None,
+        load: Load | None = None,
     ):
         self.conn = conn
+        self.load = load  # the listener's load in this process: under stress or not
         self.ip, self.trusted, self.rate_key = _client_identity(ip, settings.trusted_networks)
         self.proxy = proxy  # the balancer that sent a PROXY header for this client, if any
         self.settings = settings
@@ -180,8 +190,27 @@ class Session:
         self.idle = False  # waiting for a command outside a transaction: safe to interrupt
         self.messages = 0
         self._start_tls = False  # STARTTLS accepted: handshake once its 220 is out
+        self.useful_at = time.monotonic()  # the last accepted MAIL/RCPT/DATA/AUTH/STARTTLS
+        self.data_clock: DataClock | None = None  # while a message body arrives
         # transaction state
         self.tx: Transaction | None = None
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in force now: asked at every receive, so stress reaches open sessions."""
+        return self.settings.stressed if self.load is not None and self.load.stressed else self.settings.limits
+
+    def command_time(self) -> float:
+        return self.limits.command_timeout
+
+    def last_useful(self) -> float:
+        """When this session last did something useful (geosmtp.stress picks whom to evict)."""
+        clock = self.data_clock
+        return self.useful_at if clock is None else max(self.useful_at, clock.progress())
+
+    @property
+    def evictable(self) -> bool:
+        return self.conn.reading  # blocked in a receive: nothing half done is lost
 
     @property
     def facts(self) -> policy.ClientFacts:
@@ -202,11 +231,13 @@ class Session:
                         self.handshake()
                     if self.services.draining and self.tx is None:  # between transactions
                         raise Draining()
-        except Draining:
-            how = "server shutting down"
+        except (Draining, Evicted) as exc:
+            evicted = isinstance(exc, Evicted)
+            how = "evicted to make room" if evicted else "server shutting down"
             self.verb = "-"
+            self.conn.send_timeout = self.limits.command_timeout  # a drip may not read either
             try:
-                self.send(replies.SHUTTING_DOWN)
+                self.send(replies.BUSY_CLOSING_IDLE if evicted else replies.SHUTTING_DOWN)
             except ConnectionClosed:
                 pass
         except HandshakeFailed as exc:
@@ -248,7 +279,7 @@ class Session:
         self.verb = "-"  # what metrics count the reply under: the verb, or "-" if none
         self.idle = self.tx is None and not self.conn.pending()
         try:
-            line = self.conn.read_line(COMMAND_LINE_LIMIT, self.settings.command_timeout)
+            line = self.conn.read_line(COMMAND_LINE_LIMIT, self.command_time)
         except LineTooLong:
             return replies.LINE_TOO_LONG
         except LineFlood:
@@ -282,8 +313,10 @@ class Session:
             metrics.REJECTED.labels(self.verb, reply.enhanced or "-").inc()
         if reply.code >= 500:  # the client's mistakes; 4xx are ours or temporary
             self.errors += 1
-            if self.errors >= self.settings.max_errors and not reply.close:
+            if self.errors >= self.limits.max_errors and not reply.close:
                 reply = replies.TOO_MANY_ERRORS
+        elif reply.code < 400 and self.verb in USEFUL_VERBS:
+            self.useful_at = time.monotonic()
         if reply.code >= 400:
             self.log.info("-> {}", reply)
         else:
@@ -396,7 +429,7 @@ class Session:
         """Send a 334 challenge and read the client's response line (never logged)."""
         self.conn.write(replies.challenge(text).to_bytes())
         try:
-            line = self.conn.read_line(SASL_LINE_LIMIT, self.settings.command_timeout)
+            line = self.conn.read_line(SASL_LINE_LIMIT, self.command_time)
         except (LineTooLong, BareNewline, LineFlood):
             raise auth.SaslError("bad response line") from None
         if line == b"*":  # RFC 4954 4: the client cancels
@@ -544,21 +577,10 @@ class Session:
         writer = self.spool.open_message()
         writer.write(received_header(self, writer.id, tx))
         self.conn.write(replies.START_DATA.to_bytes())
+        self.useful_at = time.monotonic()
+        if refusal := self._read_body(writer):
+            return refusal
         s = self.settings
-        try:
-            result = self.conn.read_data(
-                writer.write, s.max_message_size, s.max_line_length, s.normalize_newlines, s.data_timeout
-            )
-        except ReadTimeout:
-            writer.abort()
-            return replies.DATA_TIMEOUT
-        except BaseException:
-            writer.abort()
-            raise
-        if result.problem is not None:
-            writer.abort()
-            self.log.info("message refused: {} ({} octets read)", result.problem, result.size)
-            return DATA_PROBLEMS[result.problem]
         envelope = Envelope(
             id=writer.id,
             created=time.time(),
@@ -594,6 +616,31 @@ class Session:
             self.services.on_queued(envelope.id)
         return replies.queued(envelope.id)
 
+    def _read_body(self, writer) -> Reply | None:
+        """The message, after the 354, into `writer`; a Reply (and the writer aborted) if it
+        cannot be queued: too big, bad lines, too slow or silent too long."""
+        s = self.settings
+        self.data_clock = clock = DataClock(lambda: self.limits)
+        try:
+            result = self.conn.read_data(writer.write, s.max_message_size, s.max_line_length,
+                                         s.normalize_newlines, clock)
+        except ReadTimeout as exc:
+            writer.abort()
+            slow = isinstance(exc, DataTooSlow)
+            self.log.info("message refused: {} ({} octets in {:.1f}s)", "too slow" if slow else "silent too long",
+                          clock.received, time.monotonic() - clock.started)
+            return replies.DATA_TOO_SLOW if slow else replies.DATA_TIMEOUT
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            self.data_clock = None
+        if result.problem is not None:
+            writer.abort()
+            self.log.info("message refused: {} ({} octets read)", result.problem, result.size)
+            return DATA_PROBLEMS[result.problem]
+        return None
+
 
 DATA_PROBLEMS = {
     "size": replies.MESSAGE_TOO_BIG,
@@ -622,6 +669,8 @@ VERBS: dict[str, Callable[[Session, str], Reply]] = {
     "HELP": Session.do_help,
 }
 SECRET_VERBS = frozenset({"AUTH"})
+# what a client does that is worth its slot (geosmtp.stress): accepted, these move useful_at
+USEFUL_VERBS = frozenset({"MAIL", "RCPT", "DATA", "AUTH", "STARTTLS"})
 _REPLY_CLASS = {2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 # RFC 3207 4: with TLS required, only these may come before STARTTLS
 ALLOWED_BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "RSET", "QUIT"})

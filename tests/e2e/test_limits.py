@@ -8,6 +8,7 @@ import time
 import pytest
 
 from geosmtp import replies
+from tests.e2e.test_proxy_protocol import BALANCER, _start_with_local, header, proxied
 from tests.support.e2e import (
     abort, code, connect, expect, known_ids, nothing_more, queue_id, rss_kib, send_marker, send_message,
     spool_tmp, start_data, wait_closed, wait_delivered,
@@ -140,6 +141,54 @@ def test_data_timeout_right_after_354(strict):
     assert known_ids(strict) - before == {marker}
 
 
+@pytest.fixture(scope="module")
+def paced(tmp_path_factory):
+    """A message body may be silent 5 s at a time, but must average 1000 B/s with 1 s in hand."""
+    srv = ServerProcess(tmp_path_factory.mktemp("paced"), {
+        "limits": {"data_timeout": 5, "data_deadline": 1, "min_data_rate": 1000},
+    }).start()
+    yield srv
+    srv.stop()
+
+
+def test_data_dripped_below_the_minimum_rate_is_451_4_4_2_closed_and_not_queued(paced):
+    before = known_ids(paced)
+    c = connect(paced.port)
+    start_data(c, "a@remote.test", ["alice@example.test"])
+    c.send(b"Subject: drip\r\n\r\n")
+    start = time.monotonic()
+    for _ in range(40):  # one byte every 0.2 s never meets the 5 s silence; bounded: 8 s
+        try:
+            c.send(b"x")
+        except OSError:
+            break
+        if not nothing_more(c, 0.2):
+            break
+    took = time.monotonic() - start
+    expect(reply_or_closed(c, 3), replies.DATA_TOO_SLOW)
+    assert 0.8 < took < 2.5, took
+    assert wait_closed(c)
+    c.close()
+    marker = send_marker(paced)
+    assert known_ids(paced) - before == {marker}
+    assert not spool_tmp(paced)
+    assert "message refused: too slow" in paced.log()
+
+
+def test_data_at_a_good_rate_outlasts_the_deadline(paced):
+    c = connect(paced.port)
+    start_data(c, "a@remote.test", ["alice@example.test"])
+    start = time.monotonic()
+    for _ in range(20):  # 2,000 octets every 0.1 s (20 kB/s) for 2 s: twice the deadline
+        c.send(b"y" * 1998 + b"\r\n")
+        time.sleep(0.1)
+    c.send(b".\r\n")
+    qid = queue_id(c.reply())
+    assert time.monotonic() - start > 1.5
+    c.close()
+    wait_delivered(paced, "alice@example.test", qid)
+
+
 # -- too many errors ------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["BOGUS", "MAIL FROM:nobrackets", "RCPT TO:<alice@example.test>", "EXPN x"])
 def test_too_many_errors_is_421_4_7_0_and_close(strict, bad):
@@ -233,21 +282,29 @@ def test_max_connections_per_ip(crowded):
     b.close()
 
 
-def test_max_connections(crowded):
+def test_a_full_listener_gives_the_longest_idle_slot_to_a_new_client(crowded):
+    """max_connections reached: the newcomer is served, and the session that has sent nothing
+    useful for longest (NOOP is not useful; an accepted MAIL is) gets 421 4.7.0."""
     clients = [greeted(crowded.port, "127.0.0.5"), greeted(crowded.port, "127.0.0.6"),
                greeted(crowded.port, "127.0.0.7")]
     try:
-        reply, closed = refused(crowded.port, "127.0.0.8")
-        expect(reply, replies.TOO_MANY_CONNECTIONS)
-        assert closed
-        assert clients[0].code("NOOP") == "250 2.0.0"
-        # the limit is per listener: submission still takes a connection
-        with connect(crowded.submission_port, source="127.0.0.8") as sub:
-            assert sub.code("NOOP") == "250 2.0.0"
+        assert clients[1].code("NOOP") == "250 2.0.0"
+        assert clients[0].cmd("EHLO client.test")[0] == 250
+        assert clients[0].code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
+        with connect(crowded.port, source="127.0.0.8") as newcomer:
+            expect(reply_or_closed(clients[1], 5), replies.BUSY_CLOSING_IDLE)
+            assert wait_closed(clients[1])
+            assert newcomer.code("NOOP") == "250 2.0.0"
+            assert clients[0].code("RCPT TO:<alice@example.test>") == "250 2.1.5"
+            assert clients[2].code("NOOP") == "250 2.0.0"
+            # the limit is per listener: submission still takes a connection, evicting nobody
+            with connect(crowded.submission_port, source="127.0.0.8") as sub:
+                assert sub.code("NOOP") == "250 2.0.0"
+            assert nothing_more(clients[2]) and clients[2].code("NOOP") == "250 2.0.0"
     finally:
         for c in clients:
             c.close()
-    greeted(crowded.port, "127.0.0.8").close()
+    assert "evicted to make room for a new client on smtp" in crowded.log()
 
 
 def test_refused_connections_are_not_counted(crowded):
@@ -263,6 +320,40 @@ def test_refused_connections_are_not_counted(crowded):
     d = greeted(crowded.port, "127.0.0.9")
     c.close()
     d.close()
+
+
+@pytest.fixture(scope="module")
+def behind_balancer(tmp_path_factory):
+    """A PROXY-protocol listener (the balancer is 127.0.0.1) with 2 sessions per client."""
+    srv = ServerProcess(tmp_path_factory.mktemp("per-ip-v6"), {
+        "limits": {"max_connections_per_ip": 2},
+        "listeners": {"smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}}})
+    srv.start = _start_with_local(srv)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_max_connections_per_ip_counts_an_ipv6_client_by_its_64(behind_balancer):
+    """Three addresses of one /64 are one client (as for the rate limits); another /64 is not."""
+    port = behind_balancer.port
+    first = [proxied(port, header(2, f"2001:db8:1:2::{n}")) for n in (1, 2)]
+    try:
+        for c in first:
+            assert c.reply()[0] == 220
+        third = proxied(port, header(1, "2001:db8:1:2:ffff::3"))
+        expect(reply_or_closed(third, 5), replies.TOO_MANY_FROM_YOU)
+        assert wait_closed(third)
+        third.close()
+        with proxied(port, header(2, "2001:db8:1:3::1")) as other:  # the next /64
+            assert other.reply()[0] == 220
+            assert other.code("NOOP") == "250 2.0.0"
+        with proxied(port, header(2, "192.0.2.10")) as v4:
+            assert v4.reply()[0] == 220
+    finally:
+        for c in first:
+            c.close()
+    behind_balancer.wait_for(lambda: "refused [2001:db8:1:2:ffff::3]" in behind_balancer.log())
 
 
 # -- floods and garbage ---------------------------------------------------------------------

@@ -197,10 +197,33 @@ def test_retry_schedule_items_are_durations():
         ({"max_connections_per_ip": 0}, "limits.max_connections_per_ip"),
         ({"max_errors": 0}, "limits.max_errors"),
         ({"max_recipients": "many"}, "limits.max_recipients"),
+        ({"data_deadline": "0s"}, "limits.data_deadline"),
+        ({"data_deadline": "soon"}, "limits.data_deadline"),
+        ({"min_data_rate": 0}, "limits.min_data_rate"),
+        ({"min_data_rate": "fast"}, "limits.min_data_rate"),
+        ({"stress_threshold": 0}, "limits.stress_threshold"),
+        ({"stress_threshold": 1.2}, "limits.stress_threshold"),
+        ({"stress_threshold": "most"}, "limits.stress_threshold"),
+        ({"stress_timeout": "-1s"}, "limits.stress_timeout"),
+        ({"stress_min_data_rate": -5}, "limits.stress_min_data_rate"),
+        ({"stress_max_errors": 0}, "limits.stress_max_errors"),
     ],
 )
 def test_limit_bounds(limits, key):
     assert keys(minimal(limits=limits)) == [key]
+
+
+def test_data_deadline_and_stress_defaults_and_units():
+    lim = validate(minimal()).limits
+    assert (lim.data_deadline, lim.min_data_rate) == (300.0, 500)  # Postfix's 500 B/s
+    assert (lim.stress_threshold, lim.stress_timeout, lim.stress_min_data_rate, lim.stress_max_errors) == \
+        (0.8, 10.0, 1000, 3)
+    lim = validate(minimal(limits={"data_deadline": "2m", "min_data_rate": "1k", "stress_threshold": 1,
+                                   "stress_timeout": "5s", "stress_min_data_rate": "4k"})).limits
+    assert (lim.data_deadline, lim.min_data_rate, lim.stress_threshold) == (120.0, 1024, 1.0)
+    assert (lim.stress_timeout, lim.stress_min_data_rate) == (5.0, 4096)
+    shipped = load(SHIPPED).limits
+    assert (shipped.data_deadline, shipped.min_data_rate, shipped.stress_threshold) == (300.0, 500, 0.8)
 
 
 def test_limit_minimums_accepted():

@@ -28,10 +28,12 @@ from geosmtp.connection import (
     Connection,
     ConnectionClosed,
     DataResult,
+    DataTooSlow,
     LineFlood,
     LineTooLong,
     ReadTimeout,
 )
+from geosmtp.limits import DataClock, Limits
 
 LIMIT = 512  # RFC 5321 4.5.3.1.4: command line incl. CRLF
 SAFETY = 5.0  # seconds: the socket timeout that turns a test bug into ReadTimeout
@@ -48,9 +50,10 @@ class Feeder(threading.Thread):
     """Sends chunks one by one; before each next chunk waits until the reader took the last."""
 
     def __init__(self, writer: socket.socket, reader: socket.socket, chunks: list[bytes],
-                 close: bool = False):
+                 close: bool = False, gap: float = 0.0):
         super().__init__(daemon=True)
         self.writer, self.reader, self.chunks, self.close = writer, reader, chunks, close
+        self.gap = gap  # seconds between chunks: a client that drips
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -62,6 +65,7 @@ class Feeder(threading.Thread):
                     break
                 while unread(self.reader) and time.monotonic() < deadline:
                     time.sleep(0.0001)
+                time.sleep(self.gap)
             if self.close:
                 self.writer.shutdown(socket.SHUT_WR)
         except (OSError, ValueError) as exc:  # the reader closed early; the test's asserts will say why
@@ -79,8 +83,8 @@ class Pair:
     def send(self, data: bytes) -> None:
         self.client.sendall(data)
 
-    def feed(self, chunks: list[bytes], close: bool = False) -> Feeder:
-        feeder = Feeder(self.client, self.server, [c for c in chunks if c], close)
+    def feed(self, chunks: list[bytes], close: bool = False, gap: float = 0.0) -> Feeder:
+        feeder = Feeder(self.client, self.server, [c for c in chunks if c], close, gap)
         feeder.start()
         self.feeders.append(feeder)
         return feeder
@@ -88,9 +92,11 @@ class Pair:
     def line(self, limit: int = LIMIT) -> bytes:
         return self.conn.read_line(limit, SAFETY)
 
-    def data(self, max_size=10_000_000, max_line=1000, normalize=False, timeout=SAFETY):
+    def data(self, max_size=10_000_000, max_line=1000, normalize=False, timeout=SAFETY, limits=None):
+        """read_data; `timeout` is the data_timeout (the longest silence), or `limits` all."""
         parts: list[bytes] = []
-        result = self.conn.read_data(parts.append, max_size, max_line, normalize, timeout)
+        limits = limits or Limits(data_timeout=timeout, data_deadline=SAFETY, min_data_rate=1.0)
+        result = self.conn.read_data(parts.append, max_size, max_line, normalize, DataClock(lambda: limits))
         return b"".join(parts), result, parts
 
     def close(self) -> None:
@@ -573,3 +579,86 @@ def test_command_lines_survive_any_chunking(lines, cuts):
         assert got == [ln if len(ln) + 2 <= LIMIT else None for ln in lines]
     finally:
         p.close()
+
+
+@PROPERTY
+@given(lines=_LINES, crlf=st.lists(st.booleans(), max_size=25), cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_normalized_bare_cr_lines_under_any_chunking(lines, crlf, cuts):
+    """The fuzzer's case: with normalize_newlines, lines ended by a bare CR are lines, and the
+    answer (here: the message, no "line too long") is the same wherever the receives cut the
+    stream, although the stream has far more than max_line octets before its first LF."""
+    # mostly bare CRs (a line is CRLF-ended where `crlf` says so), and CRLF before the final dot
+    endings = [b"\r\n" if (i < len(crlf) and crlf[i]) or i == len(lines) - 1 else b"\r"
+               for i in range(len(lines))]
+    stream = b"".join((b"." + ln if ln.startswith(b".") else ln) + end
+                      for ln, end in zip(lines, endings)) + b".\r\n"
+    expected = b"".join(ln + b"\r\n" for ln in lines)
+    p = Pair()
+    try:
+        p.feed(split(stream, cuts) + [b"QUIT\r\n"])
+        body, result, _ = p.data(max_line=60, normalize=True)
+        assert (body, result) == (expected, DataResult(len(expected), None))
+        assert p.line() == b"QUIT"
+    finally:
+        p.close()
+
+
+def test_bare_cr_lines_longer_than_max_line_in_all_before_any_lf(pair):
+    """Found by the fuzzer: 250 in one piece, "line too long" when the first receive held
+    more than max_line octets of short bare-CR lines and no LF."""
+    lines = [b"line %02d of a message with bare CR line ends" % i for i in range(40)]
+    wire = b"\r".join(lines) + b"\r\n.\r\n"
+    pair.feed([wire[:1500], wire[1500:] + b"QUIT\r\n"])
+    body, result, _ = pair.data(max_line=1000, normalize=True)
+    expected = b"\r\n".join(lines) + b"\r\n"
+    assert (body, result) == (expected, DataResult(len(expected), None))
+    assert pair.line() == b"QUIT"
+
+
+# -- the DATA deadline and the minimum rate (over real sockets, real time) ----------------------
+DRIP = Limits(data_timeout=SAFETY, data_deadline=0.3, min_data_rate=1000)
+
+
+def test_data_dripping_below_the_minimum_rate_is_too_slow(pair):
+    # one octet every 20 ms never meets the 5 s silence bound, but earns only 1 ms each
+    feeder = pair.feed([b"Subject: drip\r\n\r\n"] + [b"x"] * 200 + [b"\r\n.\r\n"], gap=0.02)
+    start = time.monotonic()
+    with pytest.raises(DataTooSlow):
+        pair.data(limits=DRIP)
+    assert DRIP.data_deadline < time.monotonic() - start < 1.5
+    assert feeder.is_alive()  # cut off while still dripping, long before its end
+
+
+def test_data_at_the_minimum_rate_outlasts_the_deadline(pair):
+    # 100 octets every 20 ms (5000 B/s, five times the minimum) for about 0.6 s: twice the deadline
+    body = [b"y" * 98 + b"\r\n"] * 30
+    pair.feed([b"Subject: steady\r\n\r\n"] + body + [b".\r\n"], gap=0.02)
+    start = time.monotonic()
+    got, result, _ = pair.data(limits=DRIP)
+    assert result.problem is None and got.endswith(b"y" * 98 + b"\r\n")
+    assert time.monotonic() - start > DRIP.data_deadline
+
+
+def test_silence_is_a_read_timeout_not_too_slow(pair):
+    pair.send(b"Subject: silent\r\n")
+    with pytest.raises(ReadTimeout) as caught:
+        pair.data(limits=Limits(data_timeout=0.1, data_deadline=SAFETY, min_data_rate=1))
+    assert not isinstance(caught.value, DataTooSlow)
+
+
+def test_line_deadline_shortened_mid_line_counts_from_its_start(pair):
+    limit = [SAFETY]
+    pair.send(b"MAIL FROM:")
+
+    def shorten():
+        time.sleep(0.2)
+        limit[0] = 0.3  # as stress would, while the line drips
+        pair.client.sendall(b"<")
+
+    t = threading.Thread(target=shorten, daemon=True)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(ReadTimeout):
+        pair.conn.read_line(LIMIT, lambda: limit[0])
+    t.join(SAFETY)
+    assert 0.25 < time.monotonic() - start < 1.0
