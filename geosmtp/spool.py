@@ -425,7 +425,13 @@ class Spool:
 
     def recover(self) -> list[str]:
         """Repair after a crash; run once before accepting or delivering. Returns the ids
-        taken back from active/ (their delivery may have been under way)."""
+        taken back from active/ (their delivery may have been under way).
+
+        The walk (every entry of every state, and msg/) runs through `run`, off the hub; it
+        is plain thread-safe code, so calling recover() itself in a thread is fine too."""
+        return self.run(self._recover)
+
+    def _recover(self) -> list[str]:
         self.setup()
         for name in os.listdir(self._tmp):
             safeio.unlink_quietly(f"{self._tmp}/{name}")

@@ -876,6 +876,23 @@ def test_recover_restores_a_lost_msg_name_from_a_linked_entry(spool, state):
     assert body(spool, qid) == DATA and spool.load(qid, final) == envelope
 
 
+def test_recover_does_its_walk_off_the_hub_and_in_a_thread(tmp_path, monkeypatch):
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    envelope = enqueue(s)
+    assert s.claim(envelope.id)
+    run = s.run = OffHub(monkeypatch)
+    assert s.recover() == [envelope.id]
+    assert run.jobs == [Spool._recover] and run.on_hub == []
+    monkeypatch.undo()
+    # and in a real thread (the server may run it in gevent's threadpool itself)
+    assert s.claim(envelope.id, "incoming")
+    pool = gevent.get_hub().threadpool
+    s.run = lambda fn, *args: pool.apply(fn, args)
+    assert pool.apply(s.recover) == [envelope.id]
+    assert s.ids("incoming") == [envelope.id] and body(s, envelope.id) == DATA
+
+
 def test_recover_on_an_empty_directory(tmp_path):
     s = Spool(tmp_path / "new")
     assert s.recover() == []
