@@ -284,15 +284,17 @@ class QueueManager:
             self._notify_sender(envelope, envelope.pending(), bounce.DELAYED, log)
             envelope.extra["warned"] = now
         if envelope.pending():
-            when = now + next_delay(self.retry_schedule, envelope.attempts)
-            if self.spool.defer(envelope, when):
-                self.schedule.add(qid, when)
-            else:
-                log.warning("queue: entry removed during delivery; not deferred")
+            self._defer(envelope, now + next_delay(self.retry_schedule, envelope.attempts), log)
         else:
             self.spool.done(qid)
             log.info("removed")
         self._recovered.discard(qid)
+
+    def _defer(self, envelope: Envelope, when: float, log) -> None:
+        if self.spool.defer(envelope, when):
+            self.schedule.add(envelope.id, when)
+        else:
+            log.warning("queue: entry removed during delivery; not deferred")
 
     # -- relay ------------------------------------------------------------------------------
     def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body,

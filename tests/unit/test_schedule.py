@@ -111,8 +111,8 @@ def spool(tmp_path, run) -> Spool:
 def enqueue(spool: Spool) -> Envelope:
     writer = spool.open_message()
     writer.write(MESSAGE)
-    envelope = Envelope(writer.id, time.time(), "s@remote.test", [Recipient("alice@example.test", "alice@example.test")],
-                        ClientInfo("192.0.2.1"), size=len(MESSAGE))
+    alice = Recipient("alice@example.test", "alice@example.test")
+    envelope = Envelope(writer.id, time.time(), "s@remote.test", [alice], ClientInfo("192.0.2.1"), size=len(MESSAGE))
     spool.commit(writer, envelope)
     return envelope
 
