@@ -203,10 +203,10 @@ def test_commit_hold_links_into_hold(spool):
     assert files_under(spool.root) == [f"msg/{qid}", f"queue/hold/{qid}"]
     assert same_file(spool.message_path(qid), spool.entry_path(qid, "hold"))
     assert spool.load(qid, "hold") == envelope
-    assert list(spool.due(time.time() + 10**6)) == []  # held: never due
+    assert spool.ids("incoming") == [] and spool.deferred_times() == {}  # held: never due
     assert spool.claim(qid) is False
     assert spool.move(qid, "hold", "incoming")  # the operator releases it
-    assert list(spool.due(time.time())) == [(qid, "incoming")]
+    assert spool.ids("incoming") == [qid]
     assert spool.claim(qid) and body(spool, qid) == DATA
 
 
@@ -559,7 +559,7 @@ def test_spool_works_after_a_failed_commit(spool, monkeypatch):
         spool.commit(writer, make_envelope(writer.id))
     monkeypatch.undo()
     envelope = enqueue(spool)
-    assert list(spool.due(time.time())) == [(envelope.id, "incoming")]
+    assert spool.ids("incoming") == [envelope.id]
 
 
 # -- load and open_body -------------------------------------------------------------------
@@ -682,9 +682,7 @@ def test_defer_sets_the_next_attempt(spool):
     spool.defer(envelope, now + 3600)
     assert spool.ids("active") == [] and spool.ids("deferred") == [qid]
     assert os.stat(spool.entry_path(qid, "deferred")).st_mtime == pytest.approx(now + 3600, abs=1)
-    assert list(spool.due(now)) == []
-    assert list(spool.due(now + 3601)) == [(qid, "deferred")]
-    assert list(spool.due(now + 3601, deferred=False)) == []
+    assert spool.deferred_times() == {qid: pytest.approx(now + 3600, abs=1)}  # what the queue manager schedules from
     assert spool.load(qid, "deferred") == envelope  # progress saved
     assert spool.claim(qid, "deferred") and spool.ids("active") == [qid]
     assert os.listdir(Path(spool.root) / "tmp") == []
@@ -732,14 +730,24 @@ def test_rewrites_do_their_disk_work_off_the_hub(spool, monkeypatch, how):
     assert run.on_hub == []
 
 
-def test_due_lists_incoming_then_ripe_deferred(spool):
+def test_ids_oldest_first_and_deferred_times(spool):
     now = time.time()
     incoming = sorted(enqueue(spool).id for _ in range(3))
     late, early = enqueue(spool), enqueue(spool)
     for env, when in ((late, now + 100), (early, now - 100)):
         assert spool.claim(env.id)
         spool.defer(env, when)
-    assert list(spool.due(now)) == [(q, "incoming") for q in incoming] + [(early.id, "deferred")]
+    (Path(spool.root) / "queue" / "deferred" / "not-an-id").write_bytes(b"")
+    assert spool.ids("incoming") == incoming
+    assert spool.deferred_times() == {early.id: pytest.approx(now - 100, abs=1),
+                                      late.id: pytest.approx(now + 100, abs=1)}
+
+
+@pytest.mark.parametrize("n", [0, 1, spool_module.SORT_SLICE, 3 * spool_module.SORT_SLICE + 7])
+def test_sorted_gently_is_sorted(n):
+    names = [new_id() for _ in range(n)]
+    names.reverse()
+    assert spool_module.sorted_gently(names) == sorted(names)
 
 
 def test_update_rewrites_active_envelope(spool):
@@ -866,6 +874,23 @@ def test_recover_restores_a_lost_msg_name_from_a_linked_entry(spool, state):
     assert spool.ids(final) == [qid] and spool.ids("corrupt") == []
     assert same_file(spool.entry_path(qid, final), spool.message_path(qid))
     assert body(spool, qid) == DATA and spool.load(qid, final) == envelope
+
+
+def test_recover_does_its_walk_off_the_hub_and_in_a_thread(tmp_path, monkeypatch):
+    s = Spool(tmp_path / "spool")
+    s.setup()
+    envelope = enqueue(s)
+    assert s.claim(envelope.id)
+    run = s.run = OffHub(monkeypatch)
+    assert s.recover() == [envelope.id]
+    assert run.jobs == [Spool._recover] and run.on_hub == []
+    monkeypatch.undo()
+    # and in a real thread (the server may run it in gevent's threadpool itself)
+    assert s.claim(envelope.id, "incoming")
+    pool = gevent.get_hub().threadpool
+    s.run = lambda fn, *args: pool.apply(fn, args)
+    assert pool.apply(s.recover) == [envelope.id]
+    assert s.ids("incoming") == [envelope.id] and body(s, envelope.id) == DATA
 
 
 def test_recover_on_an_empty_directory(tmp_path):
