@@ -59,18 +59,8 @@ def start(config_path: str, worker: bool) -> None:
 
     # the master checks what the workers will use; it starts them only if all is well
     config = load_or_exit(config_path) if worker else check_or_exit(config_path)
-    if config.server.workers > 1 and config.metrics.address and not worker:
-        # every process keeps its counters in files here; the master adds them up
-        import shutil
-
-        spool = os.path.abspath(config.server.spool_dir)
-        directory = os.path.join(spool, "metrics")
-        from geosmtp.spool import lock_holder
-
-        if lock_holder(spool) is None:  # no geosmtp runs here: the files are a previous run's
-            shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not worker:
+        prepare_directories(config, config_path)
     from geosmtp import log
     from geosmtp.server import Server
 
@@ -85,6 +75,33 @@ def start(config_path: str, worker: bool) -> None:
     except (OSError, ValueError) as exc:  # the port is taken, the spool or a file is unusable
         click.echo(f"geosmtp: cannot start: {exc}", err=True)
         sys.exit(1)
+
+
+def prepare_directories(config: Config, config_path: str) -> None:
+    """Before the server starts: as root with [server] user, the spool and Maildir root are
+    made for that user if missing; with workers and metrics, the directory where every
+    process keeps its counters (the master adds them up) is emptied of a previous run's."""
+    import os
+
+    from geosmtp import privileges
+
+    target = privileges.identity(config.server.user, config.server.group)
+    problem = privileges.switch_problem(target)
+    if problem:
+        refuse(f"{config_path}: cannot start with this configuration", [problem])
+    spool = os.path.abspath(config.server.spool_dir)
+    privileges.make_own_dirs(target, spool, os.path.abspath(config.local.maildir_root))
+    if config.server.workers > 1 and config.metrics.address:
+        import shutil
+
+        from geosmtp.spool import lock_holder
+
+        directory = os.path.join(spool, "metrics")
+        if lock_holder(spool) is None:  # no geosmtp runs here: the files are a previous run's
+            shutil.rmtree(directory, ignore_errors=True)
+        privileges.make_own_dirs(target, directory)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
 
 
 @main.command("check-config")

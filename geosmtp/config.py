@@ -89,6 +89,10 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     spool_dir: Path = Path("./var/spool")
+    # started as root: bind the ports, open the spool, then become this user (and group;
+    # default: the user's own) before accepting anything (geosmtp.privileges)
+    user: str | None = None
+    group: str | None = None
     # SMTP worker processes: 1 runs everything in one process; N > 1 starts N processes that
     # accept on the master's listening sockets, and the master runs the one queue manager
     workers: int = Field(1, ge=1, le=64)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from geosmtp import privileges
 from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import CertificateConfig, Config, TLSConfig
 from geosmtp.dkim import load_key
@@ -222,12 +223,25 @@ def check_maildir(root: Path, domains: list[str], user: RunAs) -> list[str]:
 def check_dirs(config: Config, user: RunAs) -> list[str]:
     spool = Path(os.path.abspath(config.server.spool_dir))
     root = Path(os.path.abspath(config.local.maildir_root))
-    return ([f"server.spool_dir: {p}" for p in check_spool(spool, user)]
-            + [f"local.maildir_root: {p}" for p in check_maildir(root, config.local.domains, user)])
+    # started as root with a user to become, the missing ones are made and given to the user
+    # (privileges.make_own_dirs): only those that exist must suit the user already
+    made_for_user = config.server.user is not None and os.geteuid() == 0
+    out = []
+    if not (made_for_user and not spool.exists()):
+        out += [f"server.spool_dir: {p}" for p in check_spool(spool, user)]
+    if not (made_for_user and not root.exists()):
+        out += [f"local.maildir_root: {p}" for p in check_maildir(root, config.local.domains, user)]
+    return out
 
 
 def check(config: Config, uid: int | None = None, gid: int | None = None) -> list[str]:
     """Every problem with what `config` names, for the server running as uid/gid (default:
-    this process's user); [] when it can start."""
+    [server] user and group, else this process's user); [] when it can start."""
+    if uid is None and config.server.user is not None:
+        try:
+            target = privileges.identity(config.server.user, config.server.group)
+        except ValueError as exc:
+            return [str(exc)]
+        uid, gid = target.uid, target.gid
     user = RunAs.of(uid, gid)
     return check_files(config, user) + check_dirs(config, user)

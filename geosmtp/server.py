@@ -24,7 +24,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import lifeline, metrics, replies, safeio
+from geosmtp import lifeline, metrics, privileges, replies, safeio
 from geosmtp import proxy as proxy_protocol
 from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
@@ -129,7 +129,7 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     if [(i.name, i.address, i.mode, i.tls) for i in old.listener] != \
             [(i.name, i.address, i.mode, i.tls) for i in new.listener]:
         out.append("[[listener]] names, addresses, modes or TLS")
-    for key in ("spool_dir", "workers", "hostname"):
+    for key in ("spool_dir", "workers", "hostname", "user", "group"):
         if getattr(old.server, key) != getattr(new.server, key):
             out.append(f"server.{key}")
     if old.local.maildir_root != new.local.maildir_root:
@@ -150,6 +150,7 @@ class Server:
                  notify_fd: int | None = None):
         self.config = config
         self.role = role
+        self.run_as = privileges.identity(config.server.user, config.server.group)
         self.config_path = config_path
         self.notify_fd = notify_fd
         self.workers: list[subprocess.Popen | None] = []
@@ -252,32 +253,34 @@ class Server:
         cfg = self.config.server
         if self.role == "worker":  # the master's lock, passed down: it lives as long as we do
             self._lock = held_lock(cfg.spool_dir, int(os.environ[LOCK_FD]))
-        else:
-            # geosmtp-queue signals the pid written into the lock: be ready before it is there
-            gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
-            # a previous master's workers may still be finishing their sessions: recovery
-            # waits for the last of them (they are gone within drain_timeout and a few seconds)
-            self._lock = lock_spool(cfg.spool_dir, wait=cfg.drain_timeout + 15)
-            recovered = self.spool.run(self.spool.recover)
-        if self.role == "master":
-            for listener in self.config.listener:
-                self.listen_socks[listener.name] = listen_socket(listener.host, listener.port)
-        else:
-            inherited = inherited_sockets() if self.role == "worker" else {}
-            for listener in self.config.listener:
-                handler = partial(self.handle, listener.name)
-                sock = inherited.get(listener.name) or listen_socket(listener.host, listener.port)
-                server = StreamServer(sock, handler, spawn=self.sessions.spawn)
-                server.start()
-                self.servers.append(server)
-                logger.info("listening on {} ({}, mode {})", listener.address, listener.name, listener.mode)
-        if self.role == "worker":
+            self._accept(inherited_sockets())
             gevent.spawn(self._watch_master, int(os.environ[lifeline.LIFELINE_FD]))
             return
+        # geosmtp-queue signals the pid written into the lock: be ready before it is there
+        gevent.signal_handler(signal.SIGUSR1, self.queue.notify)
+        # a previous master's workers may still be finishing their sessions: recovery waits
+        # for the last of them (they are gone within drain_timeout and a few seconds)
+        self._lock = lock_spool(cfg.spool_dir, wait=cfg.drain_timeout + 15)
+        privileges.give(self.run_as, self._lock)
+        socks = {item.name: listen_socket(item.host, item.port) for item in self.config.listener}
+        # ports bound, spool lock held: nothing left that needs root, and nothing accepted yet
+        privileges.drop(self.run_as)
+        recovered = self.spool.run(self.spool.recover)
         if self.role == "master":
+            self.listen_socks = socks
             self._start_workers()
+        else:
+            self._accept(socks)
         self._serve_metrics()
         self.queue.start(recovered)
+
+    def _accept(self, socks: dict[str, socket.socket]) -> None:
+        """A StreamServer per listener on its bound socket: sessions from now on."""
+        for listener in self.config.listener:
+            server = StreamServer(socks[listener.name], partial(self.handle, listener.name), spawn=self.sessions.spawn)
+            server.start()
+            self.servers.append(server)
+            logger.info("listening on {} ({}, mode {})", listener.address, listener.name, listener.mode)
 
     def _serve_metrics(self) -> None:
         """/metrics, /healthz, /readyz on [metrics] address (master or single process)."""

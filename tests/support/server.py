@@ -82,6 +82,8 @@ class ServerProcess:
         self.config_path.write_text(toml.dumps(self.config))
         self.log_path = self.root / "server.log"
         self.proc: subprocess.Popen | None = None
+        self.python = sys.executable  # the interpreter, and its environment (None: ours)
+        self.env: dict | None = None
 
     @property
     def spool(self) -> Path:
@@ -105,8 +107,8 @@ class ServerProcess:
         """Start the process and return at once (start() also waits for its greeting)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "geosmtp", "start", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            [self.python, "-m", "geosmtp", "start", "-c", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=self.env,
         )
         log.close()
         return self.proc
