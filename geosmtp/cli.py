@@ -135,7 +135,7 @@ def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
     if path is None:
         raise click.UsageError("the configuration has no [auth] users_file")
     try:
-        user = parse_address(user, allow_utf8=True).key
+        user = parse_address(user).key
     except PathError as exc:
         raise click.UsageError(f"{user!r} is not an address: {exc.reason}")
     try:

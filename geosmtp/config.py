@@ -297,7 +297,7 @@ class AuthConfig(_Section):
 
 def _address_key(value: str, where: str) -> str:
     try:
-        addr = parse_address(value, allow_utf8=True)
+        addr = parse_address(value)
     except PathError as exc:
         raise ValueError(f"{where} {value!r}: {exc.reason}") from None
     return addr.key

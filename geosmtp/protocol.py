@@ -25,10 +25,9 @@ class ProtocolError(Exception):
 class PathError(ValueError):
     """A reverse-path or forward-path that breaks the grammar or a length limit."""
 
-    def __init__(self, reason: str, *, needs_utf8: bool = False, brackets: bool = False):
+    def __init__(self, reason: str, *, brackets: bool = False):
         super().__init__(reason)
         self.reason = reason
-        self.needs_utf8 = needs_utf8  # well-formed, but non-ASCII: needs SMTPUTF8 (RFC 6531)
         self.brackets = brackets  # not even <...>: a command syntax error
 
 
@@ -118,8 +117,9 @@ def parse_domain(domain: str) -> str:
     return domain.translate(_ASCII_LOWER)
 
 
-def parse_address(text: str, *, allow_utf8: bool) -> Address:
-    """`local@domain` (no brackets) → Address. A source route is not accepted here."""
+def parse_address(text: str) -> Address:
+    """`local@domain` (no brackets) → Address, non-ASCII allowed (whether it needs SMTPUTF8 is
+    the caller's to decide: Address.is_ascii). A source route is not accepted here."""
     at = text.rfind("@")
     if at <= 0:
         raise PathError("address needs local-part@domain")
@@ -128,10 +128,7 @@ def parse_address(text: str, *, allow_utf8: bool) -> Address:
         raise PathError("bad local part")
     if len(local.encode("utf-8")) > MAX_LOCAL:
         raise PathError("local part too long")
-    addr = Address(local, parse_domain(domain))
-    if not allow_utf8 and not text.isascii():  # the raw text: folding may have hidden it
-        raise PathError("non-ASCII address", needs_utf8=True)
-    return addr
+    return Address(local, parse_domain(domain))
 
 
 def split_path(arg: str, keyword: str) -> tuple[str, str]:
@@ -182,7 +179,7 @@ def parse_reverse_path(arg: str) -> tuple[Address | None, str]:
     path, params = split_path(arg, "FROM:")
     if path == "":
         return None, params
-    return parse_address(_strip_source_route(path), allow_utf8=True), params
+    return parse_address(_strip_source_route(path)), params
 
 
 def parse_forward_path(arg: str) -> tuple[Address, str]:
@@ -192,7 +189,7 @@ def parse_forward_path(arg: str) -> tuple[Address, str]:
         return Address("postmaster", ""), params
     if path == "":
         raise PathError("empty recipient")
-    return parse_address(_strip_source_route(path), allow_utf8=True), params
+    return parse_address(_strip_source_route(path)), params
 
 
 # RFC 5321 4.1.2: esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")

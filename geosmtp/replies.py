@@ -139,7 +139,6 @@ def bad_parameter(name: str, why: str) -> Reply:
 SENDER_OK = Reply(250, "2.1.0", "Sender ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter")
-SMTPUTF8_NOT_8BIT = Reply(501, "5.5.4", "SMTPUTF8 requires an 8BITMIME body or none")
 MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")

@@ -224,7 +224,6 @@ def test_reverse_path_bad_address(path):
     with pytest.raises(PathError) as info:
         parse_reverse_path(f"FROM:<{path}>")
     assert not info.value.brackets
-    assert not info.value.needs_utf8
     assert info.value.reason
 
 
@@ -294,29 +293,23 @@ def test_forward_path_invalid(arg, brackets):
     ["ü@x.test", "a@bücher.test", '"ü"@x.test', "用户@例子.test", "a@xn--bcher-kva.ü"],
 )
 def test_non_ascii_address_needs_utf8(text):
-    with pytest.raises(PathError) as info:
-        parse_address(text, allow_utf8=False)
-    assert info.value.needs_utf8
-    assert not parse_address(text, allow_utf8=True).is_ascii
+    assert not parse_address(text).is_ascii
 
 
 def test_ascii_address_without_utf8():
-    addr = parse_address("Alice@Example.TEST", allow_utf8=False)
+    addr = parse_address("Alice@Example.TEST")
     assert addr == Address("Alice", "example.test")
     assert addr.is_ascii and addr.key == "alice@example.test" and str(addr) == "Alice@example.test"
 
 
 def test_kelvin_sign_domain_still_needs_utf8():
     # "\u212a" is not ASCII, so RFC 6531 requires SMTPUTF8; lower-casing must not hide that
-    with pytest.raises(PathError) as info:
-        parse_address("a@\u212a.test", allow_utf8=False)
-    assert info.value.needs_utf8
+    assert not parse_address("a@\u212a.test").is_ascii
 
 
-def test_malformed_non_ascii_is_a_syntax_error_not_needs_utf8():
-    with pytest.raises(PathError) as info:
-        parse_address("ü..x@x.test", allow_utf8=False)
-    assert not info.value.needs_utf8
+def test_malformed_non_ascii_is_a_syntax_error():
+    with pytest.raises(PathError):
+        parse_address("ü..x@x.test")
 
 
 # -- parse_domain -------------------------------------------------------------------------
