@@ -89,15 +89,15 @@ def test_parameters_need_ehlo_not_helo(fresh):
 
 # -- order of commands ----------------------------------------------------------------------
 def test_mail_before_greeting_is_503(fresh):
-    expect(fresh.cmd("MAIL FROM:<a@remote.test>"), replies.BAD_SEQUENCE)
+    expect(fresh.cmd("MAIL FROM:<a@remote.test>"), replies.NEED_EHLO)
 
 
 def test_rcpt_before_mail_is_503(c):
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
 
 
 def test_data_before_mail_is_503(c):
-    expect(c.cmd("DATA"), replies.BAD_SEQUENCE)
+    expect(c.cmd("DATA"), replies.NEED_MAIL)
 
 
 def test_data_before_any_rcpt_is_503(c):
@@ -118,7 +118,7 @@ def test_data_with_only_rejected_recipients_is_554(c):
 
 def test_nested_mail_is_503(c):
     assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-    expect(c.cmd("MAIL FROM:<b@remote.test>"), replies.BAD_SEQUENCE)
+    expect(c.cmd("MAIL FROM:<b@remote.test>"), replies.NESTED_MAIL)
     # the first transaction survives the error
     assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
 
@@ -127,8 +127,8 @@ def test_rset_clears_the_transaction(c):
     assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
     assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
     assert c.code("RSET") == "250 2.0.0"
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
-    expect(c.cmd("DATA"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
+    expect(c.cmd("DATA"), replies.NEED_MAIL)
     assert c.code("MAIL FROM:<b@remote.test>") == "250 2.1.0"
 
 
@@ -146,14 +146,14 @@ def test_new_greeting_clears_the_transaction(c, greeting):
     assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
     assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
     assert c.cmd(greeting)[0] == 250
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
     assert c.code("MAIL FROM:<b@remote.test>") == "250 2.1.0"
 
 
 def test_end_of_data_clears_the_transaction(c):
     queue_id(send_message(c, "a@remote.test", ["alice@example.test"], b"Subject: one\r\n\r\nx"))
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
-    expect(c.cmd("DATA"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
+    expect(c.cmd("DATA"), replies.NEED_MAIL)
     assert c.code("MAIL FROM:<b@remote.test>") == "250 2.1.0"
 
 
@@ -197,7 +197,7 @@ def test_long_line_is_not_executed_in_part(c):
     # a MAIL line over the limit must not start a transaction from its first 512 octets
     line = "MAIL FROM:<a@remote.test> " + "X" * 600
     expect(c.cmd(line), replies.LINE_TOO_LONG)
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
 
 
 def test_long_line_then_pipelined_command(c):
@@ -216,7 +216,7 @@ def test_nul_byte_in_a_command_is_rejected(c, line):
     code_, _ = c.cmd(line)
     assert 500 <= code_ < 600
     # nothing of it took effect
-    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.BAD_SEQUENCE)
+    expect(c.cmd("RCPT TO:<alice@example.test>"), replies.NEED_MAIL)
     assert c.code("NOOP") == "250 2.0.0"
 
 
@@ -449,7 +449,7 @@ def test_http_request_is_521_and_closed(fresh, line):
 def test_submission_needs_auth_for_mail(server):
     with connect(server.submission_port) as c:
         expect(c.cmd("MAIL FROM:<alice@example.test>"), replies.AUTH_REQUIRED)
-        expect(c.cmd("RCPT TO:<bob@example.test>"), replies.BAD_SEQUENCE)
+        expect(c.cmd("RCPT TO:<bob@example.test>"), replies.NEED_MAIL)
 
 
 def test_no_stray_replies_after_a_dialogue(c):

@@ -52,9 +52,10 @@ def code(reply: tuple[int, list[str]]) -> str:
 
 
 def expect(reply: tuple[int, list[str]], want) -> None:
-    """Assert a reply matches a replies.Reply constant (code and enhanced code)."""
-    got = code(reply)
-    assert got == f"{want.code} {want.enhanced}", f"expected {want}, got {reply}"
+    """Assert a reply is this replies.Reply constant: code, enhanced code and every line of
+    text (so one 503 5.5.1 cannot pass for another)."""
+    prefix = f"{want.enhanced} " if want.enhanced else ""
+    assert reply == (want.code, [prefix + line for line in want.lines]), f"expected {want}, got {reply}"
 
 
 def queue_id(reply: tuple[int, list[str]]) -> str:
