@@ -232,27 +232,7 @@ class QueueManager:
                  (client.tls or "-").partition(" ")[0], client.auth_user or "-")
         open_body = partial(self.spool.open_body, qid)
         failed: list[Recipient] = []
-
-        def record(index: int, outcome: Outcome, where: str) -> None:
-            rcpt = envelope.recipients[index]
-            reply = outcome.reply
-            rcpt.attempts += 1
-            rcpt.last_reply = str(reply)
-            rcpt.remote = outcome.remote
-            rcpt.updated = now
-            if reply.code < 400:
-                rcpt.status = DELIVERED
-                metrics.DELIVERY_SECONDS.observe(max(time.time() - envelope.created, 0.0))
-            elif reply.code >= 500:
-                rcpt.status = FAILED
-                failed.append(rcpt)
-            result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
-            if where != "returned":  # returned by the postmaster: not a delivery attempt
-                metrics.DELIVERIES.labels(result, where).inc()
-            relay = outcome.remote or ("local" if where == "local" else "none")
-            log.info("to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                     rcpt.address, relay, now - envelope.created, rcpt.attempts, result, reply)
-
+        record = partial(self._record, envelope, now, failed, log)
         remote: dict[str, list[int]] = {}
         returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
         for index, rcpt in enumerate(envelope.recipients):
@@ -270,11 +250,7 @@ class QueueManager:
         if remote:
             self._relay(envelope, remote, open_body, record, log)
         if envelope.pending() and now - envelope.created >= self.max_lifetime:
-            for rcpt in envelope.pending():
-                rcpt.status = FAILED
-                rcpt.last_reply = f"{EXPIRED} (last: {rcpt.last_reply})"
-                failed.append(rcpt)
-                log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
+            failed += self._expire(envelope, log)
         # the sender's notice is durable before the recipients' new state: a crash in
         # between repeats the attempt (and maybe the notice), it never loses the notice
         if failed:
@@ -289,6 +265,38 @@ class QueueManager:
             self.spool.done(qid)
             log.info("removed")
         self._recovered.discard(qid)
+
+    def _record(self, envelope: Envelope, now: float, failed: list[Recipient], log,
+                index: int, outcome: Outcome, where: str) -> None:
+        """One recipient's outcome of this attempt: its new state, a metric and a log line
+        (failed ones are added to `failed`, for the sender's notice)."""
+        rcpt = envelope.recipients[index]
+        reply = outcome.reply
+        rcpt.attempts += 1
+        rcpt.last_reply = str(reply)
+        rcpt.remote = outcome.remote
+        rcpt.updated = now
+        if reply.code < 400:
+            rcpt.status = DELIVERED
+            metrics.DELIVERY_SECONDS.observe(max(time.time() - envelope.created, 0.0))
+        elif reply.code >= 500:
+            rcpt.status = FAILED
+            failed.append(rcpt)
+        result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
+        if where != "returned":  # returned by the postmaster: not a delivery attempt
+            metrics.DELIVERIES.labels(result, where).inc()
+        relay = outcome.remote or ("local" if where == "local" else "none")
+        log.info("to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
+                 rcpt.address, relay, now - envelope.created, rcpt.attempts, result, reply)
+
+    def _expire(self, envelope: Envelope, log) -> list[Recipient]:
+        """Give up on the recipients still pending: the message is too old."""
+        expired = envelope.pending()
+        for rcpt in expired:
+            rcpt.status = FAILED
+            rcpt.last_reply = f"{EXPIRED} (last: {rcpt.last_reply})"
+            log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
+        return expired
 
     def _defer(self, envelope: Envelope, when: float, log) -> None:
         if self.spool.defer(envelope, when):
