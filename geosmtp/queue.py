@@ -51,7 +51,9 @@ class Local(Protocol):
 
 
 class Remote(Protocol):
-    def deliver(self, domain: str, msg: Outgoing, open_body) -> list[Outcome]: ...
+    def destination(self, domain: str) -> str: ...
+
+    def deliver(self, destination: str, msg: Outgoing, open_body) -> list[Outcome]: ...
 
 
 def give_way() -> None:
@@ -245,8 +247,9 @@ class QueueManager:
             domain = rcpt.address.rpartition("@")[2].lower()
             if domain in self.local_domains:
                 record(index, Outcome(self.local.deliver(envelope, index, open_body, redelivery)), "local")
-            else:
-                remote.setdefault(domain, []).append(index)
+            else:  # grouped by where it goes: a smarthost takes every domain in one transaction
+                destination = self.relay.destination(domain) if self.relay else domain
+                remote.setdefault(destination, []).append(index)
         if remote:
             self._relay(envelope, remote, open_body, record, log)
         if envelope.pending() and now - envelope.created >= self.max_lifetime:
@@ -307,8 +310,8 @@ class QueueManager:
     # -- relay ------------------------------------------------------------------------------
     def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body,
                record: Callable[[int, Outcome, str], None], log) -> None:
-        """Hand the remote recipients to the relay, a transaction per domain, all domains at
-        once; each result is recorded as it comes."""
+        """Hand the remote recipients to the relay, a transaction per destination (a domain,
+        or the smarthost), all destinations at once; each result is recorded as it comes."""
         def all_get(outcome: Outcome) -> None:
             for indices in remote.values():
                 for i in indices:
@@ -328,7 +331,7 @@ class QueueManager:
         saving = gevent.lock.Semaphore()
         unfinished = [len(remote)]
 
-        def one(domain: str, indices: list[int]) -> None:
+        def one(destination: str, indices: list[int]) -> None:
             recipients = tuple(envelope.recipients[i].address for i in indices)
             # RFC 6531 3.2: SMTPUTF8 is needed when an address of this transaction or a
             # header is not ASCII
@@ -338,16 +341,16 @@ class QueueManager:
                 sender=envelope.sender, recipients=recipients, size=size, prefix=prefix,
                 eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
             )
-            for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
+            for i, outcome in zip(indices, self.relay.deliver(destination, msg, open_body)):
                 record(i, outcome, "remote")
             unfinished[0] -= 1
             if unfinished[0]:
-                # other domains are still in flight, maybe for minutes: save what this one
+                # other destinations are still in flight, maybe for minutes: save what this one
                 # achieved now, so a crash does not send it again
                 with saving:
                     self.spool.update(envelope)
 
-        jobs = [gevent.spawn(one, domain, indices) for domain, indices in remote.items()]
+        jobs = [gevent.spawn(one, destination, indices) for destination, indices in remote.items()]
         gevent.joinall(jobs, raise_error=True)
 
     def _signature(self, envelope: Envelope, open_body, log) -> bytes:
