@@ -72,6 +72,13 @@ def _non_ascii(text: str) -> bool:
     return not text.isascii()
 
 
+def tls_token(tls: str | None) -> str:
+    """Outcome.tls as one word for the status line: "TLSv1.3/verified", "TLSv1.2/unverified",
+    "none" (the transaction went in plaintext), "-" (no transaction was tried: local delivery,
+    or no host took part: DNS, refused connections, a TLS-required host without STARTTLS)."""
+    return tls.replace(" ", "/") if tls else "-"
+
+
 class QueueManager:
     def __init__(
         self,
@@ -289,8 +296,8 @@ class QueueManager:
         if where != "returned":  # returned by the postmaster: not a delivery attempt
             metrics.DELIVERIES.labels(result, where).inc()
         relay = outcome.remote or ("local" if where == "local" else "none")
-        log.info("to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                 rcpt.address, relay, now - envelope.created, rcpt.attempts, result, reply)
+        log.info("to=<{}> relay={} tls={} delay={:.1f} attempt={} status={} ({})", rcpt.address, relay,
+                 tls_token(outcome.tls), now - envelope.created, rcpt.attempts, result, reply)
 
     def _expire(self, envelope: Envelope, log) -> list[Recipient]:
         """Give up on the recipients still pending: the message is too old."""
@@ -373,13 +380,21 @@ class QueueManager:
         return signature
 
     # -- notices to the sender --------------------------------------------------------------
+    def _sent_headers(self, envelope: Envelope, recipients: list[Recipient]) -> bytes:
+        """The header section as it was sent to these recipients: with the DKIM-Signature the
+        relay put before the spooled message when one of them is remote. Runs in a thread."""
+        signature = envelope.extra.get("dkim", "").encode("utf-8")
+        if signature and all(r.address.rpartition("@")[2].lower() in self.local_domains for r in recipients):
+            signature = b""  # local copies are stored as received, unsigned
+        with self.spool.open_body(envelope.id) as fh:
+            return signature + bounce.header_section(fh, bounce.HEADER_LIMIT - len(signature))
+
     def _notify_sender(self, envelope: Envelope, recipients: list[Recipient], kind: str, log) -> None:
         if not bounce.should_notify(envelope):
             log.info("no {} notice: the message has the null sender", kind)
             return
         try:
-            with self.spool.open_body(envelope.id) as fh:
-                headers = bounce.header_section(fh)
+            headers = self.spool.run(self._sent_headers, envelope, recipients)
         except OSError:
             headers = b""
         now = time.time()

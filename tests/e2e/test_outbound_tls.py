@@ -8,6 +8,7 @@ Certificates come from trustme: `ca` is the CA the server is told to trust ([rel
 from __future__ import annotations
 
 import base64
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -113,6 +114,7 @@ def test_opportunistic_tls_is_used_when_offered_whatever_the_certificate(srv, ne
     assert verbs(mx) == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"]  # EHLO again after TLS
     assert msg.helo == HOSTNAME
     wait_gone(srv, qid)
+    assert re.search(r" tls=TLSv1\.[23]/unverified ", sent_line(srv, qid, f"bob@{domain}"))  # nothing checked
 
 
 def test_failed_handshake_falls_back_to_plaintext_on_a_new_connection(srv, net, ca):
@@ -127,6 +129,7 @@ def test_failed_handshake_falls_back_to_plaintext_on_a_new_connection(srv, net, 
     assert verbs(mx, 2) == ["EHLO", "MAIL", "RCPT", "DATA"]  # no second try at STARTTLS
     wait_gone(srv, qid)
     assert "attempt=1 " in sent_line(srv, qid, f"bob@{domain}")
+    assert " tls=none " in sent_line(srv, qid, f"bob@{domain}")
 
 
 # -- required -----------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ def test_verify_delivers_to_an_mx_with_a_certificate_for_its_name(srv, net, ca):
     msg = only(mx.wait_for_messages(1))
     assert msg.tls
     wait_gone(srv, qid)
+    assert f" tls={msg.tls}/verified " in sent_line(srv, qid, "bob@tls-verify.test")
 
 
 @pytest.mark.parametrize("domain, problem", [("tls-wrongname.test", "name"), ("tls-untrusted.test", "issuer")])
@@ -293,5 +297,5 @@ def test_smarthost_gets_every_domain_in_one_transaction_after_one_login(make_ser
     assert fields["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone> unknown here"
     wait_gone(srv, qid)
     for rcpt in (ok1, ok2):
-        assert f"relay={smart.host}[{smart.host}] " in sent_line(srv, qid, rcpt)
+        assert f"relay={smart.host}[{smart.host}] tls={msg.tls}/unverified " in sent_line(srv, qid, rcpt)
     assert secrets_in(srv.log()) == []
