@@ -37,6 +37,7 @@ SUBJECTS = {
     DELAYED: "Delayed Mail (still being retried)",
 }
 FOLD_WIDTH = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
+HEADER_LIMIT = 64 * 1024  # octets of the original header section returned in a DSN
 MAX_WORD = 900  # octets; keeps every line under the 998-octet limit (RFC 5322 2.1.1)
 TEXT_WIDTH = 76
 INDENT = "    "
@@ -54,7 +55,7 @@ def should_notify(envelope: Envelope) -> bool:
     return envelope.sender != ""
 
 
-def header_section(fh: BinaryIO, limit: int = 64 * 1024) -> bytes:
+def header_section(fh: BinaryIO, limit: int = HEADER_LIMIT) -> bytes:
     """The header section of the message `fh` is positioned at, as CRLF lines.
 
     Reads up to and including the empty line that ends it (or to EOF), at most `limit` octets

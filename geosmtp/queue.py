@@ -51,7 +51,9 @@ class Local(Protocol):
 
 
 class Remote(Protocol):
-    def deliver(self, domain: str, msg: Outgoing, open_body) -> list[Outcome]: ...
+    def destination(self, domain: str) -> str: ...
+
+    def deliver(self, destination: str, msg: Outgoing, open_body) -> list[Outcome]: ...
 
 
 def give_way() -> None:
@@ -68,6 +70,13 @@ def next_delay(schedule: Sequence[float], attempts: int) -> float:
 
 def _non_ascii(text: str) -> bool:
     return not text.isascii()
+
+
+def tls_token(tls: str | None) -> str:
+    """Outcome.tls as one word for the status line: "TLSv1.3/verified", "TLSv1.2/unverified",
+    "none" (the transaction went in plaintext), "-" (no transaction was tried: local delivery,
+    or no host took part: DNS, refused connections, a TLS-required host without STARTTLS)."""
+    return tls.replace(" ", "/") if tls else "-"
 
 
 class QueueManager:
@@ -232,27 +241,7 @@ class QueueManager:
                  (client.tls or "-").partition(" ")[0], client.auth_user or "-")
         open_body = partial(self.spool.open_body, qid)
         failed: list[Recipient] = []
-
-        def record(index: int, outcome: Outcome, where: str) -> None:
-            rcpt = envelope.recipients[index]
-            reply = outcome.reply
-            rcpt.attempts += 1
-            rcpt.last_reply = str(reply)
-            rcpt.remote = outcome.remote
-            rcpt.updated = now
-            if reply.code < 400:
-                rcpt.status = DELIVERED
-                metrics.DELIVERY_SECONDS.observe(max(time.time() - envelope.created, 0.0))
-            elif reply.code >= 500:
-                rcpt.status = FAILED
-                failed.append(rcpt)
-            result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
-            if where != "returned":  # returned by the postmaster: not a delivery attempt
-                metrics.DELIVERIES.labels(result, where).inc()
-            relay = outcome.remote or ("local" if where == "local" else "none")
-            log.info("to=<{}> relay={} delay={:.1f} attempt={} status={} ({})",
-                     rcpt.address, relay, now - envelope.created, rcpt.attempts, result, reply)
-
+        record = partial(self._record, envelope, now, failed, log)
         remote: dict[str, list[int]] = {}
         returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
         for index, rcpt in enumerate(envelope.recipients):
@@ -265,16 +254,13 @@ class QueueManager:
             domain = rcpt.address.rpartition("@")[2].lower()
             if domain in self.local_domains:
                 record(index, Outcome(self.local.deliver(envelope, index, open_body, redelivery)), "local")
-            else:
-                remote.setdefault(domain, []).append(index)
+            else:  # grouped by where it goes: a smarthost takes every domain in one transaction
+                destination = self.relay.destination(domain) if self.relay else domain
+                remote.setdefault(destination, []).append(index)
         if remote:
             self._relay(envelope, remote, open_body, record, log)
         if envelope.pending() and now - envelope.created >= self.max_lifetime:
-            for rcpt in envelope.pending():
-                rcpt.status = FAILED
-                rcpt.last_reply = f"{EXPIRED} (last: {rcpt.last_reply})"
-                failed.append(rcpt)
-                log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
+            failed += self._expire(envelope, log)
         # the sender's notice is durable before the recipients' new state: a crash in
         # between repeats the attempt (and maybe the notice), it never loses the notice
         if failed:
@@ -290,6 +276,38 @@ class QueueManager:
             log.info("removed")
         self._recovered.discard(qid)
 
+    def _record(self, envelope: Envelope, now: float, failed: list[Recipient], log,
+                index: int, outcome: Outcome, where: str) -> None:
+        """One recipient's outcome of this attempt: its new state, a metric and a log line
+        (failed ones are added to `failed`, for the sender's notice)."""
+        rcpt = envelope.recipients[index]
+        reply = outcome.reply
+        rcpt.attempts += 1
+        rcpt.last_reply = str(reply)
+        rcpt.remote = outcome.remote
+        rcpt.updated = now
+        if reply.code < 400:
+            rcpt.status = DELIVERED
+            metrics.DELIVERY_SECONDS.observe(max(time.time() - envelope.created, 0.0))
+        elif reply.code >= 500:
+            rcpt.status = FAILED
+            failed.append(rcpt)
+        result = {DELIVERED: "sent", FAILED: "bounced"}.get(rcpt.status, "deferred")
+        if where != "returned":  # returned by the postmaster: not a delivery attempt
+            metrics.DELIVERIES.labels(result, where).inc()
+        relay = outcome.remote or ("local" if where == "local" else "none")
+        log.info("to=<{}> relay={} tls={} delay={:.1f} attempt={} status={} ({})", rcpt.address, relay,
+                 tls_token(outcome.tls), now - envelope.created, rcpt.attempts, result, reply)
+
+    def _expire(self, envelope: Envelope, log) -> list[Recipient]:
+        """Give up on the recipients still pending: the message is too old."""
+        expired = envelope.pending()
+        for rcpt in expired:
+            rcpt.status = FAILED
+            rcpt.last_reply = f"{EXPIRED} (last: {rcpt.last_reply})"
+            log.info("to=<{}> status=expired after {} attempts", rcpt.address, rcpt.attempts)
+        return expired
+
     def _defer(self, envelope: Envelope, when: float, log) -> None:
         if self.spool.defer(envelope, when):
             self.schedule.add(envelope.id, when)
@@ -299,8 +317,8 @@ class QueueManager:
     # -- relay ------------------------------------------------------------------------------
     def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body,
                record: Callable[[int, Outcome, str], None], log) -> None:
-        """Hand the remote recipients to the relay, a transaction per domain, all domains at
-        once; each result is recorded as it comes."""
+        """Hand the remote recipients to the relay, a transaction per destination (a domain,
+        or the smarthost), all destinations at once; each result is recorded as it comes."""
         def all_get(outcome: Outcome) -> None:
             for indices in remote.values():
                 for i in indices:
@@ -320,7 +338,7 @@ class QueueManager:
         saving = gevent.lock.Semaphore()
         unfinished = [len(remote)]
 
-        def one(domain: str, indices: list[int]) -> None:
+        def one(destination: str, indices: list[int]) -> None:
             recipients = tuple(envelope.recipients[i].address for i in indices)
             # RFC 6531 3.2: SMTPUTF8 is needed when an address of this transaction or a
             # header is not ASCII
@@ -330,16 +348,16 @@ class QueueManager:
                 sender=envelope.sender, recipients=recipients, size=size, prefix=prefix,
                 eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
             )
-            for i, outcome in zip(indices, self.relay.deliver(domain, msg, open_body)):
+            for i, outcome in zip(indices, self.relay.deliver(destination, msg, open_body)):
                 record(i, outcome, "remote")
             unfinished[0] -= 1
             if unfinished[0]:
-                # other domains are still in flight, maybe for minutes: save what this one
+                # other destinations are still in flight, maybe for minutes: save what this one
                 # achieved now, so a crash does not send it again
                 with saving:
                     self.spool.update(envelope)
 
-        jobs = [gevent.spawn(one, domain, indices) for domain, indices in remote.items()]
+        jobs = [gevent.spawn(one, destination, indices) for destination, indices in remote.items()]
         gevent.joinall(jobs, raise_error=True)
 
     def _signature(self, envelope: Envelope, open_body, log) -> bytes:
@@ -362,13 +380,21 @@ class QueueManager:
         return signature
 
     # -- notices to the sender --------------------------------------------------------------
+    def _sent_headers(self, envelope: Envelope, recipients: list[Recipient]) -> bytes:
+        """The header section as it was sent to these recipients: with the DKIM-Signature the
+        relay put before the spooled message when one of them is remote. Runs in a thread."""
+        signature = envelope.extra.get("dkim", "").encode("utf-8")
+        if signature and all(r.address.rpartition("@")[2].lower() in self.local_domains for r in recipients):
+            signature = b""  # local copies are stored as received, unsigned
+        with self.spool.open_body(envelope.id) as fh:
+            return signature + bounce.header_section(fh, bounce.HEADER_LIMIT - len(signature))
+
     def _notify_sender(self, envelope: Envelope, recipients: list[Recipient], kind: str, log) -> None:
         if not bounce.should_notify(envelope):
             log.info("no {} notice: the message has the null sender", kind)
             return
         try:
-            with self.spool.open_body(envelope.id) as fh:
-                headers = bounce.header_section(fh)
+            headers = self.spool.run(self._sent_headers, envelope, recipients)
         except OSError:
             headers = b""
         now = time.time()

@@ -1,12 +1,12 @@
 """Delivery to one destination: which hosts, in what order, over which connection.
 
 Relay.deliver() takes one message and the recipients it has at one destination (a domain,
-or everything when a smarthost is set) and returns an Outcome per recipient. Within one
-attempt every MX host and every address of each is tried until one of them takes part in
-a transaction (RFC 5321 5.1); only failures before MAIL FROM move on to the next host, so
-a message is never offered twice in one attempt. Connections are kept for a few seconds
-and reused for the next message to the same address; each destination has a limit on
-parallel connections. TLS follows the destination's policy.
+or the smarthost, for the recipients of every domain at once) and returns an Outcome per
+recipient. Within one attempt every MX host and every address of each is tried until one
+of them takes part in a transaction (RFC 5321 5.1); only failures before MAIL FROM move on
+to the next host, so a message is never offered twice in one attempt. Connections are kept
+for a few seconds and reused for the next message to the same address; each destination
+has a limit on parallel connections. TLS follows the destination's policy.
 """
 from __future__ import annotations
 
@@ -85,9 +85,11 @@ class Relay:
         return self.settings.smarthost[0].lower() if self.settings.smarthost else domain.lower()
 
     # -- one message, one destination -------------------------------------------------------
-    def deliver(self, domain: str, msg: Outgoing, open_body: Callable[[], BinaryIO]) -> list[Outcome]:
-        """Try to hand `msg` to `domain`'s servers; an Outcome per recipient, in order."""
-        destination = self.destination(domain)
+    def deliver(self, destination: str, msg: Outgoing, open_body: Callable[[], BinaryIO]) -> list[Outcome]:
+        """Try to hand `msg` to the servers of `destination` (what destination() says: the
+        recipients' domain, or the smarthost, which takes every domain in one transaction);
+        an Outcome per recipient, in order."""
+        destination = self.destination(destination)
         slot = self._slots.get(destination)
         if slot is None:
             slot = self._slots[destination] = gevent.lock.BoundedSemaphore(self.settings.per_destination)
@@ -96,7 +98,7 @@ class Relay:
                 if self.settings.smarthost:
                     hosts = [self.mx.host(self.settings.smarthost[0])]
                 else:
-                    hosts = self.mx.hosts(domain)
+                    hosts = self.mx.hosts(destination)
             except DeliveryError as exc:
                 return [Outcome(exc.reply, exc.remote)] * len(msg.recipients)
             return self._try_hosts(hosts, destination, msg, open_body)

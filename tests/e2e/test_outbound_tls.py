@@ -8,6 +8,7 @@ Certificates come from trustme: `ca` is the CA the server is told to trust ([rel
 from __future__ import annotations
 
 import base64
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -17,8 +18,8 @@ import trustme
 from tests.support.certs import ServerCert
 from tests.support.e2e import (  # noqa: F401 (srv, net: fixtures)
     net, srv,
-    HOSTNAME, Remotes, fresh_address, log_lines, notices, only, relay_config, remote_domain, sent_line,
-    submit, verbs, wait_deferred, wait_gone,
+    HOSTNAME, Remotes, dsn_fields, fresh_address, log_lines, notices, only, relay_config, remote_domain,
+    sent_line, submit, verbs, wait_deferred, wait_gone, wait_notices,
 )
 from tests.support.fakedns import FakeDNS
 from tests.support.fakemx import FakeMX, pick_port
@@ -113,6 +114,7 @@ def test_opportunistic_tls_is_used_when_offered_whatever_the_certificate(srv, ne
     assert verbs(mx) == ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA"]  # EHLO again after TLS
     assert msg.helo == HOSTNAME
     wait_gone(srv, qid)
+    assert re.search(r" tls=TLSv1\.[23]/unverified ", sent_line(srv, qid, f"bob@{domain}"))  # nothing checked
 
 
 def test_failed_handshake_falls_back_to_plaintext_on_a_new_connection(srv, net, ca):
@@ -127,6 +129,7 @@ def test_failed_handshake_falls_back_to_plaintext_on_a_new_connection(srv, net, 
     assert verbs(mx, 2) == ["EHLO", "MAIL", "RCPT", "DATA"]  # no second try at STARTTLS
     wait_gone(srv, qid)
     assert "attempt=1 " in sent_line(srv, qid, f"bob@{domain}")
+    assert " tls=none " in sent_line(srv, qid, f"bob@{domain}")
 
 
 # -- required -----------------------------------------------------------------------------------
@@ -154,6 +157,7 @@ def test_verify_delivers_to_an_mx_with_a_certificate_for_its_name(srv, net, ca):
     msg = only(mx.wait_for_messages(1))
     assert msg.tls
     wait_gone(srv, qid)
+    assert f" tls={msg.tls}/verified " in sent_line(srv, qid, "bob@tls-verify.test")
 
 
 @pytest.mark.parametrize("domain, problem", [("tls-wrongname.test", "name"), ("tls-untrusted.test", "issuer")])
@@ -220,8 +224,8 @@ def test_smarthost_takes_mail_for_every_remote_domain_without_dns(make_server, o
     own_net.dns.reset_queries()
     rcpts = [f"bob@{own_net.domain()}", f"carl@{own_net.domain()}"]  # neither is in the DNS
     qid = submit(srv, rcpts)
-    msgs = smart.wait_for_messages(2)
-    assert sorted(r for m in msgs for r in m.rcpt_tos) == sorted(rcpts)
+    msg = only(smart.wait_for_messages(1))  # one transaction for both domains
+    assert msg.rcpt_tos == rcpts
     wait_gone(srv, qid)
     assert own_net.dns.queries == []
     assert not notices(srv, qid)
@@ -273,4 +277,25 @@ def test_smarthost_refusing_the_login_defers_and_a_fixed_login_delivers(make_ser
     assert only(smart.wait_for_messages(1)).auth_user == SMART_USER
     wait_gone(srv, qid)
     assert not notices(srv, qid)
+    assert secrets_in(srv.log()) == []
+
+
+def test_smarthost_gets_every_domain_in_one_transaction_after_one_login(make_server, own_net, tmp_path, ca):
+    smart = own_net.fake("smarthost.invalid", a=False, cert=cert_for(ca, "smarthost.invalid"),
+                         auth={SMART_USER: SMART_PASSWORD}, require_auth=True)
+    srv = make_server(smarthost_config(own_net, tmp_path, f"{smart.host}:{own_net.port}"))
+    ok1, refused, ok2 = (f"{user}@{own_net.domain()}" for user in ("ann", "gone", "carl"))
+    smart.rcpt_replies = {refused: "550 5.1.1 <gone> unknown here"}
+    qid = submit(srv, [ok1, refused, ok2])
+    msg = only(smart.wait_for_messages(1))
+    assert (msg.rcpt_tos, msg.auth_user) == ([ok1, ok2], SMART_USER)
+    assert smart.connections == 1
+    assert verbs(smart) == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL", "RCPT", "RCPT", "RCPT", "DATA"]
+    fields = only(dsn_fields(only(wait_notices(srv, qid))))  # the refused one, and only it
+    assert (fields["Final-Recipient"], fields["Status"]) == (f"rfc822; {refused}", "5.1.1")
+    assert fields["Remote-MTA"] == f"dns; {smart.host}"  # [relay] smarthost names it by its address
+    assert fields["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone> unknown here"
+    wait_gone(srv, qid)
+    for rcpt in (ok1, ok2):
+        assert f"relay={smart.host}[{smart.host}] tls={msg.tls}/unverified " in sent_line(srv, qid, rcpt)
     assert secrets_in(srv.log()) == []

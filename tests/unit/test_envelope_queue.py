@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from geosmtp.delivery import local
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
 from geosmtp.queue import NO_RELAY, QueueManager, next_delay
+from geosmtp.relay.pool import Outcome
 from geosmtp.replies import Reply
 from geosmtp.spool import SPILL_SIZE, Spool
 
@@ -189,12 +190,12 @@ class FakeLocal:
         return self.reply
 
 
-def enqueue(spool: Spool, data: bytes = MESSAGE, rcpts=("alice@example.test",)) -> Envelope:
+def enqueue(spool: Spool, data: bytes = MESSAGE, rcpts=("alice@example.test",), extra=None) -> Envelope:
     writer = spool.open_message()
     for i in range(0, len(data), 4096):
         writer.write(data[i:i + 4096])
     envelope = Envelope(writer.id, time.time(), "s@remote.test", [Recipient(r, r) for r in rcpts],
-                        ClientInfo("192.0.2.1"), size=len(data))
+                        ClientInfo("192.0.2.1"), size=len(data), extra=dict(extra or {}))
     spool.commit(writer, envelope)
     return envelope
 
@@ -292,3 +293,40 @@ def test_queue_ignores_an_entry_that_vanished(spool):
     qm = QueueManager(spool, FakeLocal(), LOCAL_DOMAINS)
     qm.deliver("0123456789ABCDEF")  # e.g. claimed, then removed by an operator
     assert files_under(spool.root) == []
+
+
+class FakeRelay:
+    """A smarthost: every domain goes to one destination; refuses every recipient."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def destination(self, domain):
+        return "smart.test"
+
+    def deliver(self, destination, msg, open_body):
+        self.calls.append((destination, msg.recipients))
+        return [Outcome(Reply(550, "5.1.1", "unknown"), "smart.test[192.0.2.9]", "none")] * len(msg.recipients)
+
+
+def notice_headers(spool: Spool, qid: str) -> bytes:
+    """The returned header section (part 3) of the one notice spooled besides `qid`."""
+    [notice] = [i for i in spool.ids("incoming") if i != qid]
+    with spool.open_body(notice) as fh:
+        return fh.read().split(b"text/rfc822-headers", 1)[1]
+
+
+@pytest.mark.parametrize("route", ["remote", "local"])
+def test_the_bounce_returns_our_dkim_signature_only_with_what_was_sent_signed(spool, route):
+    relay = FakeRelay()
+    qm = QueueManager(spool, FakeLocal(Reply(550, "5.2.1", "mailbox disabled")), LOCAL_DOMAINS, relay=relay)
+    rcpts = ("a@one.test", "b@two.test") if route == "remote" else ("alice@example.test",)
+    envelope = enqueue(spool, rcpts=rcpts, extra={"dkim": "DKIM-Signature: v=1; d=remote.test; b=sig\r\n"})
+    deliver(qm, envelope.id)
+    returned = notice_headers(spool, envelope.id)
+    if route == "remote":
+        assert relay.calls == [("smart.test", rcpts)]  # one transaction for both domains
+        assert b"\r\n\r\nDKIM-Signature: v=1; d=remote.test; b=sig\r\nReceived: by mx.example.test\r\n" in returned
+    else:
+        assert relay.calls == [] and b"DKIM-Signature" not in returned
+        assert b"\r\n\r\nReceived: by mx.example.test\r\n" in returned
