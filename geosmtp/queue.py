@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from functools import partial
 from itertools import chain, islice
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import gevent
 import gevent.event
@@ -27,15 +28,14 @@ import gevent.pool
 from loguru import logger
 
 from geosmtp import bounce, metrics
+from geosmtp.config import QueueConfig
+from geosmtp.delivery.target import NO_ROUTE, Message, OpenBody, Outcome, Router, Target
 from geosmtp.dkim import Signer
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
-from geosmtp.relay.client import Outgoing
-from geosmtp.relay.pool import Outcome
 from geosmtp.replies import Reply
 from geosmtp.schedule import Schedule
 from geosmtp.spool import Spool, SpoolError
 
-NO_RELAY = Reply(451, "4.4.0", "No route for remote delivery is configured")
 EXPIRED = Reply(554, "5.4.7", "Delivery time expired")  # RFC 3463 5.4.7
 SIGNING_AT_ONCE = 2  # DKIM signatures in progress (memory: a whole message each)
 MAX_HOPS = 100  # Received: fields; RFC 5321 6.3: a large threshold, "normally at least 100"
@@ -44,16 +44,6 @@ WALK_EVERY = 10  # scans between two walks of deferred/ (the safety net; see abo
 GIVE_WAY = 200  # due entries looked at between two turns given to the hub (claims and drops)
 MERGE_SLICE = 2000  # entries of a walk added to the schedule between two turns of the hub
 TURN = 0.001  # seconds of one turn given to the hub
-
-
-class Local(Protocol):
-    def deliver(self, envelope: Envelope, index: int, open_body, redelivery: bool) -> Reply: ...
-
-
-class Remote(Protocol):
-    def destination(self, domain: str) -> str: ...
-
-    def deliver(self, destination: str, msg: Outgoing, open_body) -> list[Outcome]: ...
 
 
 def give_way() -> None:
@@ -79,27 +69,26 @@ def tls_token(tls: str | None) -> str:
     return tls.replace(" ", "/") if tls else "-"
 
 
+_DEFAULTS = QueueConfig()  # the defaults live in the config model, once
+
+
 class QueueManager:
     def __init__(
         self,
         spool: Spool,
-        local: Local,
-        local_domains: frozenset[str],
+        router: Router,
         *,
-        relay: Remote | None = None,
         signer: Signer | None = None,
         may_sign: Callable[[Envelope], bool] = lambda envelope: False,
         hostname: str = "localhost",
-        concurrency: int = 20,
-        retry_schedule: Sequence[float] = (300.0,),
-        max_lifetime: float = 5 * 86400.0,
-        scan_interval: float = 30.0,
-        delay_warning: float | None = None,
+        concurrency: int = _DEFAULTS.concurrency,
+        retry_schedule: Sequence[float] = tuple(_DEFAULTS.retry_schedule),
+        max_lifetime: float = _DEFAULTS.max_lifetime,
+        scan_interval: float = _DEFAULTS.scan_interval,
+        delay_warning: float | None = _DEFAULTS.delay_warning,
     ):
         self.spool = spool
-        self.local = local
-        self.local_domains = local_domains
-        self.relay = relay
+        self.router = router  # which target each recipient's domain goes to
         self.signer = signer
         self.may_sign = may_sign
         self.hostname = hostname
@@ -216,53 +205,60 @@ class QueueManager:
             self._delivering.discard(qid)
 
     def _deliver(self, qid: str) -> None:
+        """One attempt: load, hand every pending recipient to its target, record the
+        outcomes, tell the sender what failed, then defer or remove the entry."""
         log = logger.bind(sid=qid)
+        envelope = self._load(qid, log)
+        if envelope is None:
+            return
+        now = time.time()
+        self._begin(envelope, now, log)
+        failed: list[Recipient] = []
+        record = partial(self._record, envelope, now, failed, log)
+        returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
+        if returned is not None:
+            reply = Reply(554, "5.0.0", f"Returned to sender by the postmaster: {returned}")
+            for index, rcpt in enumerate(envelope.recipients):
+                if rcpt.status == PENDING:
+                    record(index, Outcome(reply), "returned")
+        else:
+            self._hand_out(envelope, qid in self._recovered, record, log)
+        if envelope.pending() and now - envelope.created >= self.max_lifetime:
+            failed += self._expire(envelope, log)
+        self._finish(envelope, now, failed, log)
+
+    def _load(self, qid: str, log) -> Envelope | None:
+        """The claimed entry's envelope; None (and the entry parked in corrupt/ when it is
+        unusable) when there is nothing to deliver."""
         try:
             envelope = self.spool.run(self.spool.load, qid)
         except FileNotFoundError:
-            return
+            return None
         except (ValueError, TypeError, KeyError) as exc:
             log.error("queue: unreadable envelope ({}); moved to corrupt/", exc)
             self.spool.move(qid, "active", "corrupt")
-            return
+            return None
         if not os.path.exists(self.spool.message_path(qid)):
             # no message will ever come back (an operator's delete that raced our last
             # rewrite, or a damaged spool): park the envelope where a person looks
             log.error("queue: the message file is gone; entry moved to corrupt/")
             self.spool.move(qid, "active", "corrupt")
-            return
-        redelivery = qid in self._recovered
-        now = time.time()
+            return None
+        return envelope
+
+    @staticmethod
+    def _begin(envelope: Envelope, now: float, log) -> None:
         envelope.attempts += 1
         envelope.last_attempt = now
         client = envelope.client
         log.info("from=<{}> size={} nrcpt={} attempt={} client=[{}] helo={} tls={} user={}", envelope.sender,
                  envelope.size, len(envelope.pending()), envelope.attempts, client.address, client.helo or "-",
                  (client.tls or "-").partition(" ")[0], client.auth_user or "-")
-        open_body = partial(self.spool.open_body, qid)
-        failed: list[Recipient] = []
-        record = partial(self._record, envelope, now, failed, log)
-        remote: dict[str, list[int]] = {}
-        returned = envelope.extra.pop("return_to_sender", None)  # geosmtp-queue bounce
-        for index, rcpt in enumerate(envelope.recipients):
-            if rcpt.status != PENDING:
-                continue
-            if returned is not None:
-                record(index, Outcome(Reply(554, "5.0.0", f"Returned to sender by the postmaster: {returned}")),
-                       "returned")
-                continue
-            domain = rcpt.address.rpartition("@")[2].lower()
-            if domain in self.local_domains:
-                record(index, Outcome(self.local.deliver(envelope, index, open_body, redelivery)), "local")
-            else:  # grouped by where it goes: a smarthost takes every domain in one transaction
-                destination = self.relay.destination(domain) if self.relay else domain
-                remote.setdefault(destination, []).append(index)
-        if remote:
-            self._relay(envelope, remote, open_body, record, log)
-        if envelope.pending() and now - envelope.created >= self.max_lifetime:
-            failed += self._expire(envelope, log)
-        # the sender's notice is durable before the recipients' new state: a crash in
-        # between repeats the attempt (and maybe the notice), it never loses the notice
+
+    def _finish(self, envelope: Envelope, now: float, failed: list[Recipient], log) -> None:
+        """The sender's notices, then the entry's new state. A notice is durable before the
+        recipients' new state: a crash in between repeats the attempt (and maybe the
+        notice), it never loses the notice."""
         if failed:
             self._notify_sender(envelope, failed, bounce.FAILED, log)
         if (envelope.pending() and self.delay_warning is not None and "warned" not in envelope.extra
@@ -272,9 +268,9 @@ class QueueManager:
         if envelope.pending():
             self._defer(envelope, now + next_delay(self.retry_schedule, envelope.attempts), log)
         else:
-            self.spool.done(qid)
+            self.spool.done(envelope.id)
             log.info("removed")
-        self._recovered.discard(qid)
+        self._recovered.discard(envelope.id)
 
     def _record(self, envelope: Envelope, now: float, failed: list[Recipient], log,
                 index: int, outcome: Outcome, where: str) -> None:
@@ -314,42 +310,54 @@ class QueueManager:
         else:
             log.warning("queue: entry removed during delivery; not deferred")
 
-    # -- relay ------------------------------------------------------------------------------
-    def _relay(self, envelope: Envelope, remote: dict[str, list[int]], open_body,
-               record: Callable[[int, Outcome, str], None], log) -> None:
-        """Hand the remote recipients to the relay, a transaction per destination (a domain,
-        or the smarthost), all destinations at once; each result is recorded as it comes."""
-        def all_get(outcome: Outcome) -> None:
-            for indices in remote.values():
-                for i in indices:
-                    record(i, outcome, "remote")
-
-        if self.relay is None:
-            return all_get(Outcome(NO_RELAY))
-        with open_body() as fh:
-            size = os.fstat(fh.fileno()).st_size - fh.tell()
-            headers = bounce.header_section(fh)
+    # -- handing recipients to their targets ------------------------------------------------
+    def _hand_out(self, envelope: Envelope, redelivery: bool, record: Callable, log) -> None:
+        """Every pending recipient to its target (the router decides), grouped by the
+        target's destination: one deliver() per group, all groups at once; each outcome is
+        recorded as it comes."""
+        groups: dict[tuple[int, str], tuple[Target, list[int]]] = {}
+        for index, rcpt in enumerate(envelope.recipients):
+            if rcpt.status != PENDING:
+                continue
+            domain = rcpt.address.rpartition("@")[2]
+            target = self.router.target(domain)
+            if target is None:
+                record(index, Outcome(NO_ROUTE), "remote")
+                continue
+            key = (id(target), target.destination(domain))
+            groups.setdefault(key, (target, []))[1].append(index)
+        if not groups:
+            return
+        size, headers = self.spool.run(self._measure, envelope.id)
         # RFC 5321 6.3: a message that has been through this many hosts is in a loop
-        hops = sum(1 for line in headers.split(b"\r\n") if line[:9].lower() == b"received:")
-        if hops > MAX_HOPS:
-            return all_get(Outcome(TOO_MANY_HOPS))
-        prefix = self._signature(envelope, open_body, log)
-        size += len(prefix)
-        saving = gevent.lock.Semaphore()
-        unfinished = [len(remote)]
+        if sum(1 for line in headers.split(b"\r\n") if line[:9].lower() == b"received:") > MAX_HOPS:
+            for _, indices in groups.values():
+                for i in indices:
+                    record(i, Outcome(TOO_MANY_HOPS), "remote")
+            return
+        remote = any(target.kind == "relay" for target, _ in groups.values())
+        prefix = self._prefix(envelope, remote, log)
+        base = Message(
+            sender=envelope.sender, recipients=(), size=size + len(prefix), prefix=prefix,
+            eightbit=envelope.body == "8BITMIME", id=envelope.id, created=envelope.created, redelivery=redelivery,
+        )
+        self._deliver_groups(envelope, base, headers, list(groups.items()), record)
 
-        def one(destination: str, indices: list[int]) -> None:
+    def _deliver_groups(self, envelope: Envelope, base: Message, headers: bytes, groups: list, record) -> None:
+        open_body: OpenBody = partial(self.spool.open_body, envelope.id)
+        saving = gevent.lock.Semaphore()
+        unfinished = [len(groups)]
+
+        def one(destination: str, target: Target, indices: list[int]) -> None:
             recipients = tuple(envelope.recipients[i].address for i in indices)
             # RFC 6531 3.2: SMTPUTF8 is needed when an address of this transaction or a
             # header is not ASCII
-            needs_utf8 = envelope.smtputf8 and (
+            utf8 = envelope.smtputf8 and (
                 _non_ascii(envelope.sender) or any(map(_non_ascii, recipients)) or not headers.isascii())
-            msg = Outgoing(
-                sender=envelope.sender, recipients=recipients, size=size, prefix=prefix,
-                eightbit=envelope.body == "8BITMIME", smtputf8=needs_utf8,
-            )
-            for i, outcome in zip(indices, self.relay.deliver(destination, msg, open_body)):
-                record(i, outcome, "remote")
+            msg = replace(base, recipients=recipients, slots=tuple(indices), smtputf8=utf8)
+            where = "remote" if target.kind == "relay" else "local"
+            for i, outcome in zip(indices, target.deliver(destination, msg, open_body)):
+                record(i, outcome, where)
             unfinished[0] -= 1
             if unfinished[0]:
                 # other destinations are still in flight, maybe for minutes: save what this one
@@ -357,18 +365,30 @@ class QueueManager:
                 with saving:
                     self.spool.update(envelope)
 
-        jobs = [gevent.spawn(one, destination, indices) for destination, indices in remote.items()]
+        jobs = [gevent.spawn(one, key[1], target, indices) for key, (target, indices) in groups]
         gevent.joinall(jobs, raise_error=True)
 
-    def _signature(self, envelope: Envelope, open_body, log) -> bytes:
-        """The DKIM-Signature lines for this message: made once, before its first relay
-        attempt, off the hub, and kept in the envelope so every retry sends the same bytes."""
-        if "dkim" in envelope.extra:
-            return envelope.extra["dkim"].encode("utf-8")
+    def _measure(self, qid: str) -> tuple[int, bytes]:
+        """(octets of the message, its header section); in a thread."""
+        with self.spool.open_body(qid) as fh:
+            return os.fstat(fh.fileno()).st_size - fh.tell(), bounce.header_section(fh)
+
+    def _prefix(self, envelope: Envelope, remote: bool, log) -> bytes:
+        """The header fields put in front of the message for every target: the DKIM-Signature
+        of what our own users send, made once, before the first attempt that has a remote
+        recipient, off the hub, and kept in the envelope so every retry (and every local
+        copy from then on) gets the same bytes."""
+        if "prefix" in envelope.extra:
+            return envelope.extra["prefix"].encode("utf-8")
+        if "dkim" in envelope.extra:  # an envelope written before "prefix" existed
+            envelope.extra["prefix"] = envelope.extra.pop("dkim")
+            return envelope.extra["prefix"].encode("utf-8")
+        if not remote:
+            return b""  # local mail only: nothing to sign for (yet)
         signature = b""
         if self.signer and self.may_sign(envelope):
             def sign() -> bytes:
-                with open_body() as fh:
+                with self.spool.open_body(envelope.id) as fh:
                     return self.signer.sign(fh.read(), envelope.sender)
             try:
                 # dkimpy wants the whole message in memory and is CPU-bound: a few at a time
@@ -376,25 +396,23 @@ class QueueManager:
                     signature = self.spool.run(sign)
             except Exception as exc:  # a message dkimpy cannot parse still goes, unsigned
                 log.warning("dkim: not signed: {}", exc)
-        envelope.extra["dkim"] = signature.decode("utf-8")
+        envelope.extra["prefix"] = signature.decode("utf-8")
         return signature
 
     # -- notices to the sender --------------------------------------------------------------
-    def _sent_headers(self, envelope: Envelope, recipients: list[Recipient]) -> bytes:
-        """The header section as it was sent to these recipients: with the DKIM-Signature the
-        relay put before the spooled message when one of them is remote. Runs in a thread."""
-        signature = envelope.extra.get("dkim", "").encode("utf-8")
-        if signature and all(r.address.rpartition("@")[2].lower() in self.local_domains for r in recipients):
-            signature = b""  # local copies are stored as received, unsigned
+    def _sent_headers(self, envelope: Envelope) -> bytes:
+        """The header section as it was sent or written: the prefix (our DKIM-Signature),
+        then the spooled header section. Runs in a thread."""
+        prefix = envelope.extra.get("prefix", envelope.extra.get("dkim", "")).encode("utf-8")
         with self.spool.open_body(envelope.id) as fh:
-            return signature + bounce.header_section(fh, bounce.HEADER_LIMIT - len(signature))
+            return prefix + bounce.header_section(fh, bounce.HEADER_LIMIT - len(prefix))
 
     def _notify_sender(self, envelope: Envelope, recipients: list[Recipient], kind: str, log) -> None:
         if not bounce.should_notify(envelope):
             log.info("no {} notice: the message has the null sender", kind)
             return
         try:
-            headers = self.spool.run(self._sent_headers, envelope, recipients)
+            headers = self.spool.run(self._sent_headers, envelope)
         except OSError:
             headers = b""
         now = time.time()

@@ -31,6 +31,7 @@ from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.delivery.local import MaildirDelivery
+from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
 from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
@@ -165,9 +166,7 @@ class Server:
         self.relay = build_relay(config) if role != "worker" else None
         self.queue = QueueManager(
             self.spool,
-            self.maildir,
-            self.directory.domains,
-            relay=self.relay,
+            Router(self.maildir, self.directory.domains, self.relay),
             signer=build_signer(config) if role != "worker" else None,
             may_sign=lambda envelope: may_sign(envelope, tuple(self.config.relay.trusted_networks)),
             hostname=config.server.hostname,
@@ -432,9 +431,9 @@ class Server:
         self.settings = {name: self.settings_for(item) for name, item in self.listeners.items()}
         if self.role != "worker":
             q = self.queue
-            old_relay, q.relay, q.signer = q.relay, relay, signer
+            old_relay, q.signer = self.relay, signer
             self.relay = relay
-            q.local_domains = directory.domains
+            q.router = Router(self.maildir, directory.domains, relay)
             q.retry_schedule = tuple(new.queue.retry_schedule)
             q.max_lifetime = new.queue.max_lifetime
             q.delay_warning = new.queue.delay_warning

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from geosmtp import safeio
+from geosmtp.delivery.target import Message, OpenBody, Outcome
 from geosmtp.envelope import Envelope
 from geosmtp.replies import Reply
 
@@ -27,10 +28,11 @@ def _direct(fn, *args):
     return fn(*args)
 
 
-def maildir_name(envelope: Envelope, index: int, hostname: str) -> str:
-    # Maildir convention: time.unique.host, with "/" and ":" in the host escaped
+def maildir_name(msg: Message | Envelope, slot: int, hostname: str) -> str:
+    """Maildir convention: time.unique.host, with "/" and ":" in the host escaped; unique is
+    the queue id and the recipient's place in the envelope, so a repeat has the same name."""
     host = hostname.replace("/", "\\057").replace(":", "\\072")
-    return f"{int(envelope.created)}.Q{envelope.id}R{index}.{host}"
+    return f"{int(msg.created)}.Q{msg.id}R{slot}.{host}"
 
 
 def copy_as_lf(src: BinaryIO, fd: int) -> None:
@@ -57,19 +59,26 @@ class MaildirDelivery:
         local, _, domain = address.lower().rpartition("@")
         return self.root / domain / local
 
-    def deliver(self, envelope: Envelope, index: int, open_body: Callable[[], BinaryIO],
-                redelivery: bool) -> Reply:
-        """Deliver to envelope.recipients[index]; a Reply: 2xx done, 4xx retry, 5xx failed.
-        `open_body()` gives the spooled message (our Received: header first)."""
-        rcpt = envelope.recipients[index]
-        if rcpt.address.lower() not in self.users:
+    kind = "maildir"
+
+    def destination(self, domain: str) -> str:
+        return "maildir"  # every local mailbox of a message in one call
+
+    def deliver(self, destination: str, msg: Message, open_body: OpenBody) -> list[Outcome]:
+        """Each recipient's copy, one after the other (the delivery target contract)."""
+        return [Outcome(self._deliver_one(msg, address, slot, open_body))
+                for address, slot in zip(msg.recipients, msg.slots)]
+
+    def _deliver_one(self, msg: Message, address: str, slot: int, open_body: OpenBody) -> Reply:
+        """A Reply: 2xx done, 4xx retry, 5xx failed. `open_body()` gives the spooled message
+        (our Received: header first); msg.prefix (added header fields) goes in front of it."""
+        if address.lower() not in self.users:
             return NO_MAILBOX
-        header = (
-            f"Return-Path: <{envelope.sender}>\nDelivered-To: {rcpt.address}\n"
-        ).encode("utf-8")
-        name = maildir_name(envelope, index, self.hostname)
+        header = f"Return-Path: <{msg.sender}>\nDelivered-To: {address}\n".encode("utf-8")
+        header += msg.prefix.replace(b"\r\n", b"\n")
+        name = maildir_name(msg, slot, self.hostname)
         try:
-            self.run(self._write, self.mailbox(rcpt.address), name, header, open_body, redelivery)
+            self.run(self._write, self.mailbox(address), name, header, open_body, msg.redelivery)
         except OSError as exc:
             return MAILBOX_FULL if exc.errno in safeio.FULL_ERRNOS else MAILBOX_ERROR
         return DELIVERED

@@ -26,6 +26,7 @@ from geosmtp.connection import (
     LineTooLong,
     ReadTimeout,
 )
+from geosmtp.delivery.target import Message
 from geosmtp.relay.errors import PermanentError, TransientError, error_for
 from geosmtp.replies import Reply
 
@@ -60,18 +61,6 @@ class Timeouts:
     @property
     def block(self) -> float:  # 4.5.3.2.5: each block of the body, 3 minutes
         return min(self.data, 180.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """What to send: the body file is read from its current position to the end."""
-
-    sender: str
-    recipients: tuple[str, ...]
-    size: int  # octets of prefix + body, for SIZE=
-    prefix: bytes = b""  # header lines put before the body (DKIM-Signature)
-    eightbit: bool = False  # BODY=8BITMIME when the server offers it
-    smtputf8: bool = False  # the envelope or headers need SMTPUTF8
 
 
 def remote_reply(code: int, lines: list[str]) -> Reply:
@@ -189,7 +178,7 @@ class Client:
         self.auth_user = user
 
     # -- the transaction --------------------------------------------------------------------
-    def send(self, msg: Outgoing, body: BinaryIO) -> list[Reply]:
+    def send(self, msg: Message, body: BinaryIO) -> list[Reply]:
         """One mail transaction; a Reply for each of msg.recipients, in order. Raises
         TransientError when the connection is lost or times out (every recipient is then
         undecided), PermanentError when this server can never take the message."""

@@ -20,20 +20,14 @@ import gevent.lock
 from gevent import ssl
 from loguru import logger
 
-from geosmtp.relay.client import Client, Outgoing, StaleConnection, Timeouts
+from geosmtp.delivery.target import Message, Outcome
+from geosmtp.relay.client import Client, StaleConnection, Timeouts
 from geosmtp.relay.errors import DeliveryError, PermanentError, TransientError
 from geosmtp.relay.mx import Host, MXResolver
 from geosmtp.replies import Reply
 
 MAX_TRANSACTIONS = 100  # per connection, then a new one (spreads load, bounds a session)
 OPPORTUNISTIC, REQUIRED, VERIFY = "opportunistic", "required", "verify"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    reply: Reply
-    remote: str | None = None  # "name[address]" of the server that replied, if any
-    tls: str | None = None  # "TLSv1.3 verified", "TLSv1.2 unverified", "none"; None: no session
 
 
 def tls_state(client: Client, policy: str) -> str:
@@ -69,6 +63,8 @@ def client_contexts(ca_file: str | None) -> dict[str, ssl.SSLContext]:
 
 
 class Relay:
+    kind = "relay"
+
     def __init__(self, mx: MXResolver, settings: RelaySettings):
         self.mx = mx
         self.settings = settings
@@ -85,7 +81,7 @@ class Relay:
         return self.settings.smarthost[0].lower() if self.settings.smarthost else domain.lower()
 
     # -- one message, one destination -------------------------------------------------------
-    def deliver(self, destination: str, msg: Outgoing, open_body: Callable[[], BinaryIO]) -> list[Outcome]:
+    def deliver(self, destination: str, msg: Message, open_body: Callable[[], BinaryIO]) -> list[Outcome]:
         """Try to hand `msg` to the servers of `destination` (what destination() says: the
         recipients' domain, or the smarthost, which takes every domain in one transaction);
         an Outcome per recipient, in order."""
@@ -103,7 +99,7 @@ class Relay:
                 return [Outcome(exc.reply, exc.remote)] * len(msg.recipients)
             return self._try_hosts(hosts, destination, msg, open_body)
 
-    def _try_hosts(self, hosts: list[Host], destination: str, msg: Outgoing,
+    def _try_hosts(self, hosts: list[Host], destination: str, msg: Message,
                    open_body: Callable[[], BinaryIO]) -> list[Outcome]:
         policy = self.policy(destination)
         errors: list[DeliveryError] = []
@@ -125,7 +121,7 @@ class Relay:
         transient = next(e for e in reversed(errors) if isinstance(e, TransientError))
         return [Outcome(transient.reply, transient.remote)] * len(msg.recipients)
 
-    def _transact(self, client: Client, host: Host, address: str, policy: str, msg: Outgoing,
+    def _transact(self, client: Client, host: Host, address: str, policy: str, msg: Message,
                   open_body: Callable[[], BinaryIO]) -> list[Outcome]:
         try:
             try:

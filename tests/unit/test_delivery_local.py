@@ -30,6 +30,7 @@ from geosmtp.delivery.local import (
     copy_as_lf,
     maildir_name,
 )
+from geosmtp.delivery.target import Message
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.spool import SPILL_SIZE, Spool
 
@@ -72,6 +73,14 @@ def maildir(tmp_path) -> MaildirDelivery:
     return MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS)
 
 
+def deliver_one(maildir: MaildirDelivery, envelope: Envelope, index: int, open_body, redelivery: bool):
+    """The reply for envelope.recipients[index] from the target's deliver()."""
+    msg = Message(sender=envelope.sender, recipients=(envelope.recipients[index].address,), id=envelope.id,
+                  created=envelope.created, slots=(index,), redelivery=redelivery)
+    [outcome] = maildir.deliver("maildir", msg, open_body)
+    return outcome.reply
+
+
 def box(maildir: MaildirDelivery, address: str, sub: str) -> list[Path]:
     d = maildir.mailbox(address) / sub
     return sorted(d.iterdir()) if d.is_dir() else []
@@ -80,7 +89,7 @@ def box(maildir: MaildirDelivery, address: str, sub: str) -> list[Path]:
 # -- deliver ------------------------------------------------------------------------------
 def test_deliver_writes_lf_file_with_headers(maildir, message):
     envelope = make_envelope()
-    assert maildir.deliver(envelope, 0, message, redelivery=False) == DELIVERED
+    assert deliver_one(maildir, envelope, 0, message, redelivery=False) == DELIVERED
     root = maildir.root / "example.test" / "alice"
     assert {p.name for p in root.iterdir()} == {"tmp", "new", "cur"}
     [delivered] = box(maildir, "alice@example.test", "new")
@@ -95,21 +104,21 @@ def test_deliver_writes_lf_file_with_headers(maildir, message):
 
 
 def test_null_sender_return_path(maildir, message):
-    maildir.deliver(make_envelope(sender=""), 0, message, redelivery=False)
+    deliver_one(maildir, make_envelope(sender=""), 0, message, redelivery=False)
     [delivered] = box(maildir, "alice@example.test", "new")
     assert delivered.read_bytes().startswith(b"Return-Path: <>\nDelivered-To: alice@example.test\n")
 
 
 def test_recipient_case_is_folded_for_the_mailbox(maildir, message):
     envelope = make_envelope(rcpts=("Alice@Example.TEST",))
-    assert maildir.deliver(envelope, 0, message, redelivery=False) == DELIVERED
+    assert deliver_one(maildir, envelope, 0, message, redelivery=False) == DELIVERED
     assert len(box(maildir, "alice@example.test", "new")) == 1
 
 
 def test_each_recipient_gets_its_own_file(maildir, message):
     envelope = make_envelope(rcpts=("alice@example.test", "bob@example.test", "alice@example.test"))
     for index in range(3):
-        assert maildir.deliver(envelope, index, message, redelivery=False) == DELIVERED
+        assert deliver_one(maildir, envelope, index, message, redelivery=False) == DELIVERED
     assert len(box(maildir, "alice@example.test", "new")) == 2
     assert len(box(maildir, "bob@example.test", "new")) == 1
 
@@ -118,17 +127,17 @@ def test_same_delivery_twice_leaves_one_file(maildir, message):
     # a delivery repeated after a crash renames over its own copy
     envelope = make_envelope()
     for _ in range(2):
-        assert maildir.deliver(envelope, 0, message, redelivery=True) == DELIVERED
+        assert deliver_one(maildir, envelope, 0, message, redelivery=True) == DELIVERED
     assert len(box(maildir, "alice@example.test", "new")) == 1
     assert box(maildir, "alice@example.test", "tmp") == []
 
 
 def test_stale_tmp_file_from_a_crash_is_replaced(maildir, message):
     envelope = make_envelope()
-    maildir.deliver(envelope, 0, message, redelivery=False)
+    deliver_one(maildir, envelope, 0, message, redelivery=False)
     name = maildir_name(envelope, 0, maildir.hostname)
     (maildir.mailbox("alice@example.test") / "tmp" / name).write_bytes(b"half")
-    assert maildir.deliver(envelope, 0, message, redelivery=True) == DELIVERED
+    assert deliver_one(maildir, envelope, 0, message, redelivery=True) == DELIVERED
     assert box(maildir, "alice@example.test", "tmp") == []
     assert (maildir.mailbox("alice@example.test") / "new" / name).read_bytes().endswith(b"line two\n")
 
@@ -136,10 +145,10 @@ def test_stale_tmp_file_from_a_crash_is_replaced(maildir, message):
 @pytest.mark.parametrize("suffix", [":2,S", ":2,", ":2,RS", ""])
 def test_redelivery_skips_a_message_already_seen(maildir, message, suffix):
     envelope = make_envelope()
-    maildir.deliver(envelope, 0, message, redelivery=False)
+    deliver_one(maildir, envelope, 0, message, redelivery=False)
     [new] = box(maildir, "alice@example.test", "new")
     new.rename(new.parent.parent / "cur" / (new.name + suffix))  # the mail reader moved it
-    assert maildir.deliver(envelope, 0, message, redelivery=True) == DELIVERED
+    assert deliver_one(maildir, envelope, 0, message, redelivery=True) == DELIVERED
     assert box(maildir, "alice@example.test", "new") == []
     assert len(box(maildir, "alice@example.test", "cur")) == 1
 
@@ -147,31 +156,31 @@ def test_redelivery_skips_a_message_already_seen(maildir, message, suffix):
 def test_redelivery_is_not_fooled_by_a_name_prefix(maildir, message):
     # recipient 1 must not be skipped because recipient 10's file is in cur/
     envelope = make_envelope(rcpts=["alice@example.test"] * 11)
-    maildir.deliver(envelope, 10, message, redelivery=False)
+    deliver_one(maildir, envelope, 10, message, redelivery=False)
     [new] = box(maildir, "alice@example.test", "new")
     new.rename(new.parent.parent / "cur" / (new.name + ":2,S"))
-    assert maildir.deliver(envelope, 1, message, redelivery=True) == DELIVERED
+    assert deliver_one(maildir, envelope, 1, message, redelivery=True) == DELIVERED
     assert [p.name for p in box(maildir, "alice@example.test", "new")] == [maildir_name(envelope, 1, maildir.hostname)]
 
 
 def test_first_delivery_ignores_cur(maildir, message):
     envelope = make_envelope()
-    maildir.deliver(envelope, 0, message, redelivery=False)
+    deliver_one(maildir, envelope, 0, message, redelivery=False)
     [new] = box(maildir, "alice@example.test", "new")
     new.rename(new.parent.parent / "cur" / (new.name + ":2,S"))
-    assert maildir.deliver(envelope, 0, message, redelivery=False) == DELIVERED
+    assert deliver_one(maildir, envelope, 0, message, redelivery=False) == DELIVERED
     assert len(box(maildir, "alice@example.test", "new")) == 1
 
 
 @pytest.mark.parametrize("rcpt", ["nobody@example.test", "alice@other.test", "alice"])
 def test_unknown_user(maildir, message, rcpt):
-    assert maildir.deliver(make_envelope(rcpts=(rcpt,)), 0, message, redelivery=False) == NO_MAILBOX
+    assert deliver_one(maildir, make_envelope(rcpts=(rcpt,)), 0, message, redelivery=False) == NO_MAILBOX
     assert (NO_MAILBOX.code, NO_MAILBOX.enhanced) == (550, "5.1.1")
     assert not maildir.root.exists()
 
 
 def test_missing_spool_file_is_a_temporary_error(maildir, tmp_path):
-    reply = maildir.deliver(make_envelope(), 0, Opener(tmp_path / "gone"), redelivery=False)
+    reply = deliver_one(maildir, make_envelope(), 0, Opener(tmp_path / "gone"), redelivery=False)
     assert reply == MAILBOX_ERROR and (reply.code, reply.enhanced) == (451, "4.3.0")
     assert box(maildir, "alice@example.test", "tmp") == []
     assert box(maildir, "alice@example.test", "new") == []
@@ -184,7 +193,7 @@ def test_disk_errors_are_temporary(tmp_path, message, err, reply):
         raise OSError(err, os.strerror(err))
 
     maildir = MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS, run=run)
-    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == reply
+    assert deliver_one(maildir, make_envelope(), 0, message, redelivery=False) == reply
     assert 400 <= reply.code < 500
 
 
@@ -199,31 +208,31 @@ def test_write_failure_mid_copy_cleans_tmp(maildir, message, monkeypatch):
         real(fd, data)
 
     monkeypatch.setattr(safeio, "write_all", write_all)
-    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == MAILBOX_FULL
+    assert deliver_one(maildir, make_envelope(), 0, message, redelivery=False) == MAILBOX_FULL
     monkeypatch.undo()
     assert box(maildir, "alice@example.test", "tmp") == []
     assert box(maildir, "alice@example.test", "new") == []
 
 
 def test_the_message_is_opened_once_and_closed(maildir, message):
-    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == DELIVERED
+    assert deliver_one(maildir, make_envelope(), 0, message, redelivery=False) == DELIVERED
     assert len(message.opened) == 1 and message.opened[0].closed
 
 
 def test_the_message_is_closed_after_a_failed_copy(maildir, message, monkeypatch):
     monkeypatch.setattr(safeio, "write_all", mock.Mock(side_effect=[None, OSError(errno.EIO, "I/O error")]))
-    assert maildir.deliver(make_envelope(), 0, message, redelivery=False) == MAILBOX_ERROR
+    assert deliver_one(maildir, make_envelope(), 0, message, redelivery=False) == MAILBOX_ERROR
     assert len(message.opened) == 1 and message.opened[0].closed
 
 
 def test_the_message_is_not_opened_when_there_is_nothing_to_write(maildir, message):
-    assert maildir.deliver(make_envelope(rcpts=("nobody@example.test",)), 0, message, redelivery=False) == NO_MAILBOX
+    assert deliver_one(maildir, make_envelope(rcpts=("nobody@example.test",)), 0, message, redelivery=False) == NO_MAILBOX
     envelope = make_envelope()
-    maildir.deliver(envelope, 0, message, redelivery=False)
+    deliver_one(maildir, envelope, 0, message, redelivery=False)
     [new] = box(maildir, "alice@example.test", "new")
     new.rename(new.parent.parent / "cur" / (new.name + ":2,S"))
     message.opened.clear()
-    assert maildir.deliver(envelope, 0, message, redelivery=True) == DELIVERED  # already seen
+    assert deliver_one(maildir, envelope, 0, message, redelivery=True) == DELIVERED  # already seen
     assert message.opened == []
 
 
@@ -234,7 +243,7 @@ def test_an_unreadable_spool_file_leaves_no_mailbox_file(maildir):
         raise ValueError("message 0123456789ABCDEF01 has no envelope line")
 
     try:
-        reply = maildir.deliver(make_envelope(), 0, open_body, redelivery=False)
+        reply = deliver_one(maildir, make_envelope(), 0, open_body, redelivery=False)
     except ValueError:
         pass
     else:
@@ -268,7 +277,7 @@ def test_deliver_from_the_spool_writes_the_message_without_the_envelope_line(mai
     if rewritten:  # the entry is no longer the message file; msg/<id> keeps its first line
         assert spool.claim(envelope.id)
         spool.defer(envelope, time.time())
-    reply = maildir.deliver(envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
+    reply = deliver_one(maildir, envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
     assert reply == DELIVERED
     [delivered] = box(maildir, "alice@example.test", "new")
     assert delivered.read_bytes() == (
@@ -279,7 +288,7 @@ def test_deliver_from_the_spool_writes_the_message_without_the_envelope_line(mai
 def test_deliver_from_the_spool_when_the_message_file_is_gone(maildir, spool):
     envelope = spool_message(spool, MESSAGE)
     os.unlink(spool.message_path(envelope.id))
-    reply = maildir.deliver(envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
+    reply = deliver_one(maildir, envelope, 0, partial(spool.open_body, envelope.id), redelivery=False)
     assert reply == MAILBOX_ERROR and reply.code == 451
     assert box(maildir, "alice@example.test", "tmp") == []
     assert box(maildir, "alice@example.test", "new") == []

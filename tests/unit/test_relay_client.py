@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geosmtp.relay import client as client_module
+from geosmtp.delivery.target import Message
 from geosmtp.relay.client import (
     REPLY_LINE_LIMIT,
     Client,
     ConnectionLost,
-    Outgoing,
     StaleConnection,
     Timeouts,
     _stuffed,
@@ -61,8 +61,8 @@ def hub_wait(predicate, timeout: float = 5.0) -> None:
         gevent.sleep(0.02)
 
 
-def outgoing(rcpts=("bob@remote.test",), body: bytes = BODY, **kw) -> Outgoing:
-    return Outgoing(sender=kw.pop("sender", SENDER), recipients=tuple(rcpts),
+def outgoing(rcpts=("bob@remote.test",), body: bytes = BODY, **kw) -> Message:
+    return Message(sender=kw.pop("sender", SENDER), recipients=tuple(rcpts),
                     size=kw.pop("size", len(body)), **kw)
 
 
@@ -91,7 +91,7 @@ def connect(mx):
         c.close()
 
 
-def send(c: Client, msg: Outgoing, body: bytes = BODY, timeout: float = 10.0) -> list[Reply]:
+def send(c: Client, msg: Message, body: bytes = BODY, timeout: float = 10.0) -> list[Reply]:
     return run(c.send, msg, io.BytesIO(body), timeout=timeout)
 
 

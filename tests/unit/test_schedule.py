@@ -11,6 +11,7 @@ import gevent
 import pytest
 
 from geosmtp import queue as queue_module
+from geosmtp.delivery.target import Outcome, Router
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.queue import QueueManager
 from geosmtp.replies import Reply
@@ -91,9 +92,14 @@ class Local:
         self.reply = reply
         self.ids: list[str] = []
 
-    def deliver(self, envelope, index, open_body, redelivery):
-        self.ids.append(envelope.id)
-        return self.reply
+    kind = "maildir"
+
+    def destination(self, domain):
+        return "local"
+
+    def deliver(self, destination, msg, open_body):
+        self.ids.append(msg.id)
+        return [Outcome(self.reply)] * len(msg.recipients)
 
 
 @pytest.fixture
@@ -132,7 +138,7 @@ def settle(qm: QueueManager) -> None:
 def test_start_up_walk_schedules_every_deferred_entry_off_the_hub(spool, run):
     now = time.time()
     due, later = deferred(spool, now - 10), deferred(spool, now + 3600)
-    qm = QueueManager(spool, Local(), LOCAL_DOMAINS)
+    qm = QueueManager(spool, Router(Local(), LOCAL_DOMAINS))
     run.on_hub.clear()
     assert qm.walk_deferred() == 2
     assert spool.deferred_times.__func__ in run.jobs
@@ -145,7 +151,7 @@ def test_start_up_walk_schedules_every_deferred_entry_off_the_hub(spool, run):
 
 def test_a_defer_schedules_the_entry_and_a_scan_claims_it_when_due(spool, run):
     local = Local()
-    qm = QueueManager(spool, local, LOCAL_DOMAINS, retry_schedule=(300.0,))
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), retry_schedule=(300.0,))
     qid = enqueue(spool).id
     run.on_hub.clear()
     assert qm.run_once() == 1
@@ -160,11 +166,11 @@ def test_a_defer_schedules_the_entry_and_a_scan_claims_it_when_due(spool, run):
 
 
 def test_a_delivery_that_raises_is_deferred_and_scheduled(spool):
-    class Broken:
+    class Broken(Local):
         def deliver(self, *args):
             raise RuntimeError("bug")
 
-    qm = QueueManager(spool, Broken(), LOCAL_DOMAINS, retry_schedule=(60.0,))
+    qm = QueueManager(spool, Router(Broken(), LOCAL_DOMAINS), retry_schedule=(60.0,))
     qid = enqueue(spool).id
     assert qm.run_once() == 1
     settle(qm)
@@ -173,7 +179,7 @@ def test_a_delivery_that_raises_is_deferred_and_scheduled(spool):
 
 def test_a_flushed_entry_is_tried_once_not_again_at_its_old_time(spool):
     local = Local()
-    qm = QueueManager(spool, local, LOCAL_DOMAINS, retry_schedule=(3600.0,))
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), retry_schedule=(3600.0,))
     qid = deferred(spool, time.time() + 60)
     qm.walk_deferred()
     assert spool.move(qid, "deferred", "incoming")  # geosmtp-queue flush, then SIGUSR1
@@ -185,7 +191,7 @@ def test_a_flushed_entry_is_tried_once_not_again_at_its_old_time(spool):
 
 
 def test_entries_moved_out_of_deferred_are_dropped_when_they_come_due(spool):
-    qm = QueueManager(spool, Local(), LOCAL_DOMAINS)
+    qm = QueueManager(spool, Router(Local(), LOCAL_DOMAINS))
     held, deleted = deferred(spool, time.time() - 1), deferred(spool, time.time() - 1)
     qm.walk_deferred()
     assert spool.move(held, "deferred", "hold") and spool.delete(deleted, "deferred")
@@ -194,7 +200,7 @@ def test_entries_moved_out_of_deferred_are_dropped_when_they_come_due(spool):
 
 
 def test_the_next_walk_finds_what_was_put_in_deferred_behind_its_back(spool):
-    qm = QueueManager(spool, Local(), LOCAL_DOMAINS)
+    qm = QueueManager(spool, Router(Local(), LOCAL_DOMAINS))
     qm.walk_deferred()
     qid = deferred(spool, time.time() - 1)  # a person's mv, a restored backup...
     assert qm.run_once() == 0  # unknown to the schedule
@@ -203,14 +209,14 @@ def test_the_next_walk_finds_what_was_put_in_deferred_behind_its_back(spool):
 
 
 def test_the_walk_skips_an_entry_in_delivery(spool):
-    qm = QueueManager(spool, Local(), LOCAL_DOMAINS)
+    qm = QueueManager(spool, Router(Local(), LOCAL_DOMAINS))
     qid = deferred(spool, time.time() - 1)
     qm._delivering.add(qid)  # claimed after the walk saw it in deferred/
     assert qm.walk_deferred() == 0
 
 
 def test_a_flood_of_stale_items_gives_way_to_the_hub(spool, monkeypatch):
-    qm = QueueManager(spool, Local(), LOCAL_DOMAINS)
+    qm = QueueManager(spool, Router(Local(), LOCAL_DOMAINS))
     for i in range(5 * queue_module.GIVE_WAY):
         qm.schedule.add(f"{i:020X}", time.time() - 1)  # flushed long ago: nothing in deferred/
     turns = []
@@ -231,7 +237,7 @@ def test_a_flood_of_stale_items_gives_way_to_the_hub(spool, monkeypatch):
 def test_start_walks_and_stop_ends_both_loops(spool, run):
     qid = deferred(spool, time.time() - 1)
     local = Local(Reply(250, "2.0.0", "ok"))
-    qm = QueueManager(spool, local, LOCAL_DOMAINS, scan_interval=0.05)
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), scan_interval=0.05)
     run.on_hub.clear()
     qm.start()
     try:
