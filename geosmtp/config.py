@@ -99,6 +99,10 @@ class ServerConfig(_Section):
     # RFC 5321 2.3.8: lines end in CRLF. A bare LF or CR in DATA is rejected (550 5.6.0), or
     # with "normalize" rewritten to CRLF. The end of data is <CRLF>.<CRLF> either way.
     bare_newline: Literal["reject", "normalize"] = "reject"
+    # RFC 2920 3.1: a client that sends before the greeting, or past DATA before the 354,
+    # gets 554 5.5.0 and the session ends (Postfix 3.9's smtpd_forbid_unauth_pipelining).
+    # Clients from relay.trusted_networks and authenticated clients are never checked.
+    forbid_unauth_pipelining: bool = True
     # SIGTERM: /readyz says 503 at once; the listeners close after drain_delay (time for a
     # load balancer to notice); open sessions may finish their transaction for drain_timeout,
     # then get 421 4.3.2. An idle session gets its 421 as soon as the listeners close.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 from time import monotonic
 from typing import Callable
@@ -51,7 +52,7 @@ class BareNewline(Exception):
 @dataclass(slots=True)
 class DataResult:
     size: int  # octets after dot-unstuffing: given to the sink, or read until a problem
-    problem: str | None  # None, "size", "line" or "bare": the message must not be queued
+    problem: str | None  # None, "size", "line", "bare" or "nul": the message must not be queued
 
 
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
@@ -114,6 +115,28 @@ class Connection:
     def pending(self) -> int:
         """Bytes received but not yet consumed (pipelined input, or injected before TLS)."""
         return len(self._buf)
+
+    def input_waiting(self) -> bool:
+        """Whether the client has sent bytes it was not yet asked for: received already, or
+        in the socket right now (one receive that does not wait; what it gets joins the
+        buffer, so nothing is lost). Over TLS only whole records count. A peer that has
+        closed is no input: the next read finds that out."""
+        if self._buf:
+            return True
+        sock = self.sock
+        try:
+            old_timeout = sock.gettimeout()
+            sock.settimeout(0.0)
+            try:
+                data = sock.recv(RECV_SIZE)
+            finally:
+                sock.settimeout(old_timeout)
+        except (BlockingIOError, ssl.SSLWantReadError, socket.timeout):
+            return False
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        self._buf += data
+        return bool(data)
 
     def discard_pending(self) -> int:
         n = len(self._buf)
@@ -191,7 +214,8 @@ class Connection:
 
         Only CR LF "." CR LF ends the message (RFC 5321 4.1.1.4): a bare LF or CR never does,
         so "\\n.\\n" and its cousins cannot smuggle a second message. A bare LF or CR makes the
-        message fail (problem "bare") unless `normalize` turns them into CRLF. Past `max_size`
+        message fail (problem "bare") unless `normalize` turns them into CRLF. A NUL makes
+        it fail (problem "nul") either way. Past `max_size`
         or a line over `max_line` (counting CRLF) the rest is read and dropped, so the reply
         comes at the end of the data. Memory stays at one receive buffer whatever the size.
         `clock` (a geosmtp.limits.DataClock) bounds each receive and the body as a whole.
@@ -268,6 +292,13 @@ class Connection:
     def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True) -> tuple[str | None, bytes]:
         """Whole complete lines → (problem, unstuffed lines). C-speed scans, no per-line loop.
         `stuffed` False: the caller saw no "\r\n." in these lines (with the CRLF before them)."""
+        # RFC 5322 2.3 and RFC 6152 2: no NUL in a message, 8BITMIME or not. A next hop that
+        # drops NULs would read "\r\n\0.\r\n" as the end of data: relaying it byte for byte
+        # makes us the smuggler. Refused even with `normalize`: dropping the NUL is exactly
+        # what builds that end of data, no real mail program sends NULs (unlike bare LFs),
+        # and the message would not be what its author (or a DKIM signature) said.
+        if b"\0" in content:
+            return "nul", content
         # every CR and LF is part of a CRLF exactly when they number twice the CRLFs
         # (two passes; counting CR, LF and CRLF one by one takes three slower ones)
         if len(content) - len(content.translate(None, b"\r\n")) != 2 * content.count(b"\r\n"):

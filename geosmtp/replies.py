@@ -66,6 +66,10 @@ DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for data, closing connection
 BUSY_CLOSING_IDLE = Reply(421, "4.7.0", "Server busy, closing idle connection", close=True)
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection", close=True)
 LINE_FLOOD = Reply(500, "5.5.6", "Line too long, closing connection", close=True)
+# RFC 2920 3.1 / RFC 5321 4.3.1: input before the greeting, or past a DATA before its 354, is
+# a client that does not wait for replies (a spam bot): the session ends, nothing is queued.
+# 554 as Postfix 3.9 answers it (503 would invite the client to carry on in the session).
+PROTOCOL_SYNC = Reply(554, "5.5.0", "SMTP protocol synchronization error, closing connection", close=True)
 
 # -- generic ------------------------------------------------------------------------------
 OK = Reply(250, "2.0.0", "Ok")
@@ -146,6 +150,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 # -- DATA ---------------------------------------------------------------------------------
 START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 BARE_NEWLINE = Reply(550, "5.6.0", "Message contains bare CR or LF; lines must end with CRLF")
+NUL_IN_MESSAGE = Reply(550, "5.6.0", "Message contains a NUL character")  # RFC 5322 2.3
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 MESSAGE_LINE_TOO_LONG = Reply(552, "5.3.4", "Message line too long")
 # the body fell behind the minimum data rate: the client is mid-DATA, so the session closes

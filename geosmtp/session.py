@@ -78,6 +78,9 @@ class SessionSettings:
     messages_per_hour_per_user: int = 0
     auth_failures_per_hour_per_ip: int = 0
     trusted_networks: tuple = ()
+    # input before the greeting or past DATA before the 354 ends the session (554 5.5.0),
+    # except from trusted networks and authenticated clients
+    forbid_unauth_pipelining: bool = True
 
 
 class Draining(Exception):
@@ -212,6 +215,19 @@ class Session:
     def evictable(self) -> bool:
         return self.conn.reading  # blocked in a receive: nothing half done is lost
 
+    def spoke_out_of_turn(self, where: str) -> bool:
+        """RFC 2920 3.1, RFC 5321 4.3.1: the client sent more before the reply it must wait
+        for (the greeting, or the 354 after DATA). Postfix 3.9 (smtpd_forbid_unauth_pipelining)
+        checks the same way: pending input at that moment, no waiting."""
+        if not self.settings.forbid_unauth_pipelining or self.trusted or self.auth_user:
+            return False
+        if not self.conn.input_waiting():
+            return False
+        # how much only: past DATA those octets are a message, before the greeting anything
+        self.log.info("improper pipelining {} from [{}]: {} octets unasked for", where, self.ip,
+                      self.conn.pending())
+        return True
+
     @property
     def facts(self) -> policy.ClientFacts:
         return policy.ClientFacts(self.ip, self.settings.mode, self.trusted, self.auth_user)
@@ -223,9 +239,12 @@ class Session:
                       self.settings.listener)
         how = "quit"
         try:
+            greeting = replies.greeting(self.settings.hostname)
             if self.settings.tls == "implicit":  # RFC 8314: TLS first, then the greeting
-                self.handshake()
-            if not self.send(replies.greeting(self.settings.hostname)):
+                self.handshake()  # (the client spoke first, as it must: not checked, like Postfix)
+            elif self.spoke_out_of_turn("before the greeting"):
+                greeting = replies.PROTOCOL_SYNC
+            if not self.send(greeting):
                 while not self.send(self.next_reply()):
                     if self._start_tls:
                         self.handshake()
@@ -574,6 +593,10 @@ class Session:
             # RFC 2920 3.1: 554 when every RCPT was refused; no RCPT at all is a bad sequence
             return replies.NO_VALID_RECIPIENTS if tx.refused else replies.NEED_RCPT
         self.tx = None  # whatever happens next, the transaction ends with this DATA
+        # RFC 2920 3.1: DATA ends a pipelined group; what follows it before the 354 would be
+        # taken as the message (a replay of a whole session, a second message with it)
+        if self.spoke_out_of_turn("after DATA"):
+            return replies.PROTOCOL_SYNC
         writer = self.spool.open_message()
         writer.write(received_header(self, writer.id, tx))
         self.conn.write(replies.START_DATA.to_bytes())
@@ -646,6 +669,7 @@ DATA_PROBLEMS = {
     "size": replies.MESSAGE_TOO_BIG,
     "line": replies.MESSAGE_LINE_TOO_LONG,
     "bare": replies.BARE_NEWLINE,
+    "nul": replies.NUL_IN_MESSAGE,
 }
 
 class SaslCancelled(Exception):

@@ -250,11 +250,24 @@ class Client:
         for chunk in (prefix, *iter(lambda: body.read(CHUNK), b"")):
             if not chunk:
                 continue
+            if b"\0" in chunk:
+                self._refuse_nul()
             self.conn.write(_stuffed(chunk, line_start))
             line_start = chunk.endswith(b"\n")
             self._flush("message body")
         self.conn.write(b".\r\n" if line_start else b"\r\n.\r\n")
         return self.read_reply(self.timeouts.data, "end of data")
+
+    def _refuse_nul(self) -> None:
+        """A NUL in the message (spooled by a version that still took them): a next hop that
+        drops NULs would read "\r\n\0.\r\n" as our end of data and the rest as commands
+        of ours. Not stripped either: the DKIM signature made over these bytes would break,
+        and the message would not be what was accepted. The final dot is never sent: the
+        connection is closed mid-DATA, so the server discards the transaction (RFC 5321
+        3.8), and the recipients bounce with the reason."""
+        self.close()
+        raise PermanentError(Reply(554, "5.6.0", "message contains a NUL character: "
+                                   "not sent (RFC 5322 2.3)"), self.label)
 
     def reset(self) -> None:
         """RSET after a transaction that did not end in a final reply, so the connection

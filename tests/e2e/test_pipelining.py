@@ -1,11 +1,21 @@
 """End to end: PIPELINING (RFC 2920). Commands sent in one write get exactly one reply each, in
 order, whatever fails on the way; a server never waits for more input while replies are due."""
+import base64
+import contextlib
 import json
+import os
+import signal
+import smtplib
+import time
+
+import pytest
 
 from geosmtp import replies
 from tests.support.e2e import (
-    code, connect, known_ids, nothing_more, queue_id, send_marker, wait_closed, wait_delivered,
+    code, connect, expect, known_ids, nothing_more, queue_id, send_marker, wait_closed, wait_delivered,
 )
+from tests.support.server import PASSWORDS, ServerProcess
+from tests.support.smtp import RawClient
 
 
 def replies_to(c, n):
@@ -142,3 +152,150 @@ def test_pipelined_relay_recipients_from_trusted_client(server):
     env = json.loads((server.spool / "queue" / "deferred" / qid).read_text())
     pending = sorted(r["address"] for r in env["recipients"] if r["status"] == "pending")
     assert pending == ["x@remote.test", "y@remote.test"]
+
+
+# -- not waiting for the server (Postfix 3.9 smtpd_forbid_unauth_pipelining) -----------------
+# RFC 2920 3.1: DATA ends a group, and nothing may come before the greeting. A client that
+# does not wait is a bot: 554 5.5.0, the session closed, nothing queued.
+MESSAGE = b"Subject: %s\r\n\r\nbody\r\n.\r\n"
+
+
+def replay(n: int = 2) -> bytes:
+    """A recorded session sent blindly: n whole transactions, no reply waited for."""
+    return b"".join(b"MAIL FROM:<bot@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+                    + MESSAGE % b"replay %d" % i for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def plain_auth(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("pipe-auth"),
+                        {"listeners": {"submission": {"allow_plaintext_auth": True}}}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("pipe-off"), {"server": {"forbid_unauth_pipelining": False}}).start()
+    yield srv
+    srv.stop()
+
+
+@contextlib.contextmanager
+def stopped(srv: ServerProcess):
+    """The server process frozen: connections complete in the kernel's backlog and what a
+    client sends waits there, so the server finds it before it could greet."""
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+
+
+def early_client(srv: ServerProcess, data: bytes, source: str | None = None) -> RawClient:
+    with stopped(srv):
+        c = RawClient(srv.port, source=source)
+        c.send(data)
+        time.sleep(0.05)  # on loopback the bytes are in the server's socket at once; margin
+    return c
+
+
+def assert_refused_and_closed(c: RawClient, got) -> None:
+    expect(got, replies.PROTOCOL_SYNC)
+    assert wait_closed(c)
+    c.close()
+
+
+def test_commands_before_the_greeting(server):
+    before = known_ids(server)
+    c = early_client(server, b"EHLO bot.test\r\n" + replay(1))
+    assert_refused_and_closed(c, c.reply())  # instead of the 220
+    assert "improper pipelining before the greeting" in server.log()
+    marker = send_marker(server)
+    assert known_ids(server) - before == {marker}
+
+
+def test_input_after_data_before_354(server):
+    before = known_ids(server)
+    c = connect(server.port)
+    c.send(b"MAIL FROM:<bot@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n" + MESSAGE % b"one")
+    assert replies_to(c, 2) == ["250 2.1.0", "250 2.1.5"]
+    assert_refused_and_closed(c, c.reply())  # instead of the 354
+    marker = send_marker(server)
+    assert known_ids(server) - before == {marker}
+
+
+def test_replayed_session_queues_nothing(server):
+    """Before: the second message, sent before its 354, was queued."""
+    before = known_ids(server)
+    c = connect(server.port)
+    c.send(replay(2))
+    assert replies_to(c, 2) == ["250 2.1.0", "250 2.1.5"]
+    assert_refused_and_closed(c, c.reply())
+    marker = send_marker(server)
+    assert known_ids(server) - before == {marker}
+
+
+def test_data_answered_with_354_only_once_the_client_waits(server):
+    """The same bytes, DATA last in its write: legal PIPELINING (RFC 2920 3.1)."""
+    c = connect(server.port)
+    c.send(b"MAIL FROM:<p@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert replies_to(c, 2) == ["250 2.1.0", "250 2.1.5"]
+    assert c.reply()[0] == replies.START_DATA.code
+    c.send(MESSAGE % b"waited" + b"QUIT\r\n")  # after the end of data, commands again
+    qid = queue_id(c.reply())
+    assert c.reply()[0] == 221
+    c.close()
+    wait_delivered(server, "alice@example.test", qid)
+
+
+def test_smtplib_still_works(server):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
+        s.ehlo("client.test")
+        assert s.has_extn("pipelining")
+        assert s.sendmail("p@remote.test", ["alice@example.test"], b"Subject: smtplib\r\n\r\nhi\r\n") == {}
+
+
+def test_trusted_network_may_pipeline_anything(server):
+    before = known_ids(server)
+    c = early_client(server, b"EHLO trusted.test\r\n" + replay(2), source="127.0.0.2")
+    assert c.reply()[0] == 220
+    assert c.reply()[0] == 250  # EHLO
+    got = [code(c.reply()) for _ in range(8)]
+    assert [g[:3] for g in got] == ["250", "250", "354", "250"] * 2
+    c.close()
+    marker = send_marker(server)
+    assert len(known_ids(server) - before - {marker}) == 2
+
+
+def test_authenticated_client_may_pipeline_past_data(plain_auth):
+    before = known_ids(plain_auth)
+    c = connect(plain_auth.submission_port)
+    token = base64.b64encode(b"\0alice@example.test\0" + PASSWORDS["alice@example.test"].encode())
+    assert c.code(b"AUTH PLAIN " + token) == "235 2.7.0"
+    c.send(replay(2).replace(b"bot@remote.test", b"alice@example.test"))
+    got = [code(c.reply()) for _ in range(8)]
+    assert [g[:3] for g in got] == ["250", "250", "354", "250"] * 2
+    c.close()
+    marker = send_marker(plain_auth)
+    assert len(known_ids(plain_auth) - before - {marker}) == 2
+
+
+def test_not_yet_authenticated_on_submission_is_checked(plain_auth):
+    with stopped(plain_auth):
+        c = RawClient(plain_auth.submission_port)
+        c.send(b"EHLO bot.test\r\nAUTH PLAIN\r\n")
+        time.sleep(0.05)
+    assert_refused_and_closed(c, c.reply())
+
+
+def test_setting_off_allows_both(allowed):
+    before = known_ids(allowed)
+    c = early_client(allowed, b"EHLO old.test\r\n" + replay(2))
+    assert c.reply()[0] == 220
+    assert c.reply()[0] == 250
+    got = [code(c.reply()) for _ in range(8)]
+    assert [g[:3] for g in got] == ["250", "250", "354", "250"] * 2
+    c.close()
+    marker = send_marker(allowed)
+    assert len(known_ids(allowed) - before - {marker}) == 2

@@ -5,13 +5,16 @@ bare newlines are refused (the default) or normalized to CRLF.
 
 The real recipient is alice; the smuggled transaction names bob, with a sender of its own.
 """
+import base64
+
 import pytest
 
 from geosmtp import replies
 from tests.support.e2e import (
-    connect, delivered_ids, known_ids, nothing_more, queue_id, send_marker, wait_closed, wait_delivered,
+    connect, delivered_ids, expect, known_ids, nothing_more, queue_id, send_marker, send_message, wait_closed,
+    wait_delivered,
 )
-from tests.support.server import ServerProcess
+from tests.support.server import PASSWORDS, ServerProcess
 
 # Fake ends of data: every way a parser that also honours bare LF or CR could be fooled.
 VARIANTS = [
@@ -30,10 +33,16 @@ VARIANTS = [
 # Fake ends of data made only of real CRLF lines: no bare newline, so both modes may accept
 # the message — but still as one message with the text in it.
 CRLF_VARIANTS = [
-    b"\r\n\x00.\r\n",
-    b"\r\n.\x00\r\n",
     b"\r\n .\r\n",
     b"\r\n..\r\n",
+]
+# What a next hop that drops NUL would take for <CRLF>.<CRLF>: refused in both modes (RFC
+# 5322 2.3 forbids NUL), so we never store nor relay it.
+NUL_VARIANTS = [
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n\x00.\x00\r\n",
+    b"\n\x00.\n",
 ]
 
 SMUGGLED = (b"MAIL FROM:<evil@x.test>\r\n"
@@ -52,7 +61,8 @@ def ids(variants):
 @pytest.fixture(scope="module")
 def normalizing(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("smuggle-normalize"),
-                        {"server": {"bare_newline": "normalize"}}).start()
+                        {"server": {"bare_newline": "normalize"},
+                         "listeners": {"submission": {"allow_plaintext_auth": True}}}).start()
     yield srv
     srv.stop()
 
@@ -130,6 +140,48 @@ def test_crlf_lookalike_fake_end_of_data(mode_server, variant):
     msg = check_after(srv, c, before, reply)
     if msg is not None:
         assert b"MAIL FROM:<evil@x.test>\nRCPT TO:<bob@example.test>\nDATA\n" in msg
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "split"])
+@pytest.mark.parametrize("variant", NUL_VARIANTS, ids=ids(NUL_VARIANTS))
+def test_nul_fake_end_of_data_is_refused(mode_server, variant, split):
+    _, srv = mode_server
+    before = known_ids(srv)
+    reply, c = smuggle(srv, variant, split)
+    expect(reply, replies.NUL_IN_MESSAGE)
+    assert check_after(srv, c, before, reply) is None
+
+
+def test_nul_anywhere_in_a_message_is_refused(mode_server):
+    _, srv = mode_server
+    before = known_ids(srv)
+    c = connect(srv.port)
+    reply = send_message(c, "honest@remote.test", ["alice@example.test"],
+                         b"Subject: nul\r\n\r\nsome text \x00 with a NUL in it")
+    expect(reply, replies.NUL_IN_MESSAGE)
+    assert check_after(srv, c, before, reply) is None
+
+
+@pytest.mark.parametrize("line", [
+    b"AUTH PLAIN AGFsaWNl\x00QGV4YW1wbGUudGVzdA==",
+    b"AUTH PL\x00AIN",
+])
+def test_nul_in_an_auth_command_is_refused(normalizing, line):
+    c = connect(normalizing.submission_port)
+    assert 500 <= c.cmd(line)[0] < 600
+    assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.test")[1]  # not authenticated
+    c.close()
+
+
+def test_nul_in_a_sasl_response_is_refused(normalizing):
+    c = connect(normalizing.submission_port)
+    assert c.cmd("AUTH PLAIN")[0] == 334
+    response = base64.b64encode(b"\0alice@example.test\0" + PASSWORDS["alice@example.test"].encode())
+    expect(c.cmd(response + b"\x00"), replies.AUTH_BAD_BASE64)
+    assert c.cmd("AUTH LOGIN")[0] == 334
+    assert c.cmd(b"YWxp\x00Y2U=")[0] == 501  # the LOGIN user name
+    assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.test")[1]  # not authenticated
+    c.close()
 
 
 def test_smuggling_with_pipelined_follow_up(server):

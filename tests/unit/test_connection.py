@@ -485,7 +485,8 @@ def test_data_flushes_pending_replies_first(pair):
 
 
 # -- properties ---------------------------------------------------------------------------
-_LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+# any octet but CR, LF and NUL (a NUL refuses the message: test_any_nul_is_refused)
+_LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b""))
 _LINES = st.lists(st.one_of(_LINE, st.sampled_from([b".", b"..", b".x", b""])), max_size=25)
 
 
@@ -642,3 +643,90 @@ def test_line_deadline_shortened_mid_line_counts_from_its_start(pair):
         pair.conn.read_line(LIMIT, lambda: limit[0])
     t.join(SAFETY)
     assert 0.25 < time.monotonic() - start < 1.0
+
+
+# -- NUL in a message (RFC 5322 2.3): refused in both modes ------------------------------------
+# a next hop that drops NULs would see <CRLF>.<CRLF> in the first two
+NUL_WIRES = [
+    b"hello\r\n\x00.\r\n",
+    b"hello\r\n.\x00\r\n",
+    b"\x00.\r\n",  # the DATA line's CRLF before it
+    b"a NUL \x00 mid line\r\n",
+    b"hello\r\n..\x00\r\n",  # dot-stuffed
+    b"bare\nand \x00\r\n",  # a bare LF as well
+]
+
+
+@pytest.mark.parametrize("wire", NUL_WIRES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_nul_refuses_the_message_and_reads_to_the_end(pair, wire, normalize):
+    pair.send(wire + SMUGGLED + b".\r\nQUIT\r\n")
+    _, result, _ = pair.data(normalize=normalize)
+    assert result.problem == "nul"  # (the NUL is seen first, a bare LF beside it or not)
+    assert pair.line() == b"QUIT"  # read through the real terminator
+
+
+@pytest.mark.parametrize("wire", NUL_WIRES[:2])
+def test_nul_split_across_receives(pair, wire):
+    stream = wire + SMUGGLED + b".\r\nQUIT\r\n"
+    pair.feed([bytes([b]) for b in stream[:-6]] + [stream[-6:]])
+    _, result, _ = pair.data(normalize=True)
+    assert result.problem == "nul"
+    assert pair.line() == b"QUIT"
+
+
+def test_nul_after_a_big_clean_start(pair):
+    line = b"x" * 998 + b"\r\n"
+    pair.feed([line * 300, b"late \x00\r\n", line * 300, b".\r\nQUIT\r\n"])
+    _, result, _ = pair.data(max_line=1000)
+    assert result.problem == "nul"
+    assert pair.line() == b"QUIT"
+
+
+# -- input_waiting: has the client sent more than it was asked for? -----------------------------
+def test_input_waiting_nothing_sent(pair):
+    pair.server.settimeout(3.0)
+    assert pair.conn.input_waiting() is False
+    assert pair.server.gettimeout() == 3.0  # the socket's own timeout is put back
+
+
+def test_input_waiting_sees_the_socket_and_keeps_the_bytes(pair):
+    pair.send(b"EHLO early.test\r\n")
+    deadline = time.monotonic() + SAFETY
+    while not unread(pair.server) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pair.conn.input_waiting() is True
+    assert pair.line() == b"EHLO early.test"  # nothing lost
+    assert pair.conn.input_waiting() is False
+
+
+def test_input_waiting_sees_the_buffer(pair):
+    pair.send(b"DATA\r\nSubject: not asked for\r\n")
+    assert pair.line() == b"DATA"
+    assert pair.conn.input_waiting() is True
+
+
+def test_input_waiting_after_the_peer_closed(pair):
+    pair.client.shutdown(socket.SHUT_WR)
+    assert pair.conn.input_waiting() is False
+    with pytest.raises(ConnectionClosed):
+        pair.line()
+
+
+@PROPERTY
+@given(lines=st.lists(_LINE, min_size=1, max_size=10), where=st.integers(min_value=0),
+       cuts=st.lists(st.integers(min_value=0), max_size=10), normalize=st.booleans())
+def test_any_nul_is_refused(lines, where, cuts, normalize):
+    """One NUL anywhere in the message, received in any pieces, in either mode: refused, and
+    the data read through the real end."""
+    body = stuff(lines)
+    where %= len(body) + 1
+    stream = body[:where] + b"\0" + body[where:] + b"\r\n.\r\nQUIT\r\n"
+    p = Pair()
+    try:
+        p.feed(split(stream, cuts))
+        _, result, _ = p.data(normalize=normalize)
+        assert result.problem == "nul"
+        assert p.line() == b"QUIT"
+    finally:
+        p.close()

@@ -874,3 +874,46 @@ def test_a_refusal_decided_by_us_after_ehlo_names_the_host(mx, make_relay):
     [outcome] = deliver(make_relay())
     assert (outcome.reply.code, outcome.reply.enhanced) == (552, "5.3.4")
     assert outcome.remote == LABEL
+
+
+# -- NUL: never sent --------------------------------------------------------------------------
+# "\r\n\0.\r\n" is an end of data to a next hop that drops NULs. A message spooled with one
+# (by an older version) is refused, not stripped: stripping would break its DKIM signature.
+NUL_BODIES = [
+    b"Subject: a\r\n\r\nhonest\r\n\x00.\r\nMAIL FROM:<evil@x.test>\r\n",
+    b"Subject: a\r\n\r\nhonest\r\n.\x00\r\nMAIL FROM:<evil@x.test>\r\n",
+    b"Subject: a\r\n\r\n" + b"x" * 70 + b"\r\n" * 1000 + b"late \x00 NUL\r\n",  # in a later chunk
+]
+
+
+@pytest.mark.parametrize("body", NUL_BODIES, ids=["nul-dot", "dot-nul", "late"])
+def test_send_body_never_writes_a_nul_nor_the_final_dot(body):
+    wire = _Wire()
+    c = Client(wire, LABEL, FAST)
+    chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)]  # the NUL in a later read
+    with pytest.raises(PermanentError) as exc:
+        c._send_body(b"DKIM-Signature: v=1\r\n", _Chunks(chunks))
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (554, "5.6.0")
+    assert b"\0" not in wire.out and not wire.out.endswith(b"\r\n.\r\n")
+    assert c.broken
+
+
+@pytest.mark.parametrize("body", NUL_BODIES[:2], ids=["nul-dot", "dot-nul"])
+def test_nul_message_is_refused_and_the_server_never_gets_a_message(mx, connect, body):
+    c = connect()
+    with pytest.raises(PermanentError) as exc:
+        send(c, outgoing(body=body), body)
+    assert (exc.value.reply.code, exc.value.reply.enhanced) == (554, "5.6.0")
+    assert c.broken  # closed mid-DATA: the server discards the transaction (RFC 5321 3.8)
+    mx.wait_idle(5)
+    assert mx.transactions == [] and mx.messages == []
+
+
+def test_relay_bounces_a_nul_message_and_sends_the_next_one(mx, make_relay):
+    relay = make_relay(idle_time=30.0)
+    outcomes = deliver(relay, ["bob@remote.test", "carol@remote.test"], body=NUL_BODIES[0])
+    assert codes(o.reply for o in outcomes) == ["554 5.6.0", "554 5.6.0"]
+    assert deliver(relay, body=body_n(1))[0].reply.code == 250
+    [msg] = mx.wait_for_messages(1)
+    assert msg.connection == 2 and msg.data == body_n(1)  # the broken connection was not kept
+    assert [t.data for t in mx.transactions] == [body_n(1)]
