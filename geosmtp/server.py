@@ -233,6 +233,7 @@ class Server:
             limits=limits,
             stressed=limits.tightened(lim.stress_timeout, lim.stress_min_data_rate, lim.stress_max_errors),
             normalize_newlines=c.server.bare_newline == "normalize",
+            forbid_unauth_pipelining=c.server.forbid_unauth_pipelining,
             hold=listener.hold,
             trusted_networks=tuple(c.relay.trusted_networks),
             tls=listener.tls,

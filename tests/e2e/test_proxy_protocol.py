@@ -259,7 +259,8 @@ def test_garbage_on_the_proxy_listener_is_closed_or_greeted_never_a_crash(garbag
             pass
         assert c.closed(timeout=5)
         out = c.buf
-    assert out == b"" or out.startswith(b"220 "), out[:200]
+    # a valid header with more bytes behind it is a client talking before the greeting
+    assert out == b"" or out.startswith(b"220 ") or out.startswith(replies.PROTOCOL_SYNC.to_bytes()), out[:200]
     assert all(line[:3].isdigit() for line in out.split(b"\r\n")[:-1]), out[:200]
 
 

@@ -129,9 +129,13 @@ class Drips(threading.Thread):
     def _launch(self, kind: str, n: int) -> Drip:
         drip = Drip(kind, DRIP_SOURCES[n % len(DRIP_SOURCES)], started=time.monotonic())
         drip.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(drip.source, 0))
+        if kind == "data":  # after the greeting: sending before it is refused (554 5.5.0)
+            drip.received += drip.sock.recv(65536)
+            try:
+                drip.sock.send(DATA_OPENING)
+            except OSError:  # turned away at once (421 4.7.0 while full): _read sees the end
+                pass
         drip.sock.setblocking(False)
-        if kind == "data":
-            drip.sock.send(DATA_OPENING)
         self.drips.append(drip)
         return drip
 
