@@ -69,34 +69,25 @@ def tls_token(tls: str | None) -> str:
     return tls.replace(" ", "/") if tls else "-"
 
 
-_DEFAULTS = QueueConfig()  # the defaults live in the config model, once
-
-
 class QueueManager:
     def __init__(
         self,
         spool: Spool,
         router: Router,
+        settings: QueueConfig = QueueConfig(),
         *,
         signer: Signer | None = None,
         may_sign: Callable[[Envelope], bool] = lambda envelope: False,
         hostname: str = "localhost",
-        concurrency: int = _DEFAULTS.concurrency,
-        retry_schedule: Sequence[float] = tuple(_DEFAULTS.retry_schedule),
-        max_lifetime: float = _DEFAULTS.max_lifetime,
-        scan_interval: float = _DEFAULTS.scan_interval,
-        delay_warning: float | None = _DEFAULTS.delay_warning,
     ):
         self.spool = spool
+        self.hostname = hostname
+        self.may_sign = may_sign
+        # what a reload replaces whole (use()): the routes, the signer, [queue]
         self.router = router  # which target each recipient's domain goes to
         self.signer = signer
-        self.may_sign = may_sign
-        self.hostname = hostname
-        self.retry_schedule = tuple(retry_schedule)
-        self.max_lifetime = max_lifetime
-        self.scan_interval = scan_interval
-        self.delay_warning = delay_warning
-        self.pool = gevent.pool.Pool(concurrency)
+        self.settings = settings
+        self.pool = gevent.pool.Pool(settings.concurrency)
         self._signing = gevent.lock.BoundedSemaphore(SIGNING_AT_ONCE)
         self._wakeup = gevent.event.Event()
         self._recovered: set[str] = set()
@@ -110,9 +101,15 @@ class QueueManager:
         self._loops = [gevent.spawn(self._run), gevent.spawn(self._walk_forever)]
         self._wakeup.set()
 
-    def notify(self, qid: str | None = None) -> None:
+    def notify(self) -> None:
         """A new entry is in incoming/: look now rather than at the next scan."""
         self._wakeup.set()
+
+    def use(self, router: Router, signer: Signer | None, may_sign: Callable[[Envelope], bool],
+            settings: QueueConfig) -> None:
+        """A reload's new parts, taken whole: attempts that start from now on use them (a
+        changed concurrency takes a restart)."""
+        self.router, self.signer, self.may_sign, self.settings = router, signer, may_sign, settings
 
     def stop(self, timeout: float = 10.0) -> None:
         gevent.killall(self._loops)
@@ -123,7 +120,7 @@ class QueueManager:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait(self.scan_interval)
+            self._wakeup.wait(self.settings.scan_interval)
             self._wakeup.clear()
             try:
                 self.run_once()
@@ -163,7 +160,7 @@ class QueueManager:
                 self.walk_deferred()
             except Exception:
                 logger.exception("queue: walk of deferred/ failed")
-            gevent.sleep(WALK_EVERY * self.scan_interval)
+            gevent.sleep(WALK_EVERY * self.settings.scan_interval)
 
     def walk_deferred(self) -> int:
         """Schedule every deferred/ entry the schedule does not know: all of them at start-up,
@@ -196,7 +193,7 @@ class QueueManager:
         except Exception:  # a bug must not strand the entry in active/ until the next restart
             logger.bind(sid=qid).exception("queue: delivery failed")
             try:
-                when = time.time() + self.retry_schedule[0]
+                when = time.time() + self.settings.retry_schedule[0]
                 if self.spool.move(qid, "active", "deferred", when=when):
                     self.schedule.add(qid, when)
             except OSError:
@@ -223,7 +220,7 @@ class QueueManager:
                     record(index, Outcome(reply), "returned")
         else:
             self._hand_out(envelope, qid in self._recovered, record, log)
-        if envelope.pending() and now - envelope.created >= self.max_lifetime:
+        if envelope.pending() and now - envelope.created >= self.settings.max_lifetime:
             failed += self._expire(envelope, log)
         self._finish(envelope, now, failed, log)
 
@@ -261,12 +258,12 @@ class QueueManager:
         notice), it never loses the notice."""
         if failed:
             self._notify_sender(envelope, failed, bounce.FAILED, log)
-        if (envelope.pending() and self.delay_warning is not None and "warned" not in envelope.extra
-                and now - envelope.created >= self.delay_warning):
+        if (envelope.pending() and self.settings.delay_warning is not None and "warned" not in envelope.extra
+                and now - envelope.created >= self.settings.delay_warning):
             self._notify_sender(envelope, envelope.pending(), bounce.DELAYED, log)
             envelope.extra["warned"] = now
         if envelope.pending():
-            self._defer(envelope, now + next_delay(self.retry_schedule, envelope.attempts), log)
+            self._defer(envelope, now + next_delay(self.settings.retry_schedule, envelope.attempts), log)
         else:
             self.spool.done(envelope.id)
             log.info("removed")
@@ -418,7 +415,7 @@ class QueueManager:
         now = time.time()
         data = bounce.build(envelope, recipients, kind=kind, reporting_mta=self.hostname,
                             original_headers=headers, now=now,
-                            retry_until=envelope.created + self.max_lifetime)
+                            retry_until=envelope.created + self.settings.max_lifetime)
         writer = self.spool.open_message()
         notice = Envelope(
             id=writer.id, created=now, sender="",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from functools import partial
 
 import gevent
@@ -24,26 +25,17 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import lifeline, metrics, privileges, replies, safeio
+from geosmtp import lifeline, metrics, parts, privileges, replies, safeio
 from geosmtp import proxy as proxy_protocol
-from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
-from geosmtp.delivery.local import MaildirDelivery
-from geosmtp.delivery.target import Router
-from geosmtp.dkim import Signer, load_key
-from geosmtp.limits import Limits
-from geosmtp.policy import LocalDirectory, is_trusted
+from geosmtp.policy import is_trusted
 from geosmtp.queue import QueueManager
 from geosmtp.ratelimit import MemoryLimiter
-from geosmtp.relay.client import Timeouts
-from geosmtp.relay.mx import MXResolver, make_resolver
-from geosmtp.relay.pool import Relay, RelaySettings
 from geosmtp.session import Draining, Services, Session, SessionSettings, client_key
 from geosmtp.spool import Spool, held_lock, lock_spool
 from geosmtp.stress import Load
-from geosmtp.tls import Certificate, ServerTLS, TLSSettings
 
 LISTEN_BACKLOG = 1024
 # Disk work (fsync, big writes) runs in gevent's threadpool. Several fsyncs in flight at
@@ -66,44 +58,6 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def build_relay(config: Config) -> Relay:
-    """The outbound side: resolver, TLS policy and connection pools, from [relay]."""
-    r = config.relay
-    servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
-    auth = None
-    if r.smarthost_user is not None:
-        password = read_secret(r.smarthost_password_file)
-        auth = (r.smarthost_user, password)
-    settings = RelaySettings(
-        helo_name=r.helo_name or config.server.hostname,
-        port=r.port,
-        tls=r.tls,
-        tls_policy=dict(r.tls_policy),
-        ca_file=str(r.ca_file) if r.ca_file else None,
-        smarthost=split_hostport(r.smarthost) if r.smarthost else None,
-        smarthost_auth=auth,
-        per_destination=r.per_destination,
-        timeouts=Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout),
-        idle_time=r.idle_time,
-    )
-    own_names = frozenset({config.server.hostname, settings.helo_name})
-    return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
-
-
-def build_signer(config: Config) -> Signer:
-    return Signer([load_key(k.domain, k.selector, k.key_file, k.algorithm) for k in config.dkim.key])
-
-
-def may_sign(envelope, trusted_networks: tuple) -> bool:
-    """DKIM signs what our own users send: authenticated clients and trusted networks."""
-    if envelope.client.auth_user:
-        return True
-    try:
-        return is_trusted(ipaddress.ip_address(envelope.client.address), trusted_networks)
-    except ValueError:
-        return False
 
 
 def inherited_sockets() -> dict[str, socket.socket]:
@@ -160,34 +114,22 @@ class Server:
         hub.threadpool.maxsize = IO_THREADS
         run = safeio.threadpool_runner(hub.threadpool)
         self.spool = Spool(config.server.spool_dir, run=run)
-        self.directory = self._directory(config)
-        self.maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, self.directory.users, run)
-        q = config.queue
-        self.relay = build_relay(config) if role != "worker" else None
+        delivers = role != "worker"  # a worker builds nothing of the delivery side
+        self.parts = parts.build(config, delivers, run)
         self.queue = QueueManager(
-            self.spool,
-            Router(self.maildir, self.directory.domains, self.relay),
-            signer=build_signer(config) if role != "worker" else None,
-            may_sign=lambda envelope: may_sign(envelope, tuple(self.config.relay.trusted_networks)),
-            hostname=config.server.hostname,
-            delay_warning=q.delay_warning,
-            concurrency=q.concurrency,
-            retry_schedule=q.retry_schedule,
-            max_lifetime=q.max_lifetime,
-            scan_interval=q.scan_interval,
-        )
+            self.spool, self.parts.router, config.queue, signer=self.parts.signer,
+            may_sign=parts.signing_rule(config), hostname=config.server.hostname,
+        ) if delivers else None
         self.services = Services(
             spool=self.spool,
-            directory=self.directory,
-            on_queued=self._announce if role == "worker" else self.queue.notify,
-            tls=ServerTLS(self.tls_settings(config)) if config.tls else None,
-            users=UserStore.load(config.auth.users_file) if config.auth.users_file else None,
-            senders=dict(config.auth.senders),
+            directory=self.parts.directory,
+            on_queued=self._announce if role == "worker" else lambda qid: self.queue.notify(),
+            tls=self.parts.tls,
+            users=self.parts.users,
+            senders=self.parts.senders,
             limiter=MemoryLimiter(),
             run=run,
         )
-        self.listeners = {item.name: item for item in config.listener}
-        self.settings = {item.name: self.settings_for(item) for item in config.listener}
         self.sessions = gevent.pool.Group()
         self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
         self.http: WSGIServer | None = None
@@ -197,56 +139,6 @@ class Server:
         self.per_ip: Counter[str] = Counter()  # by client_key: an IPv6 client by its /64
         self.servers: list[StreamServer] = []
         self.stopped = gevent.event.Event()
-
-    @staticmethod
-    def _directory(config: Config) -> LocalDirectory:
-        local = config.local
-        return LocalDirectory(
-            domains=frozenset(local.domains),
-            users=frozenset(local.users),
-            aliases={k: tuple(v) for k, v in local.aliases.items()},
-            delimiters=local.recipient_delimiter,
-        )
-
-    @staticmethod
-    def tls_settings(config: Config) -> TLSSettings:
-        t = config.tls
-        return TLSSettings(
-            certificates=tuple(Certificate(str(c.cert_file), str(c.key_file), tuple(c.names))
-                               for c in t.certificates()),
-            min_version=t.min_version, ciphers=t.ciphers, ciphersuites=t.ciphersuites,
-            session_tickets=t.session_tickets,
-        )
-
-    def settings_for(self, listener: ListenerConfig) -> SessionSettings:
-        c = self.config
-        lim = c.limits
-        limits = Limits(command_timeout=lim.command_timeout, data_timeout=lim.data_timeout,
-                        data_deadline=lim.data_deadline, min_data_rate=lim.min_data_rate, max_errors=lim.max_errors)
-        return SessionSettings(
-            hostname=c.server.hostname,
-            listener=listener.name,
-            mode=listener.mode,
-            max_message_size=lim.max_message_size,
-            max_recipients=lim.max_recipients,
-            max_line_length=lim.max_line_length,
-            limits=limits,
-            stressed=limits.tightened(lim.stress_timeout, lim.stress_min_data_rate, lim.stress_max_errors),
-            normalize_newlines=c.server.bare_newline == "normalize",
-            forbid_unauth_pipelining=c.server.forbid_unauth_pipelining,
-            hold=listener.hold,
-            trusted_networks=tuple(c.relay.trusted_networks),
-            tls=listener.tls,
-            require_tls=listener.require_tls,
-            handshake_timeout=c.tls.handshake_timeout if c.tls else 30.0,
-            auth=listener.offers_auth,
-            allow_plaintext_auth=listener.allow_plaintext_auth,
-            restrict_sender=c.auth.restrict_sender,
-            max_auth_failures=c.auth.max_failures,
-            messages_per_hour_per_ip=lim.messages_per_hour_per_ip,
-            messages_per_hour_per_user=lim.messages_per_hour_per_user,
-            auth_failures_per_hour_per_ip=lim.auth_failures_per_hour_per_ip,
-        )
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -403,49 +295,29 @@ class Server:
             except ConfigError as exc:
                 logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
                 return
-        parts = {}
-        for part, build in (
-            ("TLS certificate", lambda: ServerTLS(self.tls_settings(new)) if new.tls else None),
-            ("users file", lambda: UserStore.load(new.auth.users_file) if new.auth.users_file else None),
-            ("relay", lambda: build_relay(new) if self.role != "worker" else None),
-            ("DKIM keys", lambda: build_signer(new) if self.role != "worker" else None),
-        ):
-            try:  # files read, keys parsed, TLS contexts made: off the hub (35-90 ms each)
-                parts[part] = self.spool.run(build)
-            except (OSError, ValueError) as exc:
-                logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
-                             "configuration): {}", part, exc)
-                return
-        tls, users, relay, signer = parts.values()
+        try:  # files read, keys parsed, TLS contexts made: off the hub (35-90 ms each)
+            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run)
+        except parts.BuildError as exc:
+            logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
+                         "configuration): {}", exc.part, exc.error)
+            return
         for what in _needs_restart(self.config, new):
             logger.warning("reload: {} changed; that takes a restart", what)
-        self.config = new
-        directory = self._directory(new)
-        self.directory = self.services.directory = directory
-        self.maildir.users = directory.users
-        self.services.tls = tls if tls is not None else self.services.tls
-        self.services.users = users
-        self.services.senders = dict(new.auth.senders)
+        old, self.config = self.parts, new
         # a listener's name and address take a restart; its other keys apply from now on
-        fresh = {item.name: item for item in new.listener}
-        self.listeners = {name: fresh.get(name, old) for name, old in self.listeners.items()}
-        self.settings = {name: self.settings_for(item) for name, item in self.listeners.items()}
-        if self.role != "worker":
-            q = self.queue
-            old_relay, q.signer = self.relay, signer
-            self.relay = relay
-            q.router = Router(self.maildir, directory.domains, relay)
-            q.retry_schedule = tuple(new.queue.retry_schedule)
-            q.max_lifetime = new.queue.max_lifetime
-            q.delay_warning = new.queue.delay_warning
-            q.scan_interval = new.queue.scan_interval
-            gevent.spawn(old_relay.close)  # its kept connections; deliveries in flight finish
-        if tls is not None:
-            logger.info("reload: TLS certificates loaded from {}", tls.settings.cert_files)
-        if users is not None:
-            logger.info("reload: {} users loaded from {}", len(users.users), new.auth.users_file)
+        listeners = {name: fresh.listeners.get(name, item) for name, item in old.listeners.items()}
+        self.parts = replace(fresh, tls=fresh.tls or old.tls, listeners=listeners,
+                             settings={name: parts.session_settings(new, item) for name, item in listeners.items()})
+        self.services.use(self.parts.directory, self.parts.tls, self.parts.users, self.parts.senders)
+        if self.queue is not None:
+            self.queue.use(self.parts.router, self.parts.signer, parts.signing_rule(new), new.queue)
+            gevent.spawn(old.relay.close)  # its kept connections; deliveries in flight finish
+        if fresh.tls is not None:
+            logger.info("reload: TLS certificates loaded from {}", fresh.tls.settings.cert_files)
+        if fresh.users is not None:
+            logger.info("reload: {} users loaded from {}", len(fresh.users.users), new.auth.users_file)
         logger.info("reload: configuration from {} applied ({} local domains)",
-                    self.config_path, len(directory.domains))
+                    self.config_path, len(fresh.directory.domains))
 
     def stop(self) -> None:
         """Drain and stop (SIGTERM). /readyz turns 503 at once; after drain_delay the
@@ -488,7 +360,7 @@ class Server:
                     proc.kill()
             if queue_stopped is not None:
                 queue_stopped.join()
-                self.relay.close()
+                self.parts.relay.close()
             if self.http is not None:
                 self.http.stop(timeout=1)
             logger.info("stopped")
@@ -506,8 +378,8 @@ class Server:
     # -- one connection ---------------------------------------------------------------------
     def handle(self, name: str, sock: socket.socket, addr) -> None:
         # the listener's settings current now: a reload changes them for new connections only
-        listener = self.listeners[name]
-        settings = self.settings[name]
+        listener = self.parts.listeners[name]
+        settings = self.parts.settings[name]
         ip = addr[0]
         lim = self.config.limits
         load = self.loads[listener.name]

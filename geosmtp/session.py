@@ -101,6 +101,11 @@ class Services:
     draining: bool = False  # the server is stopping: end each session at its next pause
     run: Callable = lambda fn, *args: fn(*args)  # runs slow work (scrypt) off the hub
 
+    def use(self, directory: policy.LocalDirectory, tls: ServerTLS | None, users: auth.UserStore | None,
+            senders: dict) -> None:
+        """A reload's new parts (geosmtp.parts), for the commands that come from now on."""
+        self.directory, self.tls, self.users, self.senders = directory, tls, users, senders
+
 
 @dataclass
 class Transaction:

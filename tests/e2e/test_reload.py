@@ -195,3 +195,39 @@ def test_reload_reaches_every_worker(tmp_path):
         assert b"hello dave" in srv.wait_for(lambda: srv.messages("dave@example.test"))[0]
     finally:
         srv.stop()
+
+
+def test_reload_rebuilds_the_delivery_side_too(tmp_path):
+    """Every part geosmtp.parts.build() makes is taken whole on SIGHUP: the relay (a
+    smarthost appears: deferred mail goes there at its next attempt), the router's local
+    domains and mailboxes, the sub-address delimiter."""
+    from tests.support.fakemx import FakeMX, pick_port
+
+    host = "127.0.0.61"
+    smart = FakeMX(host, pick_port([host]), name="smart.invalid").start()
+    srv = ServerProcess(tmp_path / "r", {"log": {"level": "INFO"}, "queue": {"retry_schedule": ["1s"]}}).start()
+    try:
+        with connect(srv.port, source="127.0.0.2") as c:  # a trusted network: may relay
+            send_message(c, "me@example.test", ["far@remote.test"], b"Subject: first\r\n\r\nbody")
+        srv.wait_for(lambda: "to=<far@remote.test>" in srv.log() and "status=deferred" in srv.log())
+        with connect(srv.port) as c:
+            c.code("MAIL FROM:<x@remote.test>")
+            assert rcpts(c, ["alice+tag@example.test", "alice-tag@example.test"]) == ["250 2.1.5", "550 5.1.1"]
+        srv.config["relay"].update(smarthost=f"{host}:{smart.port}")
+        srv.config["local"].update(recipient_delimiter="-", domains=srv.config["local"]["domains"] + ["new.test"],
+                                   users=srv.config["local"]["users"] + ["dan@new.test"])
+        rewrite(srv)
+        reloaded(srv)
+        with connect(srv.port) as c:
+            c.code("MAIL FROM:<x@remote.test>")
+            assert rcpts(c, ["alice+tag@example.test", "alice-tag@example.test"]) == ["550 5.1.1", "250 2.1.5"]
+        with connect(srv.port, source="127.0.0.2") as c:
+            send_message(c, "me@example.test", ["near@remote.test", "dan@new.test"], b"Subject: second\r\n\r\nb")
+        # the new relay takes the new message now and the deferred one at its next attempt
+        # (a second later); the new local domain is delivered locally
+        msgs = smart.wait_for_messages(2, timeout=40)
+        assert sorted(r for m in msgs for r in m.rcpt_tos) == ["far@remote.test", "near@remote.test"]
+        srv.wait_for(lambda: srv.messages("dan@new.test"))
+    finally:
+        srv.stop()
+        smart.stop()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from geosmtp.delivery import local
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
+from geosmtp.config import QueueConfig
 from geosmtp.queue import QueueManager, next_delay
 from geosmtp.delivery.target import NO_ROUTE, Outcome, Router
 from geosmtp.replies import Reply
@@ -254,7 +255,7 @@ def test_queue_loads_through_run_and_passes_open_body(tmp_path):
 
 def test_queue_defers_with_progress_and_delivers_from_the_rewritten_entry(spool):
     fake = FakeLocal()
-    qm = QueueManager(spool, Router(fake, LOCAL_DOMAINS), retry_schedule=(300.0,))
+    qm = QueueManager(spool, Router(fake, LOCAL_DOMAINS), QueueConfig(retry_schedule=[300.0]))
     envelope = enqueue(spool, rcpts=("alice@example.test", "someone@remote.test"))
     qid = envelope.id
     before = time.time()

@@ -13,6 +13,7 @@ import pytest
 from geosmtp import queue as queue_module
 from geosmtp.delivery.target import Outcome, Router
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
+from geosmtp.config import QueueConfig
 from geosmtp.queue import QueueManager
 from geosmtp.replies import Reply
 from geosmtp.schedule import Schedule
@@ -151,7 +152,7 @@ def test_start_up_walk_schedules_every_deferred_entry_off_the_hub(spool, run):
 
 def test_a_defer_schedules_the_entry_and_a_scan_claims_it_when_due(spool, run):
     local = Local()
-    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), retry_schedule=(300.0,))
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), QueueConfig(retry_schedule=[300.0]))
     qid = enqueue(spool).id
     run.on_hub.clear()
     assert qm.run_once() == 1
@@ -170,7 +171,7 @@ def test_a_delivery_that_raises_is_deferred_and_scheduled(spool):
         def deliver(self, *args):
             raise RuntimeError("bug")
 
-    qm = QueueManager(spool, Router(Broken(), LOCAL_DOMAINS), retry_schedule=(60.0,))
+    qm = QueueManager(spool, Router(Broken(), LOCAL_DOMAINS), QueueConfig(retry_schedule=[60.0]))
     qid = enqueue(spool).id
     assert qm.run_once() == 1
     settle(qm)
@@ -179,7 +180,7 @@ def test_a_delivery_that_raises_is_deferred_and_scheduled(spool):
 
 def test_a_flushed_entry_is_tried_once_not_again_at_its_old_time(spool):
     local = Local()
-    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), retry_schedule=(3600.0,))
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), QueueConfig(retry_schedule=[3600.0]))
     qid = deferred(spool, time.time() + 60)
     qm.walk_deferred()
     assert spool.move(qid, "deferred", "incoming")  # geosmtp-queue flush, then SIGUSR1
@@ -237,7 +238,7 @@ def test_a_flood_of_stale_items_gives_way_to_the_hub(spool, monkeypatch):
 def test_start_walks_and_stop_ends_both_loops(spool, run):
     qid = deferred(spool, time.time() - 1)
     local = Local(Reply(250, "2.0.0", "ok"))
-    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), scan_interval=0.05)
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS), QueueConfig(scan_interval=0.05))
     run.on_hub.clear()
     qm.start()
     try:

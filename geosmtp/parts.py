@@ -1,0 +1,165 @@
+"""Everything the server builds from a Config, built in one place: Server.__init__ and
+Server.reload both call build(), and a reload swaps the result in whole, or not at all.
+
+build() reads files (certificates, keys, users, the smarthost password) and makes TLS
+contexts: a reload runs it in the threadpool. Each part is built in its turn, and a part
+that cannot be built is named (BuildError.part) so the refusal says which it was. A worker
+builds none of the delivery side: it never delivers.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from functools import partial
+
+from geosmtp.auth import UserStore, read_secret
+from geosmtp.config import Config, ListenerConfig, split_hostport
+from geosmtp.delivery.local import MaildirDelivery
+from geosmtp.delivery.target import Router
+from geosmtp.dkim import Signer, load_key
+from geosmtp.limits import Limits
+from geosmtp.policy import LocalDirectory, is_trusted
+from geosmtp.relay.client import Timeouts
+from geosmtp.relay.mx import MXResolver, make_resolver
+from geosmtp.relay.pool import Relay, RelaySettings
+from geosmtp.session import SessionSettings
+from geosmtp.tls import Certificate, ServerTLS, TLSSettings
+
+
+class BuildError(Exception):
+    """A part could not be built from the configuration (a file that does not load)."""
+
+    def __init__(self, part: str, error: Exception):
+        super().__init__(f"{part}: {error}")
+        self.part = part
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Parts:
+    directory: LocalDirectory
+    tls: ServerTLS | None
+    users: UserStore | None
+    senders: dict
+    listeners: dict[str, ListenerConfig]
+    settings: dict[str, SessionSettings]  # per listener, for new sessions
+    relay: Relay | None  # the delivery side: None in a worker
+    signer: Signer | None
+    router: Router | None
+
+
+def build(config: Config, delivers: bool, run=None) -> Parts:
+    """Every part; raises BuildError naming the first that fails. `run` is the threadpool
+    runner the Maildir target writes through."""
+    def part(name, make):
+        try:
+            return make()
+        except (OSError, ValueError) as exc:
+            raise BuildError(name, exc) from None
+
+    directory = local_directory(config)
+    tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
+    users = part("users file", lambda: UserStore.load(config.auth.users_file) if config.auth.users_file else None)
+    relay = signer = router = None
+    if delivers:
+        relay = part("relay", lambda: build_relay(config))
+        signer = part("DKIM keys", lambda: build_signer(config))
+        maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, directory.users,
+                                  *([run] if run else []))
+        router = Router(maildir, directory.domains, relay)
+    return Parts(
+        directory=directory, tls=tls, users=users, senders=dict(config.auth.senders),
+        listeners={item.name: item for item in config.listener},
+        settings={item.name: session_settings(config, item) for item in config.listener},
+        relay=relay, signer=signer, router=router,
+    )
+
+
+def local_directory(config: Config) -> LocalDirectory:
+    local = config.local
+    return LocalDirectory(
+        domains=frozenset(local.domains),
+        users=frozenset(local.users),
+        aliases={k: tuple(v) for k, v in local.aliases.items()},
+        delimiters=local.recipient_delimiter,
+    )
+
+
+def tls_settings(config: Config) -> TLSSettings:
+    t = config.tls
+    return TLSSettings(
+        certificates=tuple(Certificate(str(c.cert_file), str(c.key_file), tuple(c.names)) for c in t.certificates()),
+        min_version=t.min_version, ciphers=t.ciphers, ciphersuites=t.ciphersuites,
+        session_tickets=t.session_tickets,
+    )
+
+
+def session_settings(config: Config, listener: ListenerConfig) -> SessionSettings:
+    c, lim = config, config.limits
+    limits = Limits(command_timeout=lim.command_timeout, data_timeout=lim.data_timeout,
+                    data_deadline=lim.data_deadline, min_data_rate=lim.min_data_rate, max_errors=lim.max_errors)
+    return SessionSettings(
+        hostname=c.server.hostname,
+        listener=listener.name,
+        mode=listener.mode,
+        max_message_size=lim.max_message_size,
+        max_recipients=lim.max_recipients,
+        max_line_length=lim.max_line_length,
+        limits=limits,
+        stressed=limits.tightened(lim.stress_timeout, lim.stress_min_data_rate, lim.stress_max_errors),
+        normalize_newlines=c.server.bare_newline == "normalize",
+        forbid_unauth_pipelining=c.server.forbid_unauth_pipelining,
+        hold=listener.hold,
+        trusted_networks=tuple(c.relay.trusted_networks),
+        tls=listener.tls,
+        require_tls=listener.require_tls,
+        handshake_timeout=c.tls.handshake_timeout if c.tls else 30.0,
+        auth=listener.offers_auth,
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        restrict_sender=c.auth.restrict_sender,
+        max_auth_failures=c.auth.max_failures,
+        messages_per_hour_per_ip=lim.messages_per_hour_per_ip,
+        messages_per_hour_per_user=lim.messages_per_hour_per_user,
+        auth_failures_per_hour_per_ip=lim.auth_failures_per_hour_per_ip,
+    )
+
+
+def build_relay(config: Config) -> Relay:
+    """The outbound side: resolver, TLS policy and connection pools, from [relay]."""
+    r = config.relay
+    servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
+    auth = None
+    if r.smarthost_user is not None:
+        auth = (r.smarthost_user, read_secret(r.smarthost_password_file))
+    settings = RelaySettings(
+        helo_name=r.helo_name or config.server.hostname,
+        port=r.port,
+        tls=r.tls,
+        tls_policy=dict(r.tls_policy),
+        ca_file=str(r.ca_file) if r.ca_file else None,
+        smarthost=split_hostport(r.smarthost) if r.smarthost else None,
+        smarthost_auth=auth,
+        per_destination=r.per_destination,
+        timeouts=Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout),
+        idle_time=r.idle_time,
+    )
+    own_names = frozenset({config.server.hostname, settings.helo_name})
+    return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
+
+
+def build_signer(config: Config) -> Signer:
+    return Signer([load_key(k.domain, k.selector, k.key_file, k.algorithm) for k in config.dkim.key])
+
+
+def may_sign(envelope, trusted_networks: tuple) -> bool:
+    """DKIM signs what our own users send: authenticated clients and trusted networks."""
+    if envelope.client.auth_user:
+        return True
+    try:
+        return is_trusted(ipaddress.ip_address(envelope.client.address), trusted_networks)
+    except ValueError:
+        return False
+
+
+def signing_rule(config: Config):
+    return partial(may_sign, trusted_networks=tuple(config.relay.trusted_networks))
