@@ -34,12 +34,14 @@ import pytest
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.spool import STATES, Spool
 from tests.support.e2e import maildir_files
+from tests.support.fakemx import FakeMX, pick_port
 from tests.support.server import PASSWORDS, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(ROOT / "bin" / "geosmtp-queue")]
 ALICE = "alice@example.test"
 NOSUCH = "NOSUCHID00000000000000"
+MX = "127.0.0.10"
 OVERRIDES = {
     "listeners": {"smtp": {"hold": True}, "submission": {"allow_plaintext_auth": True}},
     "queue": {"scan_interval": 60, "retry_schedule": ["1h"]},
@@ -365,13 +367,14 @@ def test_delete_in_any_state_also_while_being_delivered(srv, deferred, stall):
     assert gone(srv, h) and gone(srv, d)
     assert q(srv, "delete", h).returncode == 1  # twice: unknown now
 
-    # in active/ until the stalled MX is closed: everything but delete answers busy
+    # in active/ until the stalled MX is closed: everything but delete and flush answers busy
     a = submitted(srv, ["x@[127.0.0.3]"], "deleted while active")
     srv.wait_for(lambda: state_of(srv, a) == "active", timeout=5, interval=0.01)
-    busy = q_parallel(srv, ("hold", a), ("flush", a), ("bounce", a), ("requeue", a))
+    flushed, *busy = q_parallel(srv, ("flush", a), ("hold", a), ("bounce", a), ("requeue", a))
     assert state_of(srv, a) == "active"
     for r in busy:
         assert r.returncode == 1 and f"{a}: busy: being delivered now" in r.stderr, r.stderr
+    assert flushed.returncode == 0 and flushed.stdout == f"{a}: being delivered now\n", flushed.stderr
     deleted = q(srv, "delete", a)
     assert deleted.returncode == 0 and f"{a}: deleted from active/ (it was being delivered" in deleted.stdout
     assert gone(srv, a)
@@ -407,6 +410,33 @@ def test_bounce_returns_mail_to_its_sender(srv, deferred):
     assert b"far4@remote4.test" in dsn[d] and b"Final-Recipient: rfc822; bob@example.test" not in dsn[d]
     srv.wait_for(lambda: gone(srv, h) and gone(srv, d), timeout=5)
     assert not delivered(srv, "carol@other.test", b"bounce held")
+
+
+def test_flush_of_a_message_in_flight_answers_that_it_is_being_delivered(make_server):
+    """The MX holds its reply to the final dot until the test opens the gate: the message is
+    in active/, its data sent. flush is what the operator wants and is under way: exit 0,
+    nothing moved; the attempt then ends with one delivery."""
+    gate = threading.Event()
+    with FakeMX(MX, pick_port([MX])) as mx:
+        mx.final_reply = lambda msg: "250 2.0.0 Ok: queued" if gate.wait(15) else "451 4.3.0 gate shut"
+        srv = make_server({"relay": {"port": mx.port, "command_timeout": 20, "data_timeout": 20},
+                           "queue": {"retry_schedule": ["1h"]}})
+        qid = send(srv.port, ALICE, [f"far@[{MX}]"], "in flight", source="127.0.0.2")
+        mx.wait_for(lambda: mx.transactions, timeout=10)  # the dot is in; no reply yet
+        try:
+            assert state_of(srv, qid) == "active"
+            result = q(srv, "flush", qid)
+            hold = q(srv, "hold", qid)
+            assert state_of(srv, qid) == "active"
+        finally:
+            gate.set()
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{qid}: being delivered now\n" and result.stderr == ""
+        assert hold.returncode == 1 and f"{qid}: busy: being delivered now; try again to hold it" in hold.stderr
+        [msg] = mx.wait_for_messages(1)
+        assert b"Subject: in flight" in msg.data
+        srv.wait_for(lambda: gone(srv, qid), timeout=10)
+        assert len(mx.transactions) == 1
 
 
 # -- without a server -----------------------------------------------------------------------
