@@ -100,7 +100,7 @@ def envelope_lines(shown: Shown, now: float) -> Iterator[str]:
         if r.last_reply:
             where = f"{r.remote}, " if r.remote else ""
             yield f"              [{where}{stamp(r.updated)}] {r.last_reply}"
-    extra = {k: ("(signature)" if k == "dkim" and v else v) for k, v in env.extra.items()}
+    extra = {k: ("(signature)" if k in ("prefix", "dkim") and v else v) for k, v in env.extra.items()}
     if extra:
         yield f"extra:       {json.dumps(extra, ensure_ascii=False)}"
 
