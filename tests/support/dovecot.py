@@ -31,6 +31,7 @@ from pathlib import Path
 from tests.support import ports
 
 DOVECOT = "/usr/sbin/dovecot"
+SERVICES = ("/usr/lib/dovecot/lmtp", "/usr/lib/dovecot/imap")  # dovecot-lmtpd, dovecot-imapd
 PASSWORD = "secret-imap-pass"
 DOMAIN = "example.test"
 USERS = {
@@ -101,7 +102,8 @@ service imap-login {{
 
 class Dovecot:
     def __init__(self):
-        assert os.path.exists(DOVECOT), "Dovecot is not installed (.ci/run installs Debian's dovecot-core, dovecot-lmtpd and dovecot-imapd)"
+        assert all(os.path.exists(p) for p in (DOVECOT, *SERVICES)), \
+            "Dovecot is not installed (.ci/run installs Debian's dovecot-core, dovecot-lmtpd and dovecot-imapd)"
         self.root = Path(tempfile.mkdtemp(prefix="geosmtp-dovecot-"))
         self.root.chmod(0o755)
         self.mail_root = self.root / "mail"
@@ -134,7 +136,8 @@ class Dovecot:
         self.conf.write_text(CONF.format(instance=self.root.name, root=self.root, uid=uid,
                                          lmtp_port=self.lmtp_port, imap_port=self.imap_port))
         self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # its children in a group of its own
         self._wait_ready(10.0)
         return self
 
@@ -155,7 +158,7 @@ class Dovecot:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         if self.proc is not None:
             self.proc.stdout.close()
