@@ -64,6 +64,8 @@ class LMTPDelivery:
         """Deliver `msg` to `recipients` (the address to give in each RCPT: the one the
         message was sent to, with its +detail, so the server can file it); an Outcome for
         each, in order. `open_body()` gives the message from its first header line."""
+        if not recipients:
+            return []
         msg = dataclasses.replace(msg, recipients=tuple(recipients))
         with self._slots:
             try:
@@ -91,7 +93,7 @@ class LMTPDelivery:
             client.close()
             return [Outcome(exc.reply, exc.remote)] * len(msg.recipients)
         self._release(client)
-        return [Outcome(r, client.label) for r in replies]
+        return [Outcome(r, client.label, "none") for r in replies]  # a session, without TLS
 
     # -- connections -------------------------------------------------------------------------
     def _client(self) -> Client:

@@ -231,3 +231,9 @@ def test_a_kept_connection_the_server_closed_is_not_used(fake, target):
     fake.wait_idle(5.0)
     assert codes(deliver(lmtp, BODY, RCPTS[:1])) == ["250 2.0.0"]
     assert lmtp.connections == 2 and data_commands(fake) == 2 and len(fake.messages) == 2
+
+
+def test_no_recipients_no_connection(fake, target):
+    lmtp = target(f"127.0.0.1:{fake.port}")
+    assert run(lmtp.deliver, outgoing(BODY), [], lambda: io.BytesIO(BODY)) == []
+    assert lmtp.connections == 0 and fake.connections == 0
