@@ -237,3 +237,9 @@ def test_no_recipients_no_connection(fake, target):
     lmtp = target(f"127.0.0.1:{fake.port}")
     assert run(lmtp.deliver, outgoing(BODY), [], lambda: io.BytesIO(BODY)) == []
     assert lmtp.connections == 0 and fake.connections == 0
+
+
+def test_no_server_on_the_socket_defers_everyone(tmp_path, target):
+    outcomes = deliver(target(f"unix:{tmp_path}/no-such-socket"), BODY, RCPTS[:2])
+    assert codes(outcomes) == ["451 4.4.1"] * 2
+    assert "No such file or directory" in outcomes[0].reply.text
