@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -307,8 +308,31 @@ def _address_key(value: str, where: str) -> str:
     return addr.key
 
 
+def _lmtp_address(v: str | None) -> str | None:
+    if v is not None:
+        from geosmtp.delivery.lmtp import parse_address as parse_lmtp
+
+        parse_lmtp(v)  # ValueError says what is wrong
+    return v
+
+
+LMTPAddress = Annotated[str | None, AfterValidator(_lmtp_address)]
+
+
+class DomainDelivery(_Section):
+    """[local.domain."example.org"]: how one local domain's mail is delivered."""
+
+    delivery: Literal["maildir", "lmtp"] = "maildir"
+    lmtp: LMTPAddress = None
+
+
 class LocalConfig(_Section):
     domains: list[str] = []
+    # "maildir": write <maildir_root>/<domain>/<user>/ ourselves; "lmtp": hand the message to
+    # an LMTP server (Dovecot) at `lmtp`, "unix:/run/dovecot/lmtp" or "host:port"
+    delivery: Literal["maildir", "lmtp"] = "maildir"
+    lmtp: LMTPAddress = None
+    domain: dict[str, DomainDelivery] = {}  # per domain, instead of the two above
     maildir_root: Path = Path("./var/mail")
     users: list[str] = []
     aliases: dict[str, list[str]] = {}
@@ -359,7 +383,11 @@ class LocalConfig(_Section):
 
     @model_validator(mode="after")
     def _all_local(self) -> "LocalConfig":
-        problems = [
+        problems = [f"domain {d!r} is not in local.domains" for d in self.domain if d not in self.domains]
+        problems += [f"{where}delivery = \"lmtp\" needs an lmtp address"
+                     for where, item in [("", self), *((f"domain {d!r}: ", v) for d, v in self.domain.items())]
+                     if item.delivery == "lmtp" and not (item.lmtp or self.lmtp)]
+        problems += [
             f"{addr!r} is not in one of local.domains"
             for addr in [*self.users, *self.aliases]
             if addr.rpartition("@")[2] not in self.domains

@@ -14,6 +14,7 @@ from functools import partial
 
 from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ListenerConfig, split_hostport
+from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
@@ -64,15 +65,35 @@ def build(config: Config, delivers: bool, run=None) -> Parts:
     if delivers:
         relay = part("relay", lambda: build_relay(config))
         signer = part("DKIM keys", lambda: build_signer(config))
-        maildir = MaildirDelivery(config.local.maildir_root, config.server.hostname, directory.users,
-                                  *([run] if run else []))
-        router = Router(maildir, directory.domains, relay)
+        router = part("local delivery", lambda: build_router(config, directory, relay, run))
     return Parts(
         directory=directory, tls=tls, users=users, senders=dict(config.auth.senders),
         listeners={item.name: item for item in config.listener},
         settings={item.name: session_settings(config, item) for item in config.listener},
         relay=relay, signer=signer, router=router,
     )
+
+
+def build_router(config: Config, directory: LocalDirectory, relay: Relay, run=None) -> Router:
+    """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
+    LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
+    local = config.local
+    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, *([run] if run else []))
+    r = config.relay
+    timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
+    lmtp: dict[str, LMTPDelivery] = {}
+
+    def target(delivery: str, address: str | None):
+        if delivery == "maildir":
+            return maildir
+        address = address or local.lmtp
+        if address not in lmtp:
+            lmtp[address] = LMTPDelivery(address, timeouts, hostname=config.server.hostname,
+                                         base_of=directory.without_detail)
+        return lmtp[address]
+
+    per_domain = {d: target(v.delivery, v.lmtp) for d, v in local.domain.items()}
+    return Router(target(local.delivery, local.lmtp), directory.domains, relay, per_domain)
 
 
 def local_directory(config: Config) -> LocalDirectory:

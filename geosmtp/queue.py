@@ -351,7 +351,8 @@ class QueueManager:
             # header is not ASCII
             utf8 = envelope.smtputf8 and (
                 _non_ascii(envelope.sender) or any(map(_non_ascii, recipients)) or not headers.isascii())
-            msg = replace(base, recipients=recipients, slots=tuple(indices), smtputf8=utf8)
+            msg = replace(base, recipients=recipients, slots=tuple(indices), smtputf8=utf8,
+                          originals=tuple(envelope.recipients[i].original for i in indices))
             where = "remote" if target.kind == "relay" else "local"
             for i, outcome in zip(indices, target.deliver(destination, msg, open_body)):
                 record(i, outcome, where)

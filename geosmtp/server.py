@@ -311,7 +311,7 @@ class Server:
         self.services.use(self.parts.directory, self.parts.tls, self.parts.users, self.parts.senders)
         if self.queue is not None:
             self.queue.use(self.parts.router, self.parts.signer, parts.signing_rule(new), new.queue)
-            gevent.spawn(old.relay.close)  # its kept connections; deliveries in flight finish
+            gevent.spawn(old.router.close)  # kept connections (relay, LMTP); deliveries in flight finish
         if fresh.tls is not None:
             logger.info("reload: TLS certificates loaded from {}", fresh.tls.settings.cert_files)
         if fresh.users is not None:
@@ -360,7 +360,7 @@ class Server:
                     proc.kill()
             if queue_stopped is not None:
                 queue_stopped.join()
-                self.parts.relay.close()
+                self.parts.router.close()
             if self.http is not None:
                 self.http.stop(timeout=1)
             logger.info("stopped")

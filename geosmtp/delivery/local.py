@@ -61,6 +61,9 @@ class MaildirDelivery:
 
     kind = "maildir"
 
+    def close(self) -> None:
+        pass  # nothing kept open between deliveries
+
     def destination(self, domain: str) -> str:
         return "maildir"  # every local mailbox of a message in one call
 

@@ -37,6 +37,7 @@ class Message:
     id: str = ""  # the queue id
     created: float = 0.0  # arrival time
     slots: tuple[int, ...] = ()  # each recipient's place in the envelope (names Maildir files)
+    originals: tuple[str, ...] = ()  # each recipient as the client gave it in RCPT TO
     redelivery: bool = False  # its last attempt was cut by a crash: it may be there already
 
 
@@ -55,6 +56,10 @@ class Target(Protocol):
         ...
 
     def deliver(self, destination: str, msg: Message, open_body: OpenBody) -> list[Outcome]: ...
+
+    def close(self) -> None:
+        """Let go of kept connections (a reload made a new target); deliveries in flight finish."""
+        ...
 
 
 NO_ROUTE = Reply(451, "4.4.0", "No route for remote delivery is configured")
@@ -79,3 +84,9 @@ class Router:
 
     def is_local(self, domain: str) -> bool:
         return domain.lower() in self.local_domains
+
+    def close(self) -> None:
+        """Close every target once (several domains may share one)."""
+        seen = {id(t): t for t in (self.local, self.remote, *self.per_domain.values()) if t is not None}
+        for target in seen.values():
+            target.close()

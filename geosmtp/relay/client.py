@@ -2,7 +2,9 @@
 
 It speaks RFC 5321 with EHLO (HELO fallback), STARTTLS (RFC 3207), AUTH PLAIN (RFC 4616),
 PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152) and SMTPUTF8 (RFC 6531), with
-the per-stage timeouts of RFC 5321 4.5.3.2. It returns one Reply per recipient and raises
+the per-stage timeouts of RFC 5321 4.5.3.2; and LMTP (RFC 2033: LHLO, then one reply per
+accepted recipient after the final dot) over TCP or a unix socket, for delivery to a local
+mail store. It returns one Reply per recipient and raises
 TransientError or PermanentError for what ends the conversation; what to do about either
 is the caller's business. Policy (whether TLS is needed, which host) lives in relay.pool.
 """
@@ -98,18 +100,34 @@ class Client:
         self.transactions = 0
         self.idle_since = monotonic()
         self.broken = False
+        self.lmtp = False  # set by lhlo(): one final reply per accepted recipient
 
     # -- connection set-up ------------------------------------------------------------------
     @classmethod
     def open(cls, address: str, port: int, label: str, timeouts: Timeouts) -> Client:
-        """Connect and read the greeting. A server that does not answer 220 is a failure of
-        this host only: the caller tries the next one."""
+        """Connect over TCP and read the greeting. A server that does not answer 220 is a
+        failure of this host only: the caller tries the next one."""
         try:
             sock = gevent.socket.create_connection((address, port), timeout=timeouts.connect)
         except (OSError, socket.timeout) as exc:
-            raise TransientError(Reply(451, "4.4.1", f"connect to {label} failed: "
-                                       f"{exc.strerror or exc or type(exc).__name__}")) from None
+            raise _connect_failed(label, exc) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls._greeted(sock, label, timeouts)
+
+    @classmethod
+    def open_unix(cls, path: str, label: str, timeouts: Timeouts) -> Client:
+        """Connect to a unix socket (a local LMTP server) and read the greeting."""
+        sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeouts.connect)
+            sock.connect(path)
+        except (OSError, socket.timeout) as exc:
+            sock.close()
+            raise _connect_failed(label, exc) from None
+        return cls._greeted(sock, label, timeouts)
+
+    @classmethod
+    def _greeted(cls, sock: socket.socket, label: str, timeouts: Timeouts) -> Client:
         client = cls(Connection(sock, send_timeout=timeouts.block), label, timeouts)
         try:
             greeting = client.read_reply(timeouts.command, "greeting")
@@ -123,23 +141,32 @@ class Client:
 
     def hello(self, name: str) -> None:
         """EHLO, or HELO when the server does not know EHLO (RFC 5321 3.2)."""
-        self.conn.write(f"EHLO {name}\r\n".encode("ascii"))
-        code, lines = self._read(self.timeouts.command, "EHLO")
-        if code == 250:
-            self.extensions = _extensions(lines[1:])
-            self.server_name = lines[0].partition(" ")[0].lower()
-            return
-        reply = remote_reply(code, lines)
-        if code in (500, 502, 504, 550):  # no ESMTP here: try plain SMTP
-            self.conn.write(f"HELO {name}\r\n".encode("ascii"))
-            code, lines = self._read(self.timeouts.command, "HELO")
-            if code == 250:
-                self.extensions = {}
-                self.server_name = lines[0].partition(" ")[0].lower()
-                return
-            reply = remote_reply(code, lines)
-        self.broken = True
-        raise error_for(reply, self.label)
+        reply = self._greet("EHLO", name)
+        if reply is not None and reply.code in (500, 502, 504, 550):  # no ESMTP here: plain SMTP
+            reply = self._greet("HELO", name)
+        if reply is not None:
+            self.broken = True
+            raise error_for(reply, self.label)
+
+    def lhlo(self, name: str) -> None:
+        """LHLO (RFC 2033 4.1), which makes this an LMTP session: after the final dot the
+        server answers once for every accepted recipient. There is no fallback."""
+        self.lmtp = True
+        reply = self._greet("LHLO", name)
+        if reply is not None:
+            self.broken = True
+            raise error_for(reply, self.label)
+
+    def _greet(self, verb: str, name: str) -> Reply | None:
+        """EHLO, HELO or LHLO; None when the server said 250 (its extensions are kept),
+        else its reply."""
+        self.conn.write(f"{verb} {name}\r\n".encode("ascii"))
+        code, lines = self._read(self.timeouts.command, verb)
+        if code != 250:
+            return remote_reply(code, lines)
+        self.extensions = _extensions(lines[1:]) if verb != "HELO" else {}
+        self.server_name = lines[0].partition(" ")[0].lower()
+        return None
 
     def starttls(self, context, server_hostname: str, helo_name: str) -> bool:
         """STARTTLS and EHLO again. False when the server answers other than 220 (the
@@ -180,8 +207,35 @@ class Client:
     # -- the transaction --------------------------------------------------------------------
     def send(self, msg: Message, body: BinaryIO) -> list[Reply]:
         """One mail transaction; a Reply for each of msg.recipients, in order. Raises
-        TransientError when the connection is lost or times out (every recipient is then
-        undecided), PermanentError when this server can never take the message."""
+        TransientError when the connection is lost or times out before the final dot (every
+        recipient is then undecided), PermanentError when this server can never take the
+        message. In LMTP, a connection lost while the final replies come in leaves the
+        replies already read as they are and gives the rest the 4xx of the loss."""
+        self._check(msg, body)
+        rcpts, data = self._envelope(msg)
+        accepted = [i for i, r in enumerate(rcpts) if r.code // 100 == 2]
+        if data is not None and data.code == 354:
+            if accepted:
+                for i, final in zip(accepted, self._final_replies(msg.prefix, body, len(accepted))):
+                    rcpts[i] = final
+                return rcpts
+            if self.lmtp:
+                # a 354 with no valid recipient breaks RFC 2033 4.2 (it must be 503), and
+                # the count of replies after a dot would be zero: not worth keeping
+                self.close()
+                return rcpts
+            # RFC 2920 3.1: a server that says 354 with no valid recipient gets an empty
+            # message, which it must refuse
+            self.conn.write(b".\r\n")
+            self.read_reply(self.timeouts.data, "end of data")
+        elif accepted:  # DATA refused after recipients were accepted
+            for i in accepted:
+                rcpts[i] = data or Reply(451, "4.5.0", "no DATA reply")
+        self.reset()
+        return rcpts
+
+    def _check(self, msg: Message, body: BinaryIO) -> None:
+        """What makes this server unable to ever take the message: PermanentError."""
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and int(limit) > 0 and msg.size > int(limit):
             raise PermanentError(Reply(552, "5.3.4", f"message size {msg.size} exceeds the limit "
@@ -193,6 +247,8 @@ class Client:
             # RFC 6152 3: convert or refuse; we do not rewrite MIME, so the sender hears of it
             raise PermanentError(Reply(554, "5.6.3", f"{self.label} does not support 8BITMIME, "
                                        "which this message needs"), self.label)
+
+    def _mail_command(self, msg: Message) -> str:
         params = ""
         if "SIZE" in self.extensions:
             params += f" SIZE={msg.size}"
@@ -200,20 +256,17 @@ class Client:
             params += " BODY=8BITMIME"
         if msg.smtputf8:
             params += " SMTPUTF8"
-        commands = [f"MAIL FROM:<{msg.sender}>{params}"] + [f"RCPT TO:<{r}>" for r in msg.recipients]
+        return f"MAIL FROM:<{msg.sender}>{params}"
+
+    def _envelope(self, msg: Message) -> tuple[list[Reply], Reply | None]:
+        """MAIL, RCPT for each recipient, DATA: in one go when the server pipelines (RFC
+        2920), else one at a time. The RCPT replies (each the MAIL reply when MAIL was
+        refused) and DATA's, None when DATA was not sent."""
+        commands = [self._mail_command(msg)] + [f"RCPT TO:<{r}>" for r in msg.recipients]
         pipelining = "PIPELINING" in self.extensions
         for line in commands + ["DATA"] if pipelining else commands[:1]:
             self.conn.write(line.encode("utf-8") + b"\r\n")
-        reused = self.transactions > 0
-        self.transactions += 1
-        try:
-            mail = self.read_reply(self.timeouts.command, "MAIL FROM")
-        except ConnectionLost as exc:
-            if reused:
-                raise StaleConnection(exc.reply, exc.remote) from None
-            raise
-        if mail.code == 421 and reused:  # it timed us out while the connection was kept
-            raise StaleConnection(mail, self.label)
+        mail = self._mail_reply()
         if pipelining:
             rcpts = [self.read_reply(self.timeouts.command, "RCPT TO") for _ in msg.recipients]
             data = self.read_reply(self.timeouts.data_start, "DATA")
@@ -228,24 +281,25 @@ class Client:
                     data = self.command("DATA", "DATA", self.timeouts.data_start)
         if mail.code != 250:
             rcpts = [mail] * len(msg.recipients)
-        accepted = [i for i, r in enumerate(rcpts) if r.code // 100 == 2]
-        if data is not None and data.code == 354:
-            if accepted:
-                final = self._send_body(msg.prefix, body)
-                for i in accepted:
-                    rcpts[i] = final
-                return rcpts
-            # RFC 2920 3.1: a server that says 354 with no valid recipient gets an empty
-            # message, which it must refuse
-            self.conn.write(b".\r\n")
-            self.read_reply(self.timeouts.data, "end of data")
-        elif accepted:  # DATA refused after recipients were accepted
-            for i in accepted:
-                rcpts[i] = data or Reply(451, "4.5.0", "no DATA reply")
-        self.reset()
-        return rcpts
+        return rcpts, data
+
+    def _mail_reply(self) -> Reply:
+        """The reply to MAIL FROM. On a kept connection, a loss or a 421 here is a
+        StaleConnection: nothing was delivered, the message can go on a fresh one."""
+        reused = self.transactions > 0
+        self.transactions += 1
+        try:
+            mail = self.read_reply(self.timeouts.command, "MAIL FROM")
+        except ConnectionLost as exc:
+            if reused:
+                raise StaleConnection(exc.reply, exc.remote) from None
+            raise
+        if mail.code == 421 and reused:  # it timed us out while the connection was kept
+            raise StaleConnection(mail, self.label)
+        return mail
 
     def _send_body(self, prefix: bytes, body: BinaryIO) -> Reply:
+        """The prefix and the body, dot-stuffed, the final dot, and the (first) reply."""
         line_start = True
         for chunk in (prefix, *iter(lambda: body.read(CHUNK), b"")):
             if not chunk:
@@ -268,6 +322,23 @@ class Client:
         self.close()
         raise PermanentError(Reply(554, "5.6.0", "message contains a NUL character: "
                                    "not sent (RFC 5322 2.3)"), self.label)
+
+    def _final_replies(self, prefix: bytes, body: BinaryIO, accepted: int) -> list[Reply]:
+        """Send the content; the replies after the final dot, one for each accepted
+        recipient: SMTP's one reply for all of them, or LMTP's one each, in RCPT order (RFC
+        2033 4.2). In LMTP, a reply that never comes (timeout, lost connection) is the 4xx
+        that says so, for it and every one after it: those recipients are deferred, the
+        ones answered before stand."""
+        if not self.lmtp:
+            return [self._send_body(prefix, body)] * accepted
+        replies: list[Reply] = []
+        try:
+            replies.append(self._send_body(prefix, body))
+            while len(replies) < accepted:
+                replies.append(self.read_reply(self.timeouts.data, "end of data"))
+        except TransientError as exc:
+            replies += [exc.reply] * (accepted - len(replies))
+        return replies
 
     def reset(self) -> None:
         """RSET after a transaction that did not end in a final reply, so the connection
@@ -358,6 +429,11 @@ class Client:
             raise TransientError(Reply(451, "4.5.0", f"protocol error from {self.label} after {stage}: "
                                        f"{exc!s:.80}"), self.label) from None
         return code, lines
+
+
+def _connect_failed(label: str, exc: BaseException) -> TransientError:
+    return TransientError(Reply(451, "4.4.1", f"connect to {label} failed: "
+                                f"{getattr(exc, 'strerror', None) or exc or type(exc).__name__}"))
 
 
 def _all_ascii(body: BinaryIO) -> bool:

@@ -20,6 +20,10 @@ message received in full, whatever the answer; .reply is None if we hung or drop
 "dot"), .commands ((connection, line) for every command line), .connections (a count)
 and .tls_failures. Read them directly, or wait with wait_for_messages() / wait_for().
 
+With .lmtp set it speaks LMTP (RFC 2033) instead: LHLO (EHLO and HELO get 500), and after
+the final dot one reply per accepted recipient, from .lmtp_replies (lowercase address ->
+reply) or .final_reply; .lmtp_drop_after = n closes the connection after n of them.
+
 Everything runs in plain daemon threads (the pytest process is not monkey-patched); every
 socket has a timeout and every wait is bounded, and stop() closes all open connections.
 """
@@ -70,6 +74,7 @@ class Message:
     auth_user: str | None
     rcpt_params: dict[str, dict[str, str | None]] = field(default_factory=dict)  # per accepted rcpt
     reply: str | None = None  # the final reply sent; None if hung or dropped at "dot"
+    replies: list[str] = field(default_factory=list)  # LMTP: every final reply sent (reply: the first)
 
 
 class _Closed(Exception):
@@ -222,8 +227,15 @@ class _Connection:
             words.append("AUTH PLAIN LOGIN")
         return words
 
-    def do_ehlo(self, arg: str) -> None:
+    def do_lhlo(self, arg: str) -> None:
+        if not self.mx.lmtp:
+            return self.reply("500 5.5.2 Command not recognized")
+        self.do_ehlo(arg, lmtp=True)
+
+    def do_ehlo(self, arg: str, lmtp: bool = False) -> None:
         self.checkpoint("ehlo")
+        if self.mx.lmtp and not lmtp:  # RFC 2033 4.1: never 250 to EHLO or HELO
+            return self.reply("500 5.5.1 This is LMTP: use LHLO")
         if not arg.strip():
             return self.reply("501 5.5.4 EHLO needs a domain")
         if self.mx.ehlo_reply is not None:
@@ -240,6 +252,8 @@ class _Connection:
 
     def do_helo(self, arg: str) -> None:
         self.checkpoint("ehlo")
+        if self.mx.lmtp:
+            return self.reply("500 5.5.1 This is LMTP: use LHLO")
         if not arg.strip():
             return self.reply("501 5.5.4 HELO needs a domain")
         self.helo, self.esmtp = arg.strip(), False
@@ -319,9 +333,23 @@ class _Connection:
         self.mx._record_transaction(msg)
         self.reset()
         self.checkpoint("dot")
+        if self.mx.lmtp:
+            return self.lmtp_replies(msg)
         msg.reply = _reply_value(self.mx.final_reply, msg)
         self.mx._record_reply(msg)  # before we answer: once the client sees 250 it is recorded
         self.reply(msg.reply)
+
+    def lmtp_replies(self, msg: Message) -> None:
+        """RFC 2033 4.2: one reply per accepted recipient, in RCPT order."""
+        for rcpt in msg.rcpt_tos:
+            if len(msg.replies) == self.mx.lmtp_drop_after:
+                raise _Closed
+            reply = _reply_value(self.mx.lmtp_replies.get(rcpt.lower(), self.mx.final_reply), msg)
+            msg.replies.append(reply)
+            if msg.reply is None:
+                msg.reply = reply
+                self.mx._record_reply(msg)
+            self.reply(reply)
 
     def read_data(self) -> bytes:
         """The message up to CRLF.CRLF, dot-stuffing removed; bounded by mx.max_data."""
@@ -457,6 +485,9 @@ class FakeMX:
         self.check_params = True  # refuse MAIL/RCPT parameters whose extension was not offered
         self.timeout = 30.0  # per read; then 421 and close
         self.max_data = 50 * 1024 * 1024
+        self.lmtp = False  # speak LMTP (see the module docstring)
+        self.lmtp_replies: dict[str, str | Callable[[Message], str]] = {}  # lowercase address -> final reply
+        self.lmtp_drop_after: int | None = None  # close after this many final replies
         # -- records --
         self.messages: list[Message] = []  # transactions answered with 2xx at the final dot
         self.transactions: list[Message] = []  # every fully received DATA, whatever the reply
