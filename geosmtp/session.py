@@ -277,6 +277,7 @@ class Session:
             except ConnectionClosed:
                 pass
         finally:
+            self._drop_tx()
             self.log.info(
                 "disconnect from [{}] proxy={} helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",
                 self.ip, self.proxy or "-", self.helo, self.tls or "-", self.auth_user or "-", self.messages,
@@ -296,7 +297,8 @@ class Session:
             metrics.TLS_FAILURES.inc()
             raise
         metrics.TLS.labels(self.tls.partition(" ")[0]).inc()
-        self.helo, self.esmtp, self.auth_user, self.tx = None, False, None, None
+        self.helo, self.esmtp, self.auth_user = None, False, None
+        self._drop_tx()
         self.log.info("TLS established: {}", self.tls)
 
     def next_reply(self) -> Reply:
@@ -466,19 +468,21 @@ class Session:
     def do_ehlo(self, arg: str) -> Reply:
         if not arg:
             return replies.EHLO_NEEDS_DOMAIN
-        self.helo, self.esmtp, self.tx = arg, True, None
+        self.helo, self.esmtp = arg, True
+        self._drop_tx()
         return replies.ehlo(self.settings.hostname, f"[{self.ip}]", self.extensions())
 
     def do_helo(self, arg: str) -> Reply:
         if not arg:
             return replies.HELO_NEEDS_DOMAIN
-        self.helo, self.esmtp, self.tx = arg, False, None
+        self.helo, self.esmtp = arg, False
+        self._drop_tx()
         return replies.helo(self.settings.hostname)
 
     def do_rset(self, arg: str) -> Reply:
         if arg:
             return replies.NO_ARGUMENTS_ALLOWED
-        self.tx = None
+        self._drop_tx()
         return replies.RESET_OK
 
     def do_noop(self, arg: str) -> Reply:
@@ -588,7 +592,17 @@ class Session:
             tx.recipients.setdefault(address, Recipient(address=address, original=str(rcpt)))
         return replies.RECIPIENT_OK
 
+    def _drop_tx(self) -> Transaction | None:
+        """End the transaction, wherever that happens (RSET, EHLO/HELO, STARTTLS, DATA, the
+        end of the session). Returns it. It holds nothing open today (DATA's message writer
+        lives only within do_data, which aborts it on any failure); BDAT's chunks will be let
+        go here."""
+        tx, self.tx = self.tx, None
+        return tx
+
     def do_data(self, arg: str) -> Reply:
+        """DATA: open the message, read the body, commit (three steps; the commit is shared
+        by anything that ends a message)."""
         if arg:
             return replies.NO_ARGUMENTS_ALLOWED
         tx = self.tx
@@ -597,36 +611,46 @@ class Session:
         if not tx.recipients:
             # RFC 2920 3.1: 554 when every RCPT was refused; no RCPT at all is a bad sequence
             return replies.NO_VALID_RECIPIENTS if tx.refused else replies.NEED_RCPT
-        self.tx = None  # whatever happens next, the transaction ends with this DATA
+        self._drop_tx()  # whatever happens next, the transaction ends with this DATA
         # RFC 2920 3.1: DATA ends a pipelined group; what follows it before the 354 would be
         # taken as the message (a replay of a whole session, a second message with it)
         if self.spoke_out_of_turn("after DATA"):
             return replies.PROTOCOL_SYNC
-        writer = self.spool.open_message()
-        writer.write(received_header(self, writer.id, tx))
+        writer = self._open_message(tx)
         self.conn.write(replies.START_DATA.to_bytes())
         self.useful_at = time.monotonic()
         if refusal := self._read_body(writer):
             return refusal
+        return self._commit(tx, writer)
+
+    def _open_message(self, tx: Transaction):
+        """A writer for the message, our Received: header first."""
+        writer = self.spool.open_message()
+        writer.write(received_header(self, writer.id, tx))
+        return writer
+
+    def _commit(self, tx: Transaction, writer) -> Reply:
+        """The message is whole: make it durable and queued, then 250 (or 452/451 and nothing
+        queued). The place where end-of-data checks will run, before anything is queued."""
         s = self.settings
         envelope = Envelope(
-            id=writer.id,
-            created=time.time(),
-            sender=str(tx.sender) if tx.sender else "",
+            id=writer.id, created=time.time(), sender=str(tx.sender) if tx.sender else "",
             recipients=list(tx.recipients.values()),
-            client=ClientInfo(
-                address=str(self.ip), helo=self.helo, listener=s.listener, auth_user=self.auth_user,
-                tls=self.tls,
-            ),
-            size=writer.size,
-            body=tx.body,
-            smtputf8=tx.smtputf8,
+            client=ClientInfo(address=str(self.ip), helo=self.helo, listener=s.listener,
+                              auth_user=self.auth_user, tls=self.tls),
+            size=writer.size, body=tx.body, smtputf8=tx.smtputf8,
         )
         try:
             self.spool.commit(writer, envelope, hold=s.hold)
         except SpoolError as exc:
             self.log.error("cannot queue message: {}", exc)
             return replies.STORAGE_FULL if exc.full else replies.STORAGE_ERROR
+        self._accepted(envelope, tx)
+        return replies.queued(envelope.id)
+
+    def _accepted(self, envelope: Envelope, tx: Transaction) -> None:
+        """What follows a 250 for a message: counts, rate limits, the log line, the queue."""
+        s = self.settings
         self.messages += 1
         metrics.ACCEPTED.labels(s.listener).inc()
         metrics.RECEIVED_BYTES.inc(envelope.size)
@@ -642,7 +666,6 @@ class Session:
         )
         if not s.hold:
             self.services.on_queued(envelope.id)
-        return replies.queued(envelope.id)
 
     def _read_body(self, writer) -> Reply | None:
         """The message, after the 354, into `writer`; a Reply (and the writer aborted) if it

@@ -232,12 +232,25 @@ class Spool:
             self._committing -= 1
 
     def _commit(self, writer: MessageWriter, line: bytes, entry: str, sync_dirs: tuple[str, ...]) -> None:
+        """Finish, then publish, in one job off the hub."""
+        self._publish(writer.id, line, entry, self._finish(writer, line), sync_dirs)
+
+    @staticmethod
+    def _finish(writer: MessageWriter, line: bytes) -> bool:
+        """Step one: the message is whole and fsynced in msg/ (nothing points at it yet: a
+        crash here leaves a file that recover() sweeps). Returns whether it was spilled
+        (streamed behind a placeholder line), which decides how it is published."""
         spilled = writer.spilled
         writer.finish(line)
+        return spilled
+
+    def _publish(self, qid: str, line: bytes, entry: str, spilled: bool, sync_dirs: tuple[str, ...]) -> None:
+        """Step two: linked into queue/ (the commit point), the directories fsynced here when
+        the caller commits alone (else by the group commit after the job)."""
         if spilled:  # the message file begins with a placeholder: the entry is its own file
-            safeio.write_file(self._tmp_path(writer.id), entry, line)
+            safeio.write_file(self._tmp_path(qid), entry, line)
         else:
-            safeio.link(self.message_path(writer.id), entry)
+            safeio.link(self.message_path(qid), entry)
         for d in sync_dirs:
             safeio.fsync_path(d)
 
