@@ -157,18 +157,10 @@ def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
         store.users[user] = hash_password(password)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = safeio.create(tmp)
-    try:
-        try:  # the new file keeps the old one's owner, group and mode (the server must read
-            st = os.stat(path)  # it), except that others never get to read the hashes
-            os.fchmod(fd, st.st_mode & 0o7770)
-            os.fchown(fd, st.st_uid, st.st_gid)
-        except FileNotFoundError:
-            pass
-        safeio.finish(fd, tmp, path, store.dump().encode("utf-8"))
-    except BaseException:
-        safeio.unlink_quietly(tmp)
-        raise
+    # the new file keeps the old one's owner, group and mode (the server must read it),
+    # except that others never get to read the hashes
+    with safeio.atomic_write(tmp, path, like=path) as fd:
+        safeio.write_all(fd, store.dump().encode("utf-8"))
     safeio.fsync_path(directory)
     click.echo(f"{path}: {user} {'removed' if delete else 'set'}")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import gevent
 from gevent.event import AsyncResult
@@ -59,14 +60,41 @@ def finish(fd: int, tmp: str | os.PathLike, final: str | os.PathLike, data: byte
     os.rename(tmp, final)
 
 
-def write_file(tmp: str | os.PathLike, final: str | os.PathLike, data: bytes,
-               mtime: float | None = None) -> None:
-    """The whole file at once: create tmp, write, fsync, rename over final."""
+@contextmanager
+def atomic_write(tmp: str | os.PathLike, final: str | os.PathLike, *, like: str | os.PathLike | None = None,
+                 mtime: float | None = None) -> Iterator[int]:
+    """The one safe-write recipe: `with atomic_write(tmp, final) as fd: write_all(fd, ...)`.
+    A stale tmp (a crash mid-write) is removed first; the new file gets the mode (never
+    readable by others) and owner of `like` when that exists; on leaving, it is fsynced,
+    closed and renamed over final, or on any error closed and removed. The caller still owes
+    a directory sync of final's folder before calling it durable."""
+    unlink_quietly(tmp)
+    fd = create(tmp)
     try:
-        finish(create(tmp), tmp, final, data, mtime)
+        if like is not None:
+            try:
+                st = os.stat(like)
+                os.fchmod(fd, st.st_mode & 0o7770)
+                os.fchown(fd, st.st_uid, st.st_gid)
+            except FileNotFoundError:
+                pass
+        yield fd
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    try:
+        finish(fd, tmp, final, mtime=mtime)
     except BaseException:
         unlink_quietly(tmp)
         raise
+
+
+def write_file(tmp: str | os.PathLike, final: str | os.PathLike, data: bytes,
+               mtime: float | None = None) -> None:
+    """The whole file at once: create tmp, write, fsync, rename over final."""
+    with atomic_write(tmp, final, mtime=mtime) as fd:
+        write_all(fd, data)
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike) -> bool:

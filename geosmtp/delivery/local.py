@@ -101,16 +101,8 @@ class MaildirDelivery:
                 safeio.fsync_path(folder)
         if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(box / "cur")):
             return  # delivered before the crash and already seen by the user's mail reader
-        tmp = box / "tmp" / name
-        safeio.unlink_quietly(tmp)  # left by a crash mid-write
-        fd = safeio.create(tmp)
-        try:
+        with safeio.atomic_write(box / "tmp" / name, box / "new" / name) as fd:
             safeio.write_all(fd, header)
             with open_body() as body:
                 copy_as_lf(body, fd)
-        except BaseException:
-            os.close(fd)
-            safeio.unlink_quietly(tmp)
-            raise
-        safeio.finish(fd, tmp, box / "new" / name)
         safeio.fsync_path(box / "new")
