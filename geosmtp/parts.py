@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from geosmtp.auth import UserStore, read_secret
-from geosmtp.config import Config, ListenerConfig, split_hostport
+from geosmtp.config import Config, ListenerConfig, TLSConfig, split_hostport
 from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
@@ -134,7 +134,7 @@ def session_settings(config: Config, listener: ListenerConfig) -> SessionSetting
         trusted_networks=tuple(c.relay.trusted_networks),
         tls=listener.tls,
         require_tls=listener.require_tls,
-        handshake_timeout=c.tls.handshake_timeout if c.tls else 30.0,
+        handshake_timeout=c.tls.handshake_timeout if c.tls else TLSConfig.model_fields["handshake_timeout"].default,
         auth=listener.offers_auth,
         allow_plaintext_auth=listener.allow_plaintext_auth,
         restrict_sender=c.auth.restrict_sender,

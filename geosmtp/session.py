@@ -55,32 +55,33 @@ _rng = random.Random()  # session ids for logs: unique enough, and no system cal
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """What a session needs to know, as plain values (the server builds it from config)."""
+    """What a session needs to know, as plain values: built by geosmtp.parts from the config,
+    whose model holds every default (so none is repeated here)."""
 
     hostname: str
-    listener: str = "smtp"
-    mode: str = "smtp"
-    max_message_size: int = 36_700_160
-    max_recipients: int = 100
-    max_line_length: int = 10_000
-    limits: Limits = Limits()  # timeouts, data rate, errors
-    stressed: Limits = Limits()  # the same while the listener is under stress (geosmtp.stress)
-    normalize_newlines: bool = False
-    hold: bool = False  # accepted messages wait in queue/hold/ for an operator
-    tls: str = "none"  # "none", "starttls" or "implicit"
-    require_tls: bool = False
-    handshake_timeout: float = 30.0
-    auth: bool = False  # offer AUTH on this listener
-    allow_plaintext_auth: bool = False
-    restrict_sender: bool = True
-    max_auth_failures: int = 3
-    messages_per_hour_per_ip: int = 0  # 0: no limit
-    messages_per_hour_per_user: int = 0
-    auth_failures_per_hour_per_ip: int = 0
-    trusted_networks: tuple = ()
+    listener: str
+    mode: str
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    limits: Limits  # timeouts, data rate, errors
+    stressed: Limits  # the same while the listener is under stress (geosmtp.stress)
+    normalize_newlines: bool
+    hold: bool  # accepted messages wait in queue/hold/ for an operator
+    tls: str  # "none", "starttls" or "implicit"
+    require_tls: bool
+    handshake_timeout: float
+    auth: bool  # offer AUTH on this listener
+    allow_plaintext_auth: bool
+    restrict_sender: bool
+    max_auth_failures: int
+    messages_per_hour_per_ip: int  # 0: no limit
+    messages_per_hour_per_user: int
+    auth_failures_per_hour_per_ip: int
+    trusted_networks: tuple
     # input before the greeting or past DATA before the 354 ends the session (554 5.5.0),
     # except from trusted networks and authenticated clients
-    forbid_unauth_pipelining: bool = True
+    forbid_unauth_pipelining: bool
 
 
 class Draining(Exception):
