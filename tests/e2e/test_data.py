@@ -7,6 +7,7 @@ import pytest
 
 from geosmtp import replies
 from tests.support.e2e import (
+    start_data,
     HOSTNAME, connect, expect, known_ids, nothing_more, queue_id, send_marker, send_message, spool_tmp,
     wait_delivered,
 )
@@ -84,9 +85,7 @@ def test_smtplib_sendmail(server):
 
 def test_empty_message_is_accepted(server):
     with connect(server.port) as c:
-        assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-        assert c.code("RCPT TO:<carol@other.test>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "a@remote.test", ["carol@other.test"])
         c.send(b".\r\n")
         qid = queue_id(c.reply())
     msg = wait_delivered(server, "carol@other.test", qid)
@@ -123,9 +122,7 @@ def test_dot_lines_reach_the_mailbox(server):
 
 def test_terminator_split_across_packets(server):
     with connect(server.port) as c:
-        assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-        assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "a@remote.test", ["alice@example.test"])
         for piece in (b"Subject: split\r\n\r\nbody\r", b"\n", b".", b"\r", b"\n"):
             assert nothing_more(c, 0.05)  # no reply before the whole terminator
             c.send(piece)
@@ -207,9 +204,7 @@ def test_message_of_exactly_the_size_limit_is_accepted(small):
 def test_message_over_the_size_limit_is_552_after_the_whole_body(small):
     before = known_ids(small)
     with connect(small.port) as c:
-        assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-        assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "a@remote.test", ["alice@example.test"])
         c.send(b"Subject: too big\r\n\r\n" + b"x" * 70 + b"\r\n")
         c.send((b"y" * 98 + b"\r\n") * 300)  # 30 kB, three times the limit
         assert nothing_more(c, 0.3)  # no reply (and no close) before the end of data
@@ -235,9 +230,7 @@ def test_message_one_octet_over_the_limit_is_refused(small):
 def test_declared_size_is_not_trusted(small):
     before = known_ids(small)
     with connect(small.port) as c:
-        assert c.code("MAIL FROM:<a@remote.test> SIZE=100") == "250 2.1.0"
-        assert c.code("RCPT TO:<bob@example.test>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "a@remote.test", ["bob@example.test"], "SIZE=100")
         c.send((b"y" * 98 + b"\r\n") * 200 + b".\r\n")
         expect(c.reply(), replies.MESSAGE_TOO_BIG)
     marker = send_marker(small)
@@ -265,9 +258,7 @@ def test_line_over_the_line_limit_is_552(small, length):
 def test_megabyte_without_a_line_end_in_data_is_552(small):
     before = known_ids(small)
     with connect(small.port) as c:
-        assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-        assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-        assert c.cmd("DATA")[0] == 354
+        start_data(c, "a@remote.test", ["alice@example.test"])
         chunk = b"q" * 65536
         for _ in range(16):
             c.send(chunk)

@@ -115,9 +115,7 @@ def test_slow_but_steady_client_is_not_cut_off(strict):
 def test_data_timeout_is_421_4_4_2_and_nothing_is_queued(strict):
     before = known_ids(strict)
     c = connect(strict.port)
-    assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-    assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-    assert c.cmd("DATA")[0] == 354
+    start_data(c, "a@remote.test", ["alice@example.test"])
     c.send(b"Subject: stalled\r\n\r\nhalf a line")
     reply, took = timed_reply(c, TIMEOUT + 4)
     assert reply is not None, "closed without a reply"
@@ -442,9 +440,7 @@ def test_memory_stays_bounded_under_a_data_flood(server):
         queue_id(send_message(warm, "a@remote.test", ["alice@example.test"], body))
     before = rss_kib(pid)
     c = connect(server.port)
-    assert c.code("MAIL FROM:<a@remote.test>") == "250 2.1.0"
-    assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-    assert c.cmd("DATA")[0] == 354
+    start_data(c, "a@remote.test", ["alice@example.test"])
     chunk = b"F" * (1 << 20)
     peak = before
     for _ in range(48):  # 48 MB on one line, more than the whole message limit

@@ -11,6 +11,7 @@ import pytest
 
 from geosmtp import replies
 from tests.support.e2e import (
+    start_data,
     connect, delivered_ids, expect, known_ids, nothing_more, queue_id, send_marker, send_message, wait_closed,
     wait_delivered,
 )
@@ -75,9 +76,7 @@ def mode_server(request, server, normalizing):
 def smuggle(srv, variant: bytes, split: bool):
     """Send the smuggling body; returns (the one reply to DATA, the RawClient)."""
     c = connect(srv.port)
-    assert c.code("MAIL FROM:<honest@remote.test>") == "250 2.1.0"
-    assert c.code("RCPT TO:<alice@example.test>") == "250 2.1.5"
-    assert c.cmd("DATA")[0] == 354
+    start_data(c, "honest@remote.test", ["alice@example.test"])
     first = b"From: honest@remote.test\r\nSubject: honest\r\n\r\nhonest body" + variant
     rest = SMUGGLED + b"\r\n.\r\n"
     if split:  # the fake end of data at the end of one packet, the smuggled commands in the next
