@@ -192,13 +192,17 @@ class Spool:
     def open_message(self, qid: str | None = None) -> MessageWriter:
         return MessageWriter(self, qid or new_id())
 
-    def commit(self, writer: MessageWriter, envelope: Envelope, hold: bool = False) -> None:
+    def commit(self, writer: MessageWriter, envelope: Envelope, hold: bool = False,
+               check: Callable[[str], None] | None = None) -> None:
         """Make the message durable in queue/incoming/ (or hold/). Returns only when on disk.
 
-        One job off the hub writes and fsyncs the message file (its first line the
-        envelope) and links it into incoming/; then msg/ and incoming/ are fsynced by a
-        group commit shared with every other commit in flight. Raises SpoolError, leaving
-        nothing behind.
+        Two steps: finish (the message file, its first line the envelope, written and
+        fsynced in msg/) and publish (linked into incoming/: the commit point), then msg/ and
+        incoming/ fsynced by a group commit shared with every other commit in flight.
+        Without `check` both steps run in one job off the hub. With it, check(path of the
+        finished message) runs between them (an end-of-data check reading the whole
+        message): if it raises, nothing is queued and the exception goes on to the caller.
+        Raises SpoolError for a storage failure, leaving nothing behind either way.
         """
         qid = envelope.id
         line = envelope.to_line()
@@ -212,8 +216,13 @@ class Spool:
         try:
             # alone: sync the directories in the same job (one hand-off, lower latency);
             # with company: share one directory fsync round with the other commits
-            alone = self._committing == 1
-            self.run(self._commit, writer, line, entry, dirs if alone else ())
+            alone = self._committing == 1 and check is None
+            if check is None:
+                self.run(self._commit, writer, line, entry, dirs if alone else ())
+            else:
+                spilled = self.run(self._finish, writer, line)
+                check(self.message_path(qid))
+                self.run(self._publish, qid, line, entry, spilled, ())
             if not alone:
                 self._sync(*dirs)
         except Exception as exc:  # the job has ended: nothing half-committed may stay behind
