@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -359,3 +360,27 @@ def test_good_keys_load_and_signing_cost(keys):
         per = (time.perf_counter() - start) / n
         assert out.startswith(b"DKIM-Signature:") and out.endswith(b"\r\n")
         print(f"\ndkim {k.algorithm}: {per * 1000:.1f} ms per ~70 KB message")
+
+
+def test_sighup_loads_new_dkim_keys_for_the_next_message(tmp_path, fake_dns, mx, keys):
+    """The signer is one of the parts a reload builds again: after SIGHUP with only the
+    Ed25519 key left, the next message carries that one signature, and it verifies."""
+    fake_dns.txt(f"{RSA_SELECTOR}._domainkey.{DOMAIN}", keys["rsa"].txt)
+    fake_dns.txt(f"{ED_SELECTOR}._domainkey.{DOMAIN}", keys["ed"].txt)
+    srv = dkim_server(tmp_path / "srv", fake_dns, mx.port, [keys["rsa"].entry()])
+    srv.start()
+    try:
+        submit(srv, ["bob@remote.test"], message("before"))
+        [before] = mx.wait_for_messages(1, timeout=15)
+        assert [tags(s)["s"] for s in header_fields(before.data, b"DKIM-Signature")] == [RSA_SELECTOR]
+        text = srv.config_path.read_text()
+        srv.config_path.write_text(text[:text.index("\n[[dkim.key]]")] + toml_table_array("dkim.key", [keys["ed"].entry()]))
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.wait_for(lambda: "reload: configuration from" in srv.log())
+        submit(srv, ["bob@remote.test"], message("after"))
+        msgs = mx.wait_for_messages(2, timeout=15)
+        after = next(m for m in msgs if b"Subject: after" in m.data)
+        assert [tags(s)["s"] for s in header_fields(after.data, b"DKIM-Signature")] == [ED_SELECTOR]
+        assert verify_each(after.data, dns_lookup(fake_dns)) == [True]
+    finally:
+        srv.stop()
