@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 from geosmtp.auth import UserStore, read_secret
 from geosmtp.config import Config, ListenerConfig, TLSConfig, split_hostport
@@ -49,7 +50,7 @@ class Parts:
     router: Router | None
 
 
-def build(config: Config, delivers: bool, run=None) -> Parts:
+def build(config: Config, delivers: bool, run: Callable) -> Parts:
     """Every part; raises BuildError naming the first that fails. `run` is the threadpool
     runner the Maildir target writes through."""
     def part(name, make):
@@ -74,11 +75,11 @@ def build(config: Config, delivers: bool, run=None) -> Parts:
     )
 
 
-def build_router(config: Config, directory: LocalDirectory, relay: Relay, run=None) -> Router:
+def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: Callable) -> Router:
     """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
     LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
     local = config.local
-    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, *([run] if run else []))
+    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run)
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
     lmtp: dict[str, LMTPDelivery] = {}

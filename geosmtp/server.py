@@ -157,7 +157,7 @@ class Server:
         socks = {item.name: listen_socket(item.host, item.port) for item in self.config.listener}
         # ports bound, spool lock held: nothing left that needs root, and nothing accepted yet
         privileges.drop(self.run_as)
-        recovered = self.spool.run(self.spool.recover)
+        recovered = self.spool.recover()  # in the threadpool
         if self.role == "master":
             self.listen_socks = socks
             self._start_workers()

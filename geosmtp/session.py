@@ -593,13 +593,11 @@ class Session:
             tx.recipients.setdefault(address, Recipient(address=address, original=str(rcpt)))
         return replies.RECIPIENT_OK
 
-    def _drop_tx(self) -> Transaction | None:
+    def _drop_tx(self) -> None:
         """End the transaction, wherever that happens (RSET, EHLO/HELO, STARTTLS, DATA, the
-        end of the session). Returns it. It holds nothing open today (DATA's message writer
-        lives only within do_data, which aborts it on any failure); BDAT's chunks will be let
-        go here."""
-        tx, self.tx = self.tx, None
-        return tx
+        end of the session). It holds nothing open today (DATA's message writer lives only
+        within do_data, which aborts it on any failure); BDAT's chunks will be let go here."""
+        self.tx = None
 
     def do_data(self, arg: str) -> Reply:
         """DATA: open the message, read the body, commit (three steps; the commit is shared
