@@ -544,6 +544,41 @@ class MetricsConfig(_Section):
         return v
 
 
+class CheckConfig(BaseModel):
+    """One [[check]] table: the keys every check has, and its own (validated by the check
+    type's Options model; a python check's go in `options`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+    name: str | None = None  # in logs and metrics; default: the type
+    module: str | None = None  # type = "python": "package.module:Class"
+    options: dict = {}  # type = "python": passed to the class as they are
+    timeout: Duration = 20.0  # for one call; then on_error
+    on_error: Literal["accept", "defer", "reject"] = "defer"
+    skip_trusted: bool = True  # not for authenticated clients or trusted networks
+    listeners: list[str] | None = None  # default: every listener with mode = "smtp"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.type
+
+    def check_options(self) -> dict:
+        return dict(self.options) if self.type == "python" else dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known(self) -> "CheckConfig":
+        from geosmtp.checks import registry  # the check modules load only when checks are named
+        if self.type == "python" and self.model_extra:
+            raise ValueError(f"unknown key(s) {', '.join(sorted(self.model_extra))} "
+                             "(a python check's own settings go in options)")
+        try:
+            cls = registry.class_of(self.type, self.module)
+            registry.validate_options(cls, self.check_options())
+        except registry.CheckError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     listener: list[ListenerConfig] = Field(min_length=1)
@@ -556,6 +591,11 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     dkim: DKIMConfig = DKIMConfig()
     metrics: MetricsConfig = MetricsConfig()
+    check: list[CheckConfig] = []  # [[check]], run in this order
+
+    def checks_of(self, listener: "ListenerConfig") -> list[CheckConfig]:
+        return [c for c in self.check
+                if (listener.name in c.listeners if c.listeners is not None else listener.mode == "smtp")]
 
     @model_validator(mode="after")
     def _listeners(self) -> "Config":
@@ -573,6 +613,13 @@ class Config(_Section):
                 problems.append(f"listener {item.name!r}: require_tls needs tls = \"starttls\"")
             if item.offers_auth and self.auth.users_file is None:
                 problems.append(f"listener {item.name!r}: AUTH needs [auth] users_file")
+        labels = [c.label for c in self.check]
+        if len(labels) != len(set(labels)):
+            problems.append("check names must be unique (set name = \"...\" on a second check of a type)")
+        for c in self.check:
+            unknown = set(c.listeners or ()) - set(names)
+            if unknown:
+                problems.append(f"check {c.label!r}: no listener named {', '.join(sorted(unknown))}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

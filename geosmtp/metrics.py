@@ -45,6 +45,12 @@ EVICTED = Counter("geosmtp_sessions_evicted",
                   "Sessions closed (421 4.7.0) to give their slot to a new client", ["listener"])
 DELIVERY_SECONDS = Histogram("geosmtp_delivery_seconds", "From arrival to delivery, per recipient",
                              buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400))
+CHECK_VERDICTS = Counter("geosmtp_check_verdicts", "Inbound check verdicts by check, phase and action",
+                         ["check", "phase", "verdict"])
+CHECK_ERRORS = Counter("geosmtp_check_errors", "Inbound checks that failed (error) or gave no verdict in time "
+                       "(timeout); their on_error verdict applied", ["check", "kind"])
+CHECK_SECONDS = Histogram("geosmtp_check_seconds", "Time one inbound check took for one phase", ["check"],
+                          buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 30))
 
 QUEUE_STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 

@@ -1,0 +1,82 @@
+"""DNS for checks, on our resolver settings ([relay] dns_servers, dns_timeout): never the
+system resolver behind the operator's back when servers are configured.
+
+Three outcomes per question, which SPF, DKIM, DMARC and DNSBL each map to their own results:
+records (a list), nothing (NXDOMAIN or no record of the type: an empty list, which SPF
+counts as a "void lookup"), or a TempError (timeout, SERVFAIL, no server answered). The
+resolver's cache keeps answers and negatives for their TTL, as a real resolver does.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+import dns.exception
+import dns.name
+import dns.resolver
+import dns.reversename
+
+MAX_TXT = 64 * 1024  # octets of TXT data kept for one name: beyond is hostile
+
+
+class TempError(Exception):
+    """The question got no usable answer now (timeout, SERVFAIL): try again later."""
+
+
+class BadName(Exception):
+    """The name cannot be asked (empty label, too long, not a host name)."""
+
+
+class DNS:
+    def __init__(self, resolver: dns.resolver.Resolver):
+        self.resolver = resolver
+
+    @staticmethod
+    def name(text: str) -> dns.name.Name:
+        try:
+            name = dns.name.from_text(text.rstrip(".") + ".")
+        except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+            raise BadName(f"{text[:80]!r}: {exc}") from None
+        if name == dns.name.root:
+            raise BadName("empty name")
+        return name
+
+    def query(self, name: str | dns.name.Name, rdtype: str) -> list:
+        """The rdata of the answer ([] for NXDOMAIN and for no such record)."""
+        qname = self.name(name) if isinstance(name, str) else name
+        try:
+            return list(self.resolver.resolve(qname, rdtype, search=False))
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.YXDOMAIN) as exc:
+            raise TempError(f"{qname} {rdtype}: {type(exc).__name__}") from None
+        except dns.exception.DNSException as exc:  # a malformed answer: nothing usable now
+            raise TempError(f"{qname} {rdtype}: {exc}") from None
+
+    def txt(self, name: str) -> list[bytes]:
+        """Each TXT record's strings joined (RFC 7208 3.3, RFC 6376 3.6.2.2), at most
+        MAX_TXT octets in all."""
+        out, total = [], 0
+        for rdata in self.query(name, "TXT"):
+            value = b"".join(rdata.strings)
+            total += len(value)
+            if total > MAX_TXT:
+                break
+            out.append(value)
+        return out
+
+    def addresses(self, name: str, families: tuple[str, ...] = ("A", "AAAA")) -> list[str]:
+        return [r.address for rdtype in families for r in self.query(name, rdtype)]
+
+    def ptr(self, ip: str) -> list[str]:
+        """The client's reverse names, without the final dot."""
+        return [r.target.to_text(omit_final_dot=True) for r in self.query(dns.reversename.from_address(ip), "PTR")]
+
+    def mx(self, name: str) -> list[tuple[int, str]]:
+        return [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in self.query(name, "MX")]
+
+
+def reversed_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The DNSBL form of an address: 192.0.2.1 → "1.2.0.192", IPv6 in nibbles (RFC 5782 2.4)."""
+    if ip.version == 4:
+        return ".".join(reversed(str(ip).split(".")))
+    return ".".join(reversed(ip.exploded.replace(":", "")))
