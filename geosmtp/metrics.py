@@ -28,6 +28,8 @@ REFUSED = Counter("geosmtp_connections_refused", "Connections turned away (421)"
 SESSIONS = Gauge("geosmtp_sessions_active", "Open SMTP sessions", ["listener"], multiprocess_mode="livesum")
 COMMANDS = Counter("geosmtp_commands", "SMTP commands by verb and reply class", ["verb", "reply"])
 ACCEPTED = Counter("geosmtp_messages_accepted", "Messages queued (250 after DATA)", ["listener"])
+QUARANTINED = Counter("geosmtp_messages_quarantined",
+                      "Messages an inbound check put in queue/hold/ (counted in accepted too)", ["listener"])
 REJECTED = Counter("geosmtp_messages_rejected",
                    "MAIL, RCPT and DATA refused, by enhanced status code", ["stage", "status"])
 RECEIVED_BYTES = Counter("geosmtp_received_bytes", "Message octets queued")

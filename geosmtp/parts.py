@@ -14,6 +14,10 @@ from functools import partial
 from typing import Callable
 
 from geosmtp.auth import UserStore, read_secret
+from geosmtp.checks import registry
+from geosmtp.checks.dns import DNS
+from geosmtp.checks.engine import CheckSpec, Engine
+from geosmtp.checks.interface import CheckContext
 from geosmtp.config import Config, ListenerConfig, TLSConfig, split_hostport
 from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
@@ -48,6 +52,7 @@ class Parts:
     relay: Relay | None  # the delivery side: None in a worker
     signer: Signer | None
     router: Router | None
+    checks: dict[str, Engine]  # per listener (only those with checks)
 
 
 def build(config: Config, delivers: bool, run: Callable) -> Parts:
@@ -62,6 +67,7 @@ def build(config: Config, delivers: bool, run: Callable) -> Parts:
     directory = local_directory(config)
     tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
     users = part("users file", lambda: UserStore.load(config.auth.users_file) if config.auth.users_file else None)
+    checks = build_checks(config, run)
     relay = signer = router = None
     if delivers:
         relay = part("relay", lambda: build_relay(config))
@@ -71,8 +77,38 @@ def build(config: Config, delivers: bool, run: Callable) -> Parts:
         directory=directory, tls=tls, users=users, senders=dict(config.auth.senders),
         listeners={item.name: item for item in config.listener},
         settings={item.name: session_settings(config, item) for item in config.listener},
-        relay=relay, signer=signer, router=router,
+        relay=relay, signer=signer, router=router, checks=checks,
     )
+
+
+def build_checks(config: Config, run: Callable) -> dict[str, Engine]:
+    """The [[check]] tables as engines, per listener, each check made once (a check named by
+    two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout."""
+    if not config.check:
+        return {}
+    r = config.relay
+    servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
+    context = CheckContext(hostname=config.server.hostname, dns=DNS(make_resolver(servers, r.dns_timeout)),
+                           run=run, local_domains=frozenset(d.lower() for d in config.local.domains))
+    made: dict[str, CheckSpec] = {}
+    for c in config.check:
+        try:
+            check = registry.make(c.type, c.module, c.check_options(), context)
+        except Exception as exc:  # an operator's class may fail any way as it starts
+            raise BuildError(f"check {c.label!r}", exc) from None
+        made[c.label] = CheckSpec(c.label, check, c.timeout, c.on_error, c.skip_trusted)
+    specs = {item.name: [made[c.label] for c in config.checks_of(item)] for item in config.listener}
+    return registry.engines(specs, config.server.hostname)
+
+
+def close_checks(engines: dict[str, Engine]) -> None:
+    """Let go of what replaced checks hold (kept connections); each check once."""
+    seen: set[int] = set()
+    for engine in engines.values():
+        for spec in engine.specs:
+            if id(spec.check) not in seen:
+                seen.add(id(spec.check))
+                engine.close_one(spec)
 
 
 def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: Callable) -> Router:

@@ -373,21 +373,23 @@ class QueueManager:
 
     def _prefix(self, envelope: Envelope, remote: bool, log) -> bytes:
         """The header fields put in front of the message for every target: the DKIM-Signature
-        of what our own users send, made once, before the first attempt that has a remote
-        recipient, off the hub, and kept in the envelope so every retry (and every local
-        copy from then on) gets the same bytes."""
-        if "prefix" in envelope.extra:
-            return envelope.extra["prefix"].encode("utf-8")
+        of what our own users send, then the fields the inbound checks added at receipt
+        (extra["headers"]: Authentication-Results, ...). The signature covers those fields
+        and is made once, before the first attempt that has a remote recipient, off the hub,
+        and kept in the envelope so every retry (and every local copy from then on) gets the
+        same bytes."""
+        added = envelope.extra.get("headers", "").encode("utf-8")
         if "dkim" in envelope.extra:  # an envelope written before "prefix" existed
             envelope.extra["prefix"] = envelope.extra.pop("dkim")
-            return envelope.extra["prefix"].encode("utf-8")
+        if "prefix" in envelope.extra:
+            return envelope.extra["prefix"].encode("utf-8") + added
         if not remote:
-            return b""  # local mail only: nothing to sign for (yet)
+            return added  # local mail only: nothing to sign for (yet)
         signature = b""
         if self.signer and self.may_sign(envelope):
             def sign() -> bytes:
                 with self.spool.open_body(envelope.id) as fh:
-                    return self.signer.sign(fh.read(), envelope.sender)
+                    return self.signer.sign(added + fh.read(), envelope.sender)
             try:
                 # dkimpy wants the whole message in memory and is CPU-bound: a few at a time
                 with self._signing:
@@ -395,16 +397,17 @@ class QueueManager:
             except Exception as exc:  # a message dkimpy cannot parse still goes, unsigned
                 log.warning("dkim: not signed: {}", exc)
         envelope.extra["prefix"] = signature.decode("utf-8")
-        return signature
+        return signature + added
 
-    # -- notices to the sender --------------------------------------------------------------
     def _sent_headers(self, envelope: Envelope) -> bytes:
-        """The header section as it was sent or written: the prefix (our DKIM-Signature),
-        then the spooled header section. Runs in a thread."""
-        prefix = envelope.extra.get("prefix", envelope.extra.get("dkim", "")).encode("utf-8")
+        """The header section as it was sent or written: the prefix (our DKIM-Signature and
+        the checks' fields), then the spooled header section. Runs in a thread."""
+        prefix = (envelope.extra.get("prefix", envelope.extra.get("dkim", ""))
+                  + envelope.extra.get("headers", "")).encode("utf-8")
         with self.spool.open_body(envelope.id) as fh:
             return prefix + bounce.header_section(fh, bounce.HEADER_LIMIT - len(prefix))
 
+    # -- notices to the sender --------------------------------------------------------------
     def _notify_sender(self, envelope: Envelope, recipients: list[Recipient], kind: str, log) -> None:
         if not bounce.should_notify(envelope):
             log.info("no {} notice: the message has the null sender", kind)

@@ -127,6 +127,7 @@ class Server:
             tls=self.parts.tls,
             users=self.parts.users,
             senders=self.parts.senders,
+            checks=self.parts.checks,
             limiter=MemoryLimiter(),
             run=run,
         )
@@ -308,7 +309,9 @@ class Server:
         listeners = {name: fresh.listeners.get(name, item) for name, item in old.listeners.items()}
         self.parts = replace(fresh, tls=fresh.tls or old.tls, listeners=listeners,
                              settings={name: parts.session_settings(new, item) for name, item in listeners.items()})
-        self.services.use(self.parts.directory, self.parts.tls, self.parts.users, self.parts.senders)
+        self.services.use(self.parts.directory, self.parts.tls, self.parts.users, self.parts.senders,
+                          self.parts.checks)
+        gevent.spawn(parts.close_checks, old.checks)  # idle connections only: open sessions keep theirs
         if self.queue is not None:
             self.queue.use(self.parts.router, self.parts.signer, parts.signing_rule(new), new.queue)
             gevent.spawn(old.router.close)  # kept connections (relay, LMTP); deliveries in flight finish

@@ -12,13 +12,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import gevent
 from loguru import logger
 
 from geosmtp import auth, metrics, policy, replies
+from geosmtp.checks.engine import NO_CHECKS, Engine, SessionChecks
+from geosmtp.checks.interface import Facts
 from geosmtp.connection import (
     BareNewline,
     Connection,
@@ -101,11 +103,14 @@ class Services:
     limiter: Limiter = field(default_factory=MemoryLimiter)
     draining: bool = False  # the server is stopping: end each session at its next pause
     run: Callable = lambda fn, *args: fn(*args)  # runs slow work (scrypt) off the hub
+    checks: dict[str, Engine] = field(default_factory=dict)  # per listener: inbound checks
 
     def use(self, directory: policy.LocalDirectory, tls: ServerTLS | None, users: auth.UserStore | None,
-            senders: dict) -> None:
-        """A reload's new parts (geosmtp.parts), for the commands that come from now on."""
+            senders: dict, checks: dict[str, Engine]) -> None:
+        """A reload's new parts (geosmtp.parts), for the commands (checks: the sessions) that
+        come from now on."""
         self.directory, self.tls, self.users, self.senders = directory, tls, users, senders
+        self.checks = checks
 
 
 @dataclass
@@ -141,8 +146,9 @@ def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
         proto += ("S" if s.tls else "") + ("A" if s.auth_user else "")
     ip = s.ip
     literal = f"IPv6:{ip.compressed}" if ip.version == 6 else str(ip)
-    helo = "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?" for c in (s.helo or ""))[:255]
-    lines = [f"Received: from {helo or 'unknown'} ([{literal}])"]
+    helo = _trace_text(s.helo or "")
+    ptr = _trace_text(s.checks.ptr or "")
+    lines = [f"Received: from {helo or 'unknown'} ({ptr + ' ' if ptr else ''}[{literal}])"]
     if s.tls:
         version, _, cipher = s.tls.partition(" ")
         lines.append(f"\t(using {version} with cipher {cipher})")
@@ -151,6 +157,12 @@ def received_header(s: "Session", qid: str, tx: Transaction) -> bytes:
         lines.append(f"\tfor <{tx.originals[0]}>")
     lines[-1] += f"; {_now_rfc5322()}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _trace_text(text: str) -> str:
+    """A client's word (HELO, a reverse name) made safe inside Received: (printable ASCII,
+    no parentheses or backslash: it sits in a comment), at most 255 characters."""
+    return "".join(c if c.isascii() and c.isprintable() and c not in "()\\" else "?" for c in text)[:255]
 
 
 @lru_cache(maxsize=4096)  # clients come back: parse and classify each address once
@@ -203,6 +215,8 @@ class Session:
         self.data_clock: DataClock | None = None  # while a message body arrives
         # transaction state
         self.tx: Transaction | None = None
+        # what the inbound checks learn about this client and its transactions
+        self.checks: SessionChecks = services.checks.get(settings.listener, NO_CHECKS).session()
 
     @property
     def limits(self) -> Limits:
@@ -234,6 +248,23 @@ class Session:
                       self.conn.pending())
         return True
 
+    def check_facts(self, phase: str, tx: Transaction | None = None, **more) -> Facts:
+        """What the inbound checks see now (geosmtp.checks): plain values, never the session."""
+        tx = tx or self.tx
+        s = self.settings
+        if tx is not None:
+            more.setdefault("sender", str(tx.sender) if tx.sender else "")
+            more.setdefault("recipients", tuple(tx.originals))
+        return Facts(phase=phase, listener=s.listener, mode=s.mode, ip=self.ip, trusted=self.trusted,
+                     hostname=s.hostname, ptr=self.checks.ptr, helo=self.helo, tls=self.tls,
+                     auth_user=self.auth_user, results=self.checks.results(), **more)
+
+    def checked(self, phase: str, **more) -> Reply | None:
+        """The inbound checks' refusal at this phase, or None (also when none run here)."""
+        if not self.checks.wants(phase):
+            return None
+        return self.checks.run(self.check_facts(phase, **more), self.log)
+
     @property
     def facts(self) -> policy.ClientFacts:
         return policy.ClientFacts(self.ip, self.settings.mode, self.trusted, self.auth_user)
@@ -250,6 +281,8 @@ class Session:
                 self.handshake()  # (the client spoke first, as it must: not checked, like Postfix)
             elif self.spoke_out_of_turn("before the greeting"):
                 greeting = replies.PROTOCOL_SYNC
+            if greeting.code == 220:
+                greeting = self.checked("connect") or greeting
             if not self.send(greeting):
                 while not self.send(self.next_reply()):
                     if self._start_tls:
@@ -469,16 +502,27 @@ class Session:
     def do_ehlo(self, arg: str) -> Reply:
         if not arg:
             return replies.EHLO_NEEDS_DOMAIN
-        self.helo, self.esmtp = arg, True
         self._drop_tx()
+        if refusal := self._greeted(arg, True):
+            return refusal
         return replies.ehlo(self.settings.hostname, f"[{self.ip}]", self.extensions())
 
     def do_helo(self, arg: str) -> Reply:
         if not arg:
             return replies.HELO_NEEDS_DOMAIN
-        self.helo, self.esmtp = arg, False
         self._drop_tx()
+        if refusal := self._greeted(arg, False):
+            return refusal
         return replies.helo(self.settings.hostname)
+
+    def _greeted(self, name: str, esmtp: bool) -> Reply | None:
+        """The client's EHLO/HELO name, kept unless a check refuses it (then the client has
+        not greeted: it may try again)."""
+        self.helo, self.esmtp = name, esmtp
+        refusal = self.checked("helo")
+        if refusal is not None and not refusal.close:
+            self.helo, self.esmtp = None, False
+        return refusal
 
     def do_rset(self, arg: str) -> Reply:
         if arg:
@@ -548,6 +592,9 @@ class Session:
         if refusal := self._rate_limited():
             metrics.RATE_LIMITED.labels("messages_per_hour").inc()
             return refusal
+        if refusal := self.checked("mail", tx=tx):
+            self.checks.end_transaction()  # what the refused MAIL's checks learnt goes with it
+            return refusal
         self.tx = tx
         return replies.SENDER_OK
 
@@ -588,6 +635,8 @@ class Session:
         verdict = policy.resolve_rcpt(self.facts, rcpt, self.directory)
         if isinstance(verdict, Reply):
             return verdict
+        if refusal := self.checked("rcpt", recipient=str(rcpt)):
+            return refusal
         tx.originals.append(str(rcpt))
         for address in verdict:
             tx.recipients.setdefault(address, Recipient(address=address, original=str(rcpt)))
@@ -595,9 +644,11 @@ class Session:
 
     def _drop_tx(self) -> None:
         """End the transaction, wherever that happens (RSET, EHLO/HELO, STARTTLS, DATA, the
-        end of the session). It holds nothing open today (DATA's message writer lives only
-        within do_data, which aborts it on any failure); BDAT's chunks will be let go here."""
+        end of the session), with what the checks learnt of it. It holds nothing open
+        today (DATA's message writer lives only within do_data, which aborts it on any
+        failure); BDAT's chunks will be let go here."""
         self.tx = None
+        self.checks.end_transaction()
 
     def do_data(self, arg: str) -> Reply:
         """DATA: open the message, read the body, commit (three steps; the commit is shared
@@ -610,6 +661,7 @@ class Session:
         if not tx.recipients:
             # RFC 2920 3.1: 554 when every RCPT was refused; no RCPT at all is a bad sequence
             return replies.NO_VALID_RECIPIENTS if tx.refused else replies.NEED_RCPT
+        learnt = self.checks.tx  # the end-of-data checks still need what MAIL and RCPT learnt
         self._drop_tx()  # whatever happens next, the transaction ends with this DATA
         # RFC 2920 3.1: DATA ends a pipelined group; what follows it before the 354 would be
         # taken as the message (a replay of a whole session, a second message with it)
@@ -620,7 +672,7 @@ class Session:
         self.useful_at = time.monotonic()
         if refusal := self._read_body(writer):
             return refusal
-        return self._commit(tx, writer)
+        return self._commit(tx, writer, learnt)
 
     def _open_message(self, tx: Transaction):
         """A writer for the message, our Received: header first."""
@@ -628,9 +680,10 @@ class Session:
         writer.write(received_header(self, writer.id, tx))
         return writer
 
-    def _commit(self, tx: Transaction, writer) -> Reply:
+    def _commit(self, tx: Transaction, writer, learnt) -> Reply:
         """The message is whole: make it durable and queued, then 250 (or 452/451 and nothing
-        queued). The place where end-of-data checks will run, before anything is queued."""
+        queued). The end-of-data checks run at the spool's seam: on the finished message,
+        before anything is queued; they may refuse it, add fields, or quarantine it."""
         s = self.settings
         envelope = Envelope(
             id=writer.id, created=time.time(), sender=str(tx.sender) if tx.sender else "",
@@ -639,13 +692,32 @@ class Session:
                               auth_user=self.auth_user, tls=self.tls),
             size=writer.size, body=tx.body, smtputf8=tx.smtputf8,
         )
+        at_end = partial(self._end_of_data, tx, envelope, learnt) if self.checks.needs_data(learnt) else None
         try:
-            self.spool.commit(writer, envelope, hold=s.hold)
+            self.spool.commit(writer, envelope, hold=s.hold, check=at_end)
+        except Refused as exc:
+            return exc.reply
         except SpoolError as exc:
             self.log.error("cannot queue message: {}", exc)
             return replies.STORAGE_FULL if exc.full else replies.STORAGE_ERROR
         self._accepted(envelope, tx)
         return replies.queued(envelope.id)
+
+    def _end_of_data(self, tx: Transaction, envelope: Envelope, learnt, path: str) -> bool:
+        """The data checks on the finished message `path`: raises Refused, or records their
+        fields and quarantine in the envelope and returns whether it goes to hold/."""
+        facts = self.check_facts("data", tx=tx, queue_id=envelope.id, message_path=path, size=envelope.size,
+                                 open_message=partial(self.spool.open_body, envelope.id))
+        outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, envelope.id), self.log)
+        if outcome.refusal is not None:
+            self.log.info("message refused at end of data: {}", outcome.refusal)
+            raise Refused(outcome.refusal)
+        if outcome.headers:
+            envelope.extra["headers"] = outcome.prefix()
+        if outcome.quarantine:
+            envelope.extra["quarantine"] = outcome.quarantine
+            metrics.QUARANTINED.labels(self.settings.listener).inc()
+        return outcome.quarantine is not None
 
     def _accepted(self, envelope: Envelope, tx: Transaction) -> None:
         """What follows a 250 for a message: counts, rate limits, the log line, the queue."""
@@ -658,12 +730,13 @@ class Session:
             limiter.add(f"ip:{self.rate_key}", HOUR)
         if self.auth_user and s.messages_per_hour_per_user:
             limiter.add(f"user:{self.auth_user}", HOUR)
+        quarantine = envelope.extra.get("quarantine")
         self.log.info(
             "queued {} from=<{}> to={} size={}{}",
             envelope.id, envelope.sender, ",".join(f"<{r}>" for r in tx.originals), envelope.size,
-            " (held)" if s.hold else "",
+            f" (quarantined: {quarantine})" if quarantine else " (held)" if s.hold else "",
         )
-        if not s.hold:
+        if not (s.hold or quarantine):
             self.services.on_queued(envelope.id)
 
     def _read_body(self, writer) -> Reply | None:
@@ -698,6 +771,14 @@ DATA_PROBLEMS = {
     "bare": replies.BARE_NEWLINE,
     "nul": replies.NUL_IN_MESSAGE,
 }
+
+class Refused(Exception):
+    """The end-of-data checks refused the message: nothing is queued, `reply` is sent."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
 
 class SaslCancelled(Exception):
     """The client answered a SASL challenge with "*"."""

@@ -193,40 +193,44 @@ class Spool:
         return MessageWriter(self, qid or new_id())
 
     def commit(self, writer: MessageWriter, envelope: Envelope, hold: bool = False,
-               check: Callable[[str], None] | None = None) -> None:
+               check: Callable[[str], bool] | None = None) -> None:
         """Make the message durable in queue/incoming/ (or hold/). Returns only when on disk.
 
         Two steps: finish (the message file, its first line the envelope, written and
         fsynced in msg/) and publish (linked into incoming/: the commit point), then msg/ and
         incoming/ fsynced by a group commit shared with every other commit in flight.
         Without `check` both steps run in one job off the hub. With it, check(path of the
-        finished message) runs between them (an end-of-data check reading the whole
-        message): if it raises, nothing is queued and the exception goes on to the caller.
+        finished message) runs between them (the end-of-data checks reading the whole
+        message): if it raises, nothing is queued and the exception goes on to the caller;
+        it may change the envelope (fields to add in front, a quarantine reason) and returns
+        True to put the message in hold/. A changed envelope is published as its own entry
+        file (the message file keeps the first line it was finished with, which nothing
+        reads again), and then both directories are synced.
         Raises SpoolError for a storage failure, leaving nothing behind either way.
         """
         qid = envelope.id
         line = envelope.to_line()
-        state = "hold" if hold else "incoming"
-        entry = self.entry_path(qid, state)
-        # A small message's entry is the message file itself, so the queue directory is all
-        # that must be synced: recover() puts back a msg/ name lost in a crash. A spilled
-        # message has two files, and both names must be durable.
-        dirs = (self._msg, self._dirs[state]) if writer.spilled else (self._dirs[state],)
+        entry = ""
         self._committing += 1
         try:
-            # alone: sync the directories in the same job (one hand-off, lower latency);
-            # with company: share one directory fsync round with the other commits
-            alone = self._committing == 1 and check is None
             if check is None:
+                entry, dirs = self._placing(qid, hold, writer.spilled)
+                # alone: sync the directories in the same job (one hand-off, lower latency);
+                # with company: share one directory fsync round with the other commits
+                alone = self._committing == 1
                 self.run(self._commit, writer, line, entry, dirs if alone else ())
             else:
+                alone = False
                 spilled = self.run(self._finish, writer, line)
-                check(self.message_path(qid))
-                self.run(self._publish, qid, line, entry, spilled, ())
+                hold = check(self.message_path(qid)) or hold
+                published = envelope.to_line()
+                spilled = spilled or published != line
+                entry, dirs = self._placing(qid, hold, spilled)
+                self.run(self._publish, qid, published, entry, spilled, ())
             if not alone:
                 self._sync(*dirs)
         except Exception as exc:  # the job has ended: nothing half-committed may stay behind
-            for clean_up in (writer.abort, lambda: safeio.unlink_quietly(entry)):
+            for clean_up in (writer.abort, lambda: safeio.unlink_quietly(entry) if entry else None):
                 try:
                     clean_up()
                 except OSError:  # a failing clean-up must not hide why the commit failed
@@ -239,6 +243,25 @@ class Spool:
         # duplicate, never a loss) or removed by recover() at the next start.
         finally:
             self._committing -= 1
+
+    def _placing(self, qid: str, hold: bool, two_files: bool) -> tuple[str, tuple[str, ...]]:
+        """The entry's path, and the directories whose names must be durable. A message
+        whose entry is the message file itself needs only the queue directory synced:
+        recover() puts back a msg/ name lost in a crash. With two files, both names must be."""
+        state = "hold" if hold else "incoming"
+        return self.entry_path(qid, state), ((self._msg, self._dirs[state]) if two_files else (self._dirs[state],))
+
+    def rewrite_message(self, qid: str, edit: Callable[[BinaryIO, int], None]) -> None:
+        """Replace a finished, unpublished message file (a check removing header fields):
+        edit(source positioned after its first line, destination descriptor) writes the new
+        message; the first line is kept. Off the hub; fsynced, renamed over the old file."""
+        self.run(self._rewrite_message, qid, edit)
+
+    def _rewrite_message(self, qid: str, edit: Callable[[BinaryIO, int], None]) -> None:
+        path = self.message_path(qid)
+        with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
+            safeio.write_all(dst, src.readline(MAX_ENVELOPE))
+            edit(src, dst)
 
     def _commit(self, writer: MessageWriter, line: bytes, entry: str, sync_dirs: tuple[str, ...]) -> None:
         """Finish, then publish, in one job off the hub."""

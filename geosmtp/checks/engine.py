@@ -83,12 +83,17 @@ class Engine:
     def session(self) -> "SessionChecks":
         return SessionChecks(self)
 
-    def close(self) -> None:
-        for spec in self.specs:
-            try:
-                spec.check.close()
-            except Exception:
-                logger.exception("check {}: close failed", spec.name)
+    @staticmethod
+    def close_one(spec: CheckSpec) -> None:
+        """Release what a check holds, when a reload replaced it (sessions still open may
+        call it again: close() lets go of idle resources only)."""
+        close = getattr(spec.check, "close", None)
+        if close is None:
+            return
+        try:
+            close()
+        except Exception:
+            logger.exception("check {}: close failed", spec.name)
 
 
 NO_CHECKS = Engine([], "")
@@ -128,10 +133,13 @@ class SessionChecks:
     def results(self) -> MappingProxyType:
         return MappingProxyType({**self.connection.results, **self.tx.results})
 
-    def run(self, facts: Facts, log=logger) -> Reply | None:
-        """Run the checks of facts.phase; the refusal to send, or None to go on."""
+    def run(self, facts: Facts, log=logger, learnt: "_Learnt | None" = None) -> Reply | None:
+        """Run the checks of facts.phase; the refusal to send, or None to go on. What they
+        learn goes to the connection (connect, helo) or to the transaction (`learnt`, by
+        default the current one)."""
         phase = facts.phase
-        learnt = self.connection if phase in CONNECTION_PHASES else self.tx
+        if learnt is None:
+            learnt = self.connection if phase in CONNECTION_PHASES else self.tx
         for spec in self.engine.by_phase[phase]:
             if spec.skip_trusted and (facts.trusted or facts.auth_user):
                 continue
@@ -142,7 +150,7 @@ class SessionChecks:
                 continue
             if verdict.results:
                 learnt.results.update(verdict.results)
-                facts = replace(facts, results=self.results())
+                facts = replace(facts, results=MappingProxyType({**self.connection.results, **learnt.results}))
             learnt.headers.extend(verdict.headers)
             learnt.auth.extend(verdict.auth)
             if phase == "data":
@@ -152,6 +160,8 @@ class SessionChecks:
                 log.info("check {}: {} quarantine: {}", spec.name, phase, verdict.reason)
             elif verdict.action != ACCEPT:
                 out = verdict.reply or REFUSED[verdict.action]
+                if phase == "connect" and verdict.action == CLOSE:  # RFC 5321 3.1: 554, then close
+                    out = Reply(554, f"5{out.enhanced[1:]}" if out.enhanced else None, out.text, close=True)
                 log.info("check {}: {} {}: {}", spec.name, phase, verdict.action, verdict.reason or out)
                 return at_connect(out) if phase == "connect" else out
         return None
@@ -182,23 +192,24 @@ class SessionChecks:
         return ON_ERROR.get(spec.on_error)
 
     # -- the end of DATA ----------------------------------------------------------------------
-    def needs_data(self) -> bool:
+    def needs_data(self, tx: "_Learnt") -> bool:
         """Whether the end of DATA has anything to do (checks, our A-R, what was learnt)."""
-        c, t = self.connection, self.tx
-        return self.engine.has_data or bool(c.headers or c.quarantine or t.headers or t.quarantine)
+        c = self.connection
+        return self.engine.has_data or bool(c.headers or c.quarantine or tx.headers or tx.quarantine)
 
-    def data(self, facts: Facts, rewrite: Callable, log=logger) -> "DataOutcome":
-        """The data checks on the finished message; then what the message carries in front
-        (our Authentication-Results, the checks' fields) and whether it is quarantined.
+    def data(self, facts: Facts, tx: "_Learnt", rewrite: Callable, log=logger) -> "DataOutcome":
+        """The data checks on the finished message (`tx`: what the transaction's MAIL and
+        RCPT checks learnt); then what the message carries in front (our
+        Authentication-Results, the checks' fields) and whether it is quarantined.
         `rewrite(edit)` replaces the message file, edit(src, dst) writing the new one: used
         only when fields are removed."""
-        if self.wants("data") and (refusal := self.run(facts, log)) is not None:
+        if self.wants("data") and (refusal := self.run(facts, log, tx)) is not None:
             return DataOutcome(refusal)
         hostname = self.engine.hostname
-        if self.tx.remove or self.engine.records_auth:
+        if tx.remove or self.engine.records_auth:
             section = facts.header_section()
             fields = hdr.parse_fields(section)
-            drop = hdr.field_indices(fields, self.tx.remove)
+            drop = hdr.field_indices(fields, tx.remove)
             if self.engine.records_auth:  # RFC 8601 5: nobody else speaks in our name
                 forged = {i for i, f in enumerate(fields)
                           if f.name.lower() == "authentication-results" and is_ours(f.value, hostname)}
@@ -209,11 +220,11 @@ class SessionChecks:
             if drop:
                 rewrite(lambda src, dst: hdr.copy_without(src, dst, section, fields, drop))
         added = []
-        auth = self.connection.auth + self.tx.auth
+        auth = self.connection.auth + tx.auth
         if auth:
             added.append(("Authentication-Results", format_header(hostname, auth)))
-        added += self.connection.headers + self.tx.headers
-        quarantine = self.connection.quarantine + self.tx.quarantine
+        added += self.connection.headers + tx.headers
+        quarantine = self.connection.quarantine + tx.quarantine
         return DataOutcome(None, tuple(added), "; ".join(quarantine) or None)
 
 

@@ -62,6 +62,8 @@ class Verdict:
     remove_headers: tuple[tuple[str, int], ...] = ()  # (name, n): the n-th such field, data only
 
     def __post_init__(self) -> None:
+        for name in ("headers", "auth", "remove_headers"):  # a list is fine to give; kept as a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.action not in ACTIONS:
             raise ValueError(f"unknown verdict action {self.action!r}")
         if self.reply is not None:
@@ -144,7 +146,7 @@ class Facts:
     def headers(self) -> list[tuple[str, str]]:
         """The header fields as (name, unfolded value), in order, decoded leniently."""
         from geosmtp.checks.headers import parse_fields
-        return [(name, value) for name, value, _ in parse_fields(self.header_section())]
+        return [(f.name, f.value) for f in parse_fields(self.header_section())]
 
     def header(self, name: str) -> str | None:
         """The first field called `name` (any case), unfolded, or None."""

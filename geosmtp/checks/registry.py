@@ -78,7 +78,9 @@ def make(kind: str, module: str | None, options: dict, context: CheckContext) ->
 
 
 def engines(specs_by_listener: dict[str, list[CheckSpec]], hostname: str) -> dict[str, Engine]:
-    """One Engine per listener. Authentication-Results in our name are removed on every
-    listener as soon as one check anywhere writes ours."""
+    """An Engine for each listener that has checks. Authentication-Results in our name are
+    removed on every listener (an engine even without checks) as soon as one check anywhere
+    writes ours: a user's submitted message must not carry a forged one to a local mailbox."""
     records = any(getattr(s.check, "records_auth", False) for specs in specs_by_listener.values() for s in specs)
-    return {name: Engine(specs, hostname, records_auth=records) for name, specs in specs_by_listener.items()}
+    return {name: Engine(specs, hostname, records_auth=records)
+            for name, specs in specs_by_listener.items() if specs or records}

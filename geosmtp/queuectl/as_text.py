@@ -93,6 +93,8 @@ def envelope_lines(shown: Shown, now: float) -> Iterator[str]:
     nxt = when_next(entry, now)
     if nxt:
         yield f"next:        {nxt}"
+    if env.extra.get("quarantine"):
+        yield f"quarantined: {env.extra['quarantine']} (release to deliver)"
     yield "recipients:"
     for r in env.recipients:
         orig = f" (RCPT TO:<{r.original}>)" if r.original != r.address else ""
@@ -100,7 +102,8 @@ def envelope_lines(shown: Shown, now: float) -> Iterator[str]:
         if r.last_reply:
             where = f"{r.remote}, " if r.remote else ""
             yield f"              [{where}{stamp(r.updated)}] {r.last_reply}"
-    extra = {k: ("(signature)" if k in ("prefix", "dkim") and v else v) for k, v in env.extra.items()}
+    extra = {k: ("(signature)" if k in ("prefix", "dkim") and v else v) for k, v in env.extra.items()
+             if k != "quarantine"}
     if extra:
         yield f"extra:       {json.dumps(extra, ensure_ascii=False)}"
 
