@@ -7,7 +7,7 @@ import os
 from typing import BinaryIO, Iterable, NamedTuple
 
 from geosmtp import safeio
-from geosmtp.bounce import header_section as read_header_section  # noqa: F401 (re-exported)
+from geosmtp.bounce import header_section as read_header_section  # noqa: F401 (for checks: one place)
 
 COPY_CHUNK = 256 * 1024
 

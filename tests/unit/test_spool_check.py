@@ -63,3 +63,48 @@ def test_a_check_that_passes_lets_the_message_be_published(spool, size):
     with spool.open_body(envelope.id) as fh:
         assert fh.read() == data
     assert spool.load(envelope.id, "incoming").id == envelope.id
+
+
+@pytest.mark.parametrize("size", [100, SPILL_SIZE * 2])
+def test_a_check_may_change_the_envelope_and_hold_the_message(spool, size):
+    """Fields to add and a quarantine reason: the changed envelope is published as its own
+    entry file in hold/, and the message reads as it was received."""
+    writer, envelope, data = message(spool, size)
+
+    def check(path):
+        envelope.extra["headers"] = "X-Checked: yes\r\n"
+        envelope.extra["quarantine"] = "test: held"
+        return True
+
+    spool.commit(writer, envelope, check=check)
+    entry = spool.entry_path(envelope.id, "hold")
+    assert os.stat(entry).st_ino != os.stat(spool.message_path(envelope.id)).st_ino  # two files
+    assert spool.load(envelope.id, "hold").extra == {"headers": "X-Checked: yes\r\n", "quarantine": "test: held"}
+    with spool.open_body(envelope.id) as fh:
+        assert fh.read() == data
+    assert files(spool) == sorted([f"msg/{envelope.id}", f"queue/hold/{envelope.id}"])
+    assert spool.recover() == []  # and a restart finds it whole
+    assert spool.load(envelope.id, "hold").extra["quarantine"] == "test: held"
+
+
+def test_an_unchanged_envelope_keeps_one_file(spool):
+    writer, envelope, data = message(spool, 100)
+    spool.commit(writer, envelope, check=lambda path: False)
+    entry = spool.entry_path(envelope.id, "incoming")
+    assert os.stat(entry).st_ino == os.stat(spool.message_path(envelope.id)).st_ino
+
+
+def test_a_check_may_rewrite_the_finished_message(spool):
+    writer, envelope, data = message(spool, 100)
+
+    def check(path):
+        def edit(src, dst):
+            os.write(dst, src.read().replace(b"Subject: x", b"Subject: y"))
+        spool.rewrite_message(envelope.id, edit)
+        return False
+
+    spool.commit(writer, envelope, check=check)
+    with spool.open_body(envelope.id) as fh:
+        assert fh.read() == data.replace(b"Subject: x", b"Subject: y")
+    assert spool.load(envelope.id, "incoming").id == envelope.id
+    assert files(spool) == sorted([f"msg/{envelope.id}", f"queue/incoming/{envelope.id}"])

@@ -1,0 +1,217 @@
+"""The check engine and its parts, without a server: verdicts are validated data; a phase's
+checks run in order and stop at the first refusal; failures and timeouts get on_error; the
+end of DATA writes our Authentication-Results, removes forged ones and the fields checks
+name; header splitting and config tables."""
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+
+import gevent
+import pytest
+
+from geosmtp import config
+from geosmtp.checks import AuthResult, Check, Verdict
+from geosmtp.checks import headers as hdr
+from geosmtp.checks.authresults import authserv_id, format_header, is_ours
+from geosmtp.checks.engine import CheckSpec, Engine
+from geosmtp.checks.interface import Facts, make_reply, safe_text
+from geosmtp.replies import Reply
+
+
+def facts(phase="rcpt", **kw) -> Facts:
+    base = dict(phase=phase, listener="mx", mode="smtp", ip=ipaddress.ip_address("192.0.2.7"), trusted=False,
+                hostname="mx.example.test", helo="client.test", sender="a@sender.test", recipient="b@example.test")
+    base.update(kw)
+    return Facts(**base)
+
+
+class Says(Check):
+    """Gives one verdict at one phase and remembers what it saw."""
+
+    def __init__(self, verdict, phase="rcpt"):
+        super().__init__({}, None)
+        self.verdict, self.phase, self.seen = verdict, phase, []
+        setattr(self, phase, self._answer)
+
+    def _answer(self, f):
+        self.seen.append(f)
+        return self.verdict() if callable(self.verdict) else self.verdict
+
+
+def engine(*checks, **spec) -> Engine:
+    return Engine([CheckSpec(f"c{i}", c, phases=(c.phase,), **spec) for i, c in enumerate(checks)], "mx.example.test")
+
+
+# -- verdicts and replies ---------------------------------------------------------------------
+def test_a_verdict_is_checked_as_it_is_made():
+    with pytest.raises(ValueError):
+        Verdict("reject", reply=Reply(451, "4.7.1", "no"))  # a reject carries a 5xx
+    with pytest.raises(ValueError):
+        Verdict("maybe")
+    with pytest.raises(ValueError):
+        Verdict.accept(headers=[("Bad Name", "x")])
+    with pytest.raises(ValueError):
+        Verdict.accept(headers=[("X-Ok", "one\r\nInjected: yes")])
+    folded = Verdict.accept(headers=[("X-Ok", "one\r\n\ttwo")])
+    assert folded.headers == (("X-Ok", "one\r\n\ttwo"),)
+
+
+@pytest.mark.parametrize("code, enhanced, text, want", [
+    (550, "5.7.2", "", "550 5.7.2 Refused"),  # a bare enhanced code (Postfix CVE-2026-43964)
+    (550, "4.7.1", "x", "550 5.7.1 x"),  # the class must match the code
+    (451, "junk", "later", "451 4.7.1 later"),
+    (554, None, "a\r\nRCPT TO:<x>\x00", "554 a??RCPT TO:<x>?"),
+])
+def test_replies_from_outside_are_made_safe(code, enhanced, text, want):
+    assert str(make_reply(code, enhanced, text)) == want
+
+
+def test_a_reply_code_out_of_range_is_refused():
+    for code in (250, 600, "550"):
+        with pytest.raises(ValueError):
+            make_reply(code, None, "x")
+    assert safe_text("x" * 500) == "x" * 400
+
+
+# -- the engine ---------------------------------------------------------------------------------
+def test_a_phase_runs_in_order_and_stops_at_the_first_refusal():
+    first = Says(Verdict.accept(headers=[("X-A", "1")], results={"a": 1}))
+    second = Says(Verdict.reject("no", code=550, enhanced="5.7.1"))
+    third = Says(None)
+    s = engine(first, second, third).session()
+    assert str(s.run(facts())) == "550 5.7.1 no"
+    assert len(first.seen) == len(second.seen) == 1 and third.seen == []
+    assert second.seen[0].results == {"a": 1}  # what the first recorded, the second saw
+    assert s.tx.headers == [("X-A", "1")]
+
+
+def test_quarantine_and_fields_add_up_and_end_with_the_transaction():
+    s = engine(Says(Verdict.quarantine("one")), Says(Verdict.quarantine("two"))).session()
+    assert s.run(facts()) is None
+    assert s.tx.quarantine == ["c0: one", "c1: two"]
+    s.end_transaction()
+    assert s.tx.quarantine == []
+
+
+def test_trusted_and_authenticated_clients_are_skipped_unless_asked():
+    check = Says(Verdict.reject())
+    assert engine(check).session().run(facts(trusted=True)) is None
+    assert engine(check).session().run(facts(auth_user="alice@example.test")) is None
+    assert engine(check, skip_trusted=False).session().run(facts(trusted=True)).code == 550
+
+
+@pytest.mark.parametrize("on_error, want", [("accept", None), ("defer", "451 4.3.0"), ("reject", "550 5.7.1")])
+def test_a_failure_or_a_timeout_gets_on_error(on_error, want):
+    def boom():
+        raise OSError("backend down")
+
+    def slow():
+        gevent.sleep(5)
+
+    for behaviour in (boom, slow, lambda: "not a verdict"):
+        s = engine(Says(behaviour), on_error=on_error, timeout=0.2).session()
+        reply = s.run(facts())
+        assert (reply and f"{reply.code} {reply.enhanced}") == want
+
+
+@pytest.mark.parametrize("verdict, want", [
+    (Verdict.reject("go away"), "554 5.7.1 go away"),
+    (Verdict.defer("later"), "421 4.7.1 later"),
+    (Verdict.close("bye"), "554 5.7.0 bye"),
+])
+def test_at_connect_a_refusal_ends_the_connection(verdict, want):
+    reply = engine(Says(verdict, phase="connect")).session().run(facts("connect", helo=None, sender=None))
+    assert str(reply) == want and reply.close
+
+
+def test_the_end_of_data_writes_ours_and_removes_forged_fields(tmp_path):
+    message = (b"Received: from x\r\nAuthentication-Results: MX.Example.Test (forged);\r\n dkim=pass\r\n"
+               b"Authentication-Results: other.test; spf=pass\r\nX-Drop: 1\r\nX-Drop: 2\r\nSubject: s\r\n\r\nbody\r\n")
+    path = tmp_path / "m"
+    path.write_bytes(b"{}\n" + message)
+
+    def open_message():
+        fh = open(path, "rb")
+        fh.readline()
+        return fh
+
+    def rewrite(edit):
+        with open(path, "rb") as src, open(tmp_path / "new", "wb") as out:
+            out.write(src.readline())
+            out.flush()
+            edit(src, out.fileno())
+        os.replace(tmp_path / "new", path)
+
+    check = Says(Verdict(auth=(AuthResult("spf", "pass", (("smtp.mailfrom", "sender.test"),)),),
+                         headers=(("X-Mine", "yes"),), remove_headers=(("x-drop", 2),)), phase="data")
+    e = Engine([CheckSpec("c", check, phases=("data",))], "mx.example.test", records_auth=True)
+    s = e.session()
+    out = s.data(facts("data", open_message=open_message), s.tx, rewrite)
+    assert out.refusal is None
+    assert out.prefix() == ("Authentication-Results: mx.example.test;\r\n\tspf=pass smtp.mailfrom=sender.test\r\n"
+                            "X-Mine: yes\r\n")
+    assert path.read_bytes() == (b"{}\nReceived: from x\r\nAuthentication-Results: other.test; spf=pass\r\n"
+                                 b"X-Drop: 1\r\nSubject: s\r\n\r\nbody\r\n")
+
+
+# -- Authentication-Results and header fields ------------------------------------------------------
+@pytest.mark.parametrize("value, want", [
+    ("mx.example.test; spf=pass", "mx.example.test"),
+    ("  (comment (nested)) mx.example.test 1; none", "mx.example.test"),
+    ('"mx.example.test"; dkim=pass', "mx.example.test"),
+    ("mx.example.test;spf=pass", "mx.example.test"),
+    ("", ""),
+])
+def test_the_authserv_id_is_found_past_comments(value, want):
+    assert authserv_id(value) == want
+
+
+def test_ours_is_case_and_dot_insensitive_and_well_formed():
+    assert is_ours("MX.EXAMPLE.TEST.; spf=pass", "mx.example.test")
+    assert not is_ours("mx.example.test.evil.test; spf=pass", "mx.example.test")
+    value = format_header("mx.example.test", [AuthResult("dkim", "fail", (("header.d", "a b;c"),), reason='x "y"\r\n')])
+    assert value == 'mx.example.test;\r\n\tdkim=fail reason="x \\"y\\"" header.d="a b;c"'
+    assert format_header("mx.example.test", []) == "mx.example.test; none"
+
+
+def test_fields_split_with_their_offsets_and_removed_exactly():
+    section = b"A: 1\r\nB: 2\r\n  more\r\nno colon here\r\nA: 3\r\n\r\n"
+    fields = hdr.parse_fields(section)
+    assert [(f.name, f.value) for f in fields] == [("A", "1"), ("B", "2  more"), ("A", "3")]
+    assert hdr.field_indices(fields, [("a", 0)]) == {0, 2}
+    assert hdr.field_indices(fields, [("a", 2), ("b", 5)]) == {2}
+    src = io.BytesIO(section + b"body\r\n")
+    r, w = os.pipe()
+    hdr.copy_without(src, w, section, fields, {1})
+    os.close(w)
+    assert os.read(r, 1000) == b"A: 1\r\nno colon here\r\nA: 3\r\n\r\nbody\r\n"
+    os.close(r)
+
+
+# -- [[check]] tables ------------------------------------------------------------------------------
+BASE = {"listener": [{"name": "mx", "address": "127.0.0.1:2525"},
+                     {"name": "sub", "address": "127.0.0.1:2587", "mode": "submission", "auth": False}]}
+EXAMPLE = {"type": "python", "module": "geosmtp.checks.example:ExampleCheck"}
+
+
+@pytest.mark.parametrize("checks, problem", [
+    ([{**EXAMPLE, "refuse": "x"}], "a python check's own settings go in options"),
+    ([{**EXAMPLE, "listeners": ["nope"]}], "no listener named nope"),
+    ([EXAMPLE, EXAMPLE], "check names must be unique"),
+    ([{**EXAMPLE, "on_error": "ignore"}], "on_error"),
+    ([{"type": "python"}], "a python check names its class"),
+    ([{"type": "python", "module": "geosmtp.checks.example"}], "is not \"package.module:Class\""),
+])
+def test_bad_check_tables_are_named(checks, problem):
+    with pytest.raises(config.ConfigError) as exc:
+        config.validate({**BASE, "check": checks})
+    assert any(problem in p for p in exc.value.problems), exc.value.problems
+
+
+def test_checks_run_on_mx_listeners_unless_named():
+    c = config.validate({**BASE, "check": [EXAMPLE, {**EXAMPLE, "name": "both", "listeners": ["mx", "sub"]}]})
+    mx, sub = c.listener
+    assert [x.label for x in c.checks_of(mx)] == ["python", "both"]
+    assert [x.label for x in c.checks_of(sub)] == ["both"]
