@@ -334,9 +334,12 @@ def smtp_source_cmd(port, size, conc, n):
             "-f", "sender@bench.test", "-t", "rcpt@bench.test", f"127.0.0.1:{port}"]
 
 
-def python_loadgen_cmd(port, size, conc, n, timeout):
-    return [sys.executable, os.path.abspath(__file__), "_loadgen", "--port", str(port), "--size", str(size),
-            "--conc", str(conc), "-n", str(n), "--io-timeout", str(min(timeout, 60))]
+def python_loadgen_cmd(port, size, conc, n, timeout, message=None, sender=None):
+    """The built-in load generator; `message` (a file: the DATA payload as is, CRLF lines)
+    and `sender` replace the generated message and sender@bench.test (bench/checks.py)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "_loadgen", "--port", str(port), "--size", str(size),
+           "--conc", str(conc), "-n", str(n), "--io-timeout", str(min(timeout, 60))]
+    return cmd + (["--message", message] if message else []) + (["--sender", sender] if sender else [])
 
 
 def build_message(size):
@@ -372,9 +375,16 @@ def loadgen_main(argv):
     ap.add_argument("--conc", type=int, default=1)
     ap.add_argument("-n", type=int, required=True)
     ap.add_argument("--io-timeout", type=float, default=60)
+    ap.add_argument("--message", help="send this file's octets as the message (dot-free, CRLF)")
+    ap.add_argument("--sender", default="sender@bench.test")
     a = ap.parse_args(argv)
     raise_nofile()
-    msg = build_message(a.size)
+    if a.message:
+        with open(a.message, "rb") as fh:
+            msg = fh.read().rstrip(b"\r\n") + b"\r\n.\r\n"
+    else:
+        msg = build_message(a.size)
+    mail_from = f"MAIL FROM:<{a.sender}>\r\n".encode()
     lock = threading.Lock()
     state = dict(next=0, ok=0, fail=0, errors=[])
     addr = ("127.0.0.1", a.port)
@@ -387,7 +397,7 @@ def loadgen_main(argv):
                 f = s.makefile("rb")
                 for stage, send, want in (("banner", None, 220),
                                           ("EHLO", b"EHLO bench.test\r\n", 250),
-                                          ("MAIL", b"MAIL FROM:<sender@bench.test>\r\n", 250),
+                                          ("MAIL", mail_from, 250),
                                           ("RCPT", b"RCPT TO:<rcpt@bench.test>\r\n", 250),
                                           ("DATA", b"DATA\r\n", 354),
                                           ("end of data", msg, 250),
