@@ -1,0 +1,275 @@
+"""The "dkim" check: every DKIM-Signature of the message verified (RFC 6376), at end of DATA.
+
+dkimpy does the cryptography; this module decides what each outcome means in
+Authentication-Results terms (RFC 8601 2.7.1) and keeps hostile input bounded:
+
+    pass       the signature verified
+    fail       it was acceptable but did not verify (body hash or signature mismatch)
+    neutral    it could not be processed: syntax errors in the signature, a header section
+               over max_header_size, a message header dkimpy cannot parse
+    permerror  no key record, a revoked key (p= empty), a key record that is junk, a key
+               that does not fit the signature (k=, h=, t=s), an RSA key under 1024 bits
+    temperror  the key could not be fetched now (DNS timeout, SERVFAIL)
+    policy     not accepted here: beyond max_signatures, rsa-sha1 (RFC 8301 3.1)
+    none       the message has no signature (one "dkim=none" entry)
+
+The work is split in three so that DNS never runs in a thread and the CPU never runs on the
+hub: the message is parsed in the threadpool, the keys are fetched here on our resolver
+(context.dns, with the greenlet's timeout), and the signatures are verified in the threadpool
+with a dnsfunc that answers from the keys already fetched.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import dkim
+import dkim.util
+from pydantic import BaseModel, ConfigDict, Field
+
+from geosmtp.checks import headers as hdr
+from geosmtp.checks.dns import BadName, TempError
+from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
+
+MIN_RSA_BITS = 1024  # RFC 8301 3.2: smaller keys MUST NOT be considered valid
+B_PREFIX = 8  # characters of b= in header.b (RFC 6008 2: at least 8)
+_QUIET = logging.getLogger("geosmtp.dkimverify.dkimpy")  # dkimpy's own chatter stays out of our logs
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+_WSP = re.compile(rb"\s+")
+_BYTES_REPR = re.compile(r"b'([^']*)'")
+_LOOSE_TAG = re.compile(rb"(?:^|;)\s*([ds])\s*=\s*([^;\s]*)")
+
+
+class DKIMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_signatures: int = Field(5, ge=1, le=50)  # more are recorded as "policy", not verified
+    max_header_size: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)  # octets
+
+
+@dataclass
+class Signature:
+    """One DKIM-Signature field and what became of it."""
+
+    index: int  # among the message's DKIM-Signature fields, from the top (dkimpy's idx)
+    domain: str = ""
+    selector: str = ""
+    b: str = ""
+    tags: dict = field(default_factory=dict)
+    result: str | None = None  # set as soon as it is known
+    reason: str = ""
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def decide(self, result: str, reason: str = "") -> None:
+        self.result, self.reason = result, reason
+
+    def auth(self) -> AuthResult:
+        props = tuple((k, v) for k, v in (("header.d", self.domain), ("header.s", self.selector),
+                                          ("header.b", self.b)) if v)
+        return AuthResult("dkim", self.result or "neutral", props, safe_text(self.reason, 200) or None)
+
+    def fact(self) -> dict:
+        return {"result": self.result or "neutral", "domain": self.domain.lower(), "selector": self.selector}
+
+
+def _said(exc: Exception) -> str:
+    """dkimpy's message without the b'...' of Python's bytes repr ("missing b'b'=" → "missing b=")."""
+    return _BYTES_REPR.sub(r"\1", str(exc))
+
+
+def _text(value: bytes) -> str:
+    return safe_text(value.decode("utf-8", "replace"), 253)
+
+
+def _loose_ids(value: bytes) -> tuple[str, str]:
+    """d= and s= read from a field too broken for the tag-list parser, for the report only."""
+    found = {m.group(1): m.group(2) for m in _LOOSE_TAG.finditer(_WSP.sub(b" ", value))}
+    return _text(found.get(b"d", b"")), _text(found.get(b"s", b""))
+
+
+# -- reading the message ------------------------------------------------------------------
+def read_message(open_message, max_header: int) -> tuple[bytes, bool]:
+    """(the message, True) or (the start of its header section, False) when the header
+    section is over `max_header` octets; read in the threadpool."""
+    with open_message() as fh:
+        section = hdr.read_header_section(fh, max_header + 1)
+        # ends with its blank line, or the message ends there (the probe reads past only
+        # when the section is cut, and then nothing more is read)
+        complete = section.endswith(b"\r\n\r\n") or section == b"\r\n" or not fh.read(1)
+        if not complete or len(section) > max_header:
+            return section[:max_header], False
+        return section + fh.read(), True
+
+
+def _signature_fields(section: bytes) -> list[bytes]:
+    """The raw values of the DKIM-Signature fields, by our lenient parser (any bytes)."""
+    return [section[f.start:f.end].partition(b":")[2] for f in hdr.parse_fields(section)
+            if f.name.lower() == "dkim-signature"]
+
+
+# -- the three steps ----------------------------------------------------------------------
+def prepare(message: bytes, complete: bool, max_signatures: int) -> tuple[object, list[Signature]]:
+    """Parse the message and each signature's tags (threadpool): the dkimpy object and the
+    signatures, those already decided marked so."""
+    if not complete:
+        sigs = []
+        for i, value in enumerate(_signature_fields(message)):
+            s = Signature(i)
+            s.domain, s.selector = _loose_ids(value)
+            s.decide("neutral", "header section too large to verify")
+            sigs.append(s)
+        return None, sigs
+    try:
+        verifier = dkim.DKIM(message, logger=_QUIET, minkey=MIN_RSA_BITS)
+    except Exception as exc:  # MessageFormatError, or whatever dkimpy trips on
+        sigs = []
+        for i, value in enumerate(_signature_fields(message.partition(b"\r\n\r\n")[0] + b"\r\n")):
+            s = Signature(i)
+            s.domain, s.selector = _loose_ids(value)
+            s.decide("neutral", f"message header not parsable: {type(exc).__name__}")
+            sigs.append(s)
+        return None, sigs
+    values = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
+    return verifier, [_read_signature(i, v, max_signatures) for i, v in enumerate(values)]
+
+
+def _read_signature(index: int, value: bytes, max_signatures: int) -> Signature:
+    sig = Signature(index)
+    try:
+        tags = dkim.util.parse_tag_value(value)
+    except Exception as exc:  # InvalidTagValueList and its kin
+        sig.domain, sig.selector = _loose_ids(value)
+        sig.decide("neutral", f"signature syntax: {_said(exc)}")
+        return sig
+    sig.tags = tags
+    sig.domain = _text(tags.get(b"d", b""))
+    sig.selector = _text(tags.get(b"s", b""))
+    sig.b = _text(_WSP.sub(b"", tags.get(b"b", b""))[:B_PREFIX])
+    if index >= max_signatures:
+        sig.decide("policy", f"more than {max_signatures} signatures: not verified")
+        return sig
+    try:
+        dkim.validate_signature_fields(tags)
+    except Exception as exc:  # ValidationError; a KeyError or UnicodeError on odd input
+        sig.decide("neutral", f"signature: {_said(exc)}")
+        return sig
+    if tags[b"a"].lower() == b"rsa-sha1":
+        sig.decide("policy", "rsa-sha1 is not accepted (RFC 8301)")
+    elif not sig.domain or not sig.selector or "\ufffd" in sig.key_name:
+        sig.decide("neutral", "signature: d= or s= is not a domain name")
+    return sig
+
+
+def fetch_keys(dns, sigs: list[Signature]) -> dict[str, bytes]:
+    """The key record of every signature still undecided, from our resolver (on the hub);
+    signatures whose key cannot be had are decided here."""
+    keys: dict[str, bytes | None] = {}
+    for sig in sigs:
+        if sig.result is not None:
+            continue
+        name = sig.key_name
+        if name not in keys:
+            try:
+                records = dns.txt(name)
+                keys[name] = records[0] if records else None
+                if not records:
+                    sig.decide("permerror", "no key for signature")
+            except TempError as exc:
+                keys[name] = None
+                sig.decide("temperror", f"key lookup: {exc}")
+            except BadName as exc:
+                keys[name] = None
+                sig.decide("permerror", f"key name: {exc}")
+        elif keys[name] is None:
+            sig.decide("permerror", "no key for signature")
+    return {name: key for name, key in keys.items() if key is not None}
+
+
+def verify(verifier, sigs: list[Signature], keys: dict[str, bytes]) -> None:
+    """Verify every signature still undecided (threadpool)."""
+    for sig in sigs:
+        if sig.result is not None:
+            continue
+        record = keys.get(sig.key_name)
+        try:
+            problem = key_problem(record, sig.tags)
+            if problem:
+                sig.decide("permerror", problem)
+                continue
+            ok = verifier.verify(idx=sig.index, dnsfunc=lambda _name, timeout=5: record)
+            if ok:
+                sig.decide("pass")
+            else:
+                sig.decide("fail", "signature did not verify")
+        except dkim.KeyFormatError as exc:  # e.g. an RSA key under MIN_RSA_BITS
+            sig.decide("permerror", f"key: {_said(exc)}")
+        except dkim.ValidationError as exc:
+            if "body hash" in str(exc):
+                sig.decide("fail", "body hash did not verify")
+            else:
+                sig.decide("neutral", f"signature: {_said(exc)}")
+        except Exception as exc:  # MessageFormatError, a library bug on hostile input
+            sig.decide("neutral", f"not verifiable: {type(exc).__name__}")
+
+
+def key_problem(record: bytes | None, sig_tags: dict) -> str:
+    """Why the key record cannot verify this signature (RFC 6376 3.6.1, 6.1.2), or ""."""
+    if record is None:
+        return "no key for signature"
+    try:
+        key = dkim.util.parse_tag_value(record)
+    except Exception:
+        return "key record syntax"
+    if b"p" not in key:
+        return "key record has no p="
+    if not key[b"p"].strip():
+        return "key revoked"
+    if key.get(b"v", b"DKIM1") != b"DKIM1":
+        return "key record version is not DKIM1"
+    try:
+        _pk, _size, ktag, _tlsrpt = dkim.evaluate_pk(b"key", record)
+    except Exception as exc:  # KeyFormatError, binascii.Error, a parse error deep in dkimpy
+        return safe_text(f"key record: {_said(exc)}", 120)
+    algorithm = sig_tags.get(b"a", b"").lower()
+    if ktag is None or not algorithm.startswith(ktag + b"-"):
+        return "key type does not match a="
+    hashes = key.get(b"h")
+    if hashes is not None and algorithm.partition(b"-")[2] not in {h.strip().lower() for h in hashes.split(b":")}:
+        return "key h= does not allow the signature's hash"
+    flags = {f.strip() for f in key.get(b"t", b"").split(b":")}
+    if b"s" in flags and b"i" in sig_tags:
+        if sig_tags[b"i"].rpartition(b"@")[2].lower() != sig_tags[b"d"].lower():
+            return "key t=s: i= domain must be d="
+    return ""
+
+
+# -- the check ----------------------------------------------------------------------------
+class DKIMCheck(Check):
+    """Verify the message's DKIM signatures; one Authentication-Results entry per signature
+    and results["dkim"] = [{"result", "domain", "selector"}, ...] for DMARC."""
+
+    Options = DKIMOptions
+    records_auth = True
+
+    def data(self, facts: Facts) -> Verdict:
+        if facts.open_message is None:
+            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+        max_header = self.options.get("max_header_size", 64 * 1024)
+        max_sigs = self.options.get("max_signatures", 5)
+        run = self.context.run
+        message, complete = run(read_message, facts.open_message, max_header)
+        verifier, sigs = run(prepare, message, complete, max_sigs)
+        if not sigs:
+            if not complete:
+                return Verdict.accept(results={"dkim": []}, auth=[AuthResult(
+                    "dkim", "neutral", reason=f"header section over {max_header} octets, not verified")])
+            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+        if verifier is not None:
+            keys = fetch_keys(self.context.dns, sigs)
+            run(verify, verifier, sigs, keys)
+        return Verdict.accept(results={"dkim": [s.fact() for s in sigs]}, auth=[s.auth() for s in sigs])
