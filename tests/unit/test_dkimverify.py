@@ -9,17 +9,15 @@ import itertools
 
 import dkim
 import dns.resolver
-import nacl.encoding
-import nacl.signing
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from geosmtp.checks.authresults import format_header
 from geosmtp.checks.dkimverify import DKIMCheck
 from geosmtp.checks.dns import DNS
 from geosmtp.checks.interface import CheckContext, Facts
 from geosmtp.checks.registry import CheckError, validate_options
+from tests.support.dkimkeys import Ed25519Key, RSAKey
+from tests.support.dkimkeys import sign as signed_by
 from tests.support.fakedns import FakeDNS
 
 DOMAIN = "signer.test"
@@ -27,24 +25,6 @@ BODY = b"Hello,\r\n\r\nthis is the body.\r\n"
 MESSAGE = (b"From: Alice <alice@signer.test>\r\nTo: bob@example.test\r\nSubject: greetings\r\n"
            b"Date: Wed, 02 Dec 2026 03:00:00 +0000\r\nMessage-ID: <1@signer.test>\r\n\r\n" + BODY)
 _selectors = itertools.count()
-
-
-class RSAKey:
-    def __init__(self, bits: int = 1024):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-        self.private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption())
-        der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        self.record = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
-        self.algorithm = b"rsa-sha256"
-
-
-class Ed25519Key:
-    def __init__(self):
-        key = nacl.signing.SigningKey.generate()
-        self.private = key.encode(encoder=nacl.encoding.Base64Encoder)
-        self.record = "v=DKIM1; k=ed25519; p=" + base64.b64encode(key.verify_key.encode()).decode()
-        self.algorithm = b"ed25519-sha256"
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +55,7 @@ def publish(fake_dns, key, domain=DOMAIN) -> str:
 
 
 def sign(message: bytes, key, sel: str, domain: str = DOMAIN, **kw) -> bytes:
-    kw.setdefault("include_headers", [b"from", b"to", b"subject", b"date", b"message-id"])
-    kw.setdefault("signature_algorithm", key.algorithm)
-    return dkim.sign(message, sel.encode(), domain.encode(), key.private, **kw) + message
+    return signed_by(message, key, sel, domain, **kw)
 
 
 def check(fake_dns, **options) -> DKIMCheck:
@@ -309,3 +287,30 @@ def test_options_are_validated():
     with pytest.raises(CheckError, match="max_signature: Extra inputs"):
         validate_options(DKIMCheck, {"max_signature": 3})
     assert validate_options(DKIMCheck, {}) == {"max_signatures": 5, "max_header_size": 65536}
+
+
+# -- a signer we did not write -----------------------------------------------------------
+def test_message_signed_by_opendkim(fake_dns, tmp_path, rsa_key):
+    """OpenDKIM's library signs (opendkim-testmsg, Debian opendkim-tools). That tool signs
+    only with rsa-sha1, which RFC 8301 forbids verifiers to accept: we say "policy", while
+    dkimpy itself, asked through the same DNS, finds the very signature valid (so "policy"
+    is the RFC's rule, not a signature we failed to read)."""
+    import shutil
+    import subprocess
+    tool = shutil.which("opendkim-testmsg", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert tool, "opendkim-testmsg is missing: apt-get install opendkim-tools"
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(rsa_key.private)
+    sel = publish(fake_dns, rsa_key)
+    out = subprocess.run([tool, "-C", "-d", DOMAIN, "-s", sel, "-k", str(key_file)], input=MESSAGE,
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    signed = out.stdout
+    assert signed.startswith(b"DKIM-Signature: v=1; a=rsa-sha1; c=relaxed/simple; d=signer.test; s=" + sel.encode())
+    v = run(fake_dns, signed)
+    assert outcome(v) == [("policy", "rsa-sha1 is not accepted (RFC 8301)")]
+    assert v.results["dkim"] == [{"result": "policy", "domain": DOMAIN, "selector": sel}]
+    key_dns = check(fake_dns).context.dns
+    lookup = lambda name, timeout=5: key_dns.txt(name.decode().rstrip("."))[0]  # noqa: E731
+    assert dkim.verify(signed, dnsfunc=lookup, minkey=1024)
+    assert not dkim.verify(signed.replace(b"greetings", b"greetingz"), dnsfunc=lookup, minkey=1024)
