@@ -314,3 +314,62 @@ def test_message_signed_by_opendkim(fake_dns, tmp_path, rsa_key):
     lookup = lambda name, timeout=5: key_dns.txt(name.decode().rstrip("."))[0]  # noqa: E731
     assert dkim.verify(signed, dnsfunc=lookup, minkey=1024)
     assert not dkim.verify(signed.replace(b"greetings", b"greetingz"), dnsfunc=lookup, minkey=1024)
+
+
+@pytest.fixture
+def opendkim(tmp_path, rsa_key):
+    """The OpenDKIM milter (Debian opendkim) signing for signer.test with rsa-sha256,
+    started here on its own port; stopped after the test."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from tests.support.server import free_port
+    binary = shutil.which("opendkim", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert binary, "opendkim is missing: apt-get install opendkim"
+    port = free_port()
+    key_file = tmp_path / "signer.pem"
+    key_file.write_bytes(rsa_key.private)
+    key_file.chmod(0o600)
+    sel = selector()
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(f"Mode s\nDomain {DOMAIN}\nSelector {sel}\nKeyFile {key_file}\n"
+                    f"Socket inet:{port}@127.0.0.1\nSignatureAlgorithm rsa-sha256\n"
+                    "Canonicalization relaxed/simple\nSyslog no\nRequireSafeKeys no\n"
+                    f"PidFile {tmp_path / 'opendkim.pid'}\nBackground no\nUMask 077\n")
+    proc = subprocess.Popen([binary, "-f", "-x", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "opendkim did not listen in 10s"
+                time.sleep(0.05)
+        yield port, sel
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_message_signed_by_the_opendkim_milter(fake_dns, rsa_key, opendkim, tamper):
+    from tests.support.milter import milter_headers
+    port, sel = opendkim
+    fake_dns.txt(f"{sel}._domainkey.{DOMAIN}", rsa_key.record)
+    added = milter_headers("127.0.0.1", port, "alice@signer.test", "bob@example.test", MESSAGE)
+    (value,) = [v for n, v in added if n.lower() == "dkim-signature"]
+    assert "a=rsa-sha256" in value and f"s={sel}" in value, value
+    signed = b"DKIM-Signature: " + value.replace("\r\n", "\n").replace("\n", "\r\n").encode() + b"\r\n" + MESSAGE
+    if tamper:
+        signed = signed.replace(b"this is the body", b"this is the b0dy")
+    v = run(fake_dns, signed)
+    assert outcome(v) == ([("fail", "body hash did not verify")] if tamper else [("pass", "")])
+    assert dict(v.auth[0].properties)["header.s"] == sel
