@@ -188,14 +188,15 @@ def domain_exists(dns_, domain: str) -> bool:
 def evaluate(dns_, walker: TreeWalker, author: str, spf: str | None, dkim: list[str]) -> Outcome:
     """DMARC for one Author Domain given the SPF-authenticated domain and the DKIM
     signing domains that passed."""
-    try:
-        found = walker.walk(author)
+    try:  # the Author Domain's own record first: with it, the walk above waits until needed
+        own = walker.record_at(author)
+        found = None if own is not None else walker.walk(author)
     except TempError as exc:
         return Outcome(author, "temperror", reason=f"policy lookup: {exc}")
-    records = dict(found)
-    if author in records:
-        policy_domain, record = author, records[author]
+    if own is not None:
+        policy_domain, record = author, own
     else:
+        records = dict(found)
         org = walker.organizational_domain(author, found)
         psd = next(((n, r) for n, r in found if r.psd == "y"), None)
         if org != author and org in records:

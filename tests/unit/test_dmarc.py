@@ -404,6 +404,16 @@ def test_temperror_on_the_walk_above_is_temperror(zone):
     assert v.results["dmarc"]["result"] == "temperror"
 
 
+def test_trouble_above_a_found_record_matters_only_when_the_walk_is_needed(zone):
+    zone.txt("_dmarc.example.test", "v=DMARC1; p=reject")
+    zone.servfail("_dmarc.test")
+    v = check(zone).data(facts(header_for("example.test"), dkim=[("pass", "example.test")]))
+    assert v.results["dmarc"]["result"] == "pass"  # identical: no Organizational Domain needed
+    assert ("_dmarc.test", "TXT") not in zone.queries
+    v = check(zone).data(facts(header_for("example.test"), dkim=[("pass", "mail.example.test")]))
+    assert v.results["dmarc"]["result"] == "temperror"  # relaxed: the walk is needed, and fails
+
+
 def test_temperror_for_one_identifier_does_not_hide_another_aligned(zone):
     zone.txt("_dmarc.example.test", "v=DMARC1; p=reject")
     zone.servfail("_dmarc.mail.example.test")
