@@ -48,7 +48,7 @@ def parse_address(address: str) -> tuple[int, object]:
             raise ValueError("unix: needs an absolute path, e.g. \"unix:/run/postgrey.sock\"")
         return socket.AF_UNIX, path
     rest = address[5:] if address.startswith("inet:") else address
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", rest)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s/]+):(\d{1,5})", rest)
     if not m:
         raise ValueError("must be \"IP:port\" (\"127.0.0.1:10023\", \"[::1]:10023\") or \"unix:/path\"")
     try:
