@@ -448,3 +448,19 @@ def test_to_verdict_never_raises_other_than_unusable():
         except UnusableReply:
             continue
         assert verdict.action in ("accept", "reject", "defer", "close", "quarantine")
+
+
+def test_end_of_message_keeps_the_transactions_instance(server):
+    """As the session runs it: DATA ends the transaction before the message is read, and
+    the end-of-data checks get what MAIL and RCPT learnt."""
+    srv = server()
+    check = make(srv.address, phases=["rcpt", "data"])
+    session = Engine([CheckSpec("policy", check)], "mx.test").session()
+    assert session.run(facts()) is None
+    learnt = session.tx
+    session.end_transaction()
+    outcome = session.data(facts("data", recipients=("bob@example.test",), results=session.results()),
+                           learnt, rewrite=lambda edit: None)
+    assert outcome.refusal is None
+    rcpt, end = srv.requests
+    assert end["protocol_state"] == "END-OF-MESSAGE" and end["instance"] == rcpt["instance"]
