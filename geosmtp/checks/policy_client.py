@@ -110,6 +110,7 @@ class PolicyClient:
         self._idle: list[_Connection] = []  # most recently used last
         self._slots = BoundedSemaphore(max_connections)
         self.opened = 0  # connections opened so far (for tests and logs)
+        self.closed = False  # replaced by a reload: sessions still open use it, nothing is kept
 
     # -- the pool -----------------------------------------------------------------------------
     def _usable(self, conn: _Connection, now: float) -> bool:
@@ -147,13 +148,14 @@ class PolicyClient:
     def _checkin(self, conn: _Connection) -> None:
         now = time.monotonic()
         conn.used = now
-        if now - conn.opened > self.max_ttl or len(self._idle) >= self.max_connections:
+        if self.closed or now - conn.opened > self.max_ttl or len(self._idle) >= self.max_connections:
             conn.close()
         else:
             self._idle.append(conn)
 
     def close(self) -> None:
-        """Close the kept connections (a reload replaces the check)."""
+        """Close the kept connections (a reload replaces the check); keep none from now on."""
+        self.closed = True
         while self._idle:
             self._idle.pop().close()
 

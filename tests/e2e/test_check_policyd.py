@@ -18,7 +18,6 @@ import re
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -110,7 +109,7 @@ def policyd_spf(tmp_path, dns):
                     "PermError_reject = False\nTempError_Defer = False\nLookup_Time = 5\n"
                     "skip_addresses = 127.0.0.0/8,::ffff:127.0.0.0/104,::1\n")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(home / "site"), "LANG": "C.UTF-8"}
-    bridge = StdioBridge([POLICYD_SPF, str(conf)], env=env, cwd=home).start()
+    bridge = StdioBridge([POLICYD_SPF, str(conf)], cwd=home, env=env).start()
     yield bridge
     bridge.stop()
 

@@ -124,8 +124,9 @@ class StdioBridge:
     """A TCP listener on loopback that runs `argv` once per connection and joins the
     connection to the program's stdin and stdout, as Postfix's spawn(8) does."""
 
-    def __init__(self, argv: list[str], env: dict | None = None, cwd: Path | None = None):
+    def __init__(self, argv: list[str], cwd: Path, env: dict | None = None):
         self.argv, self.env, self.cwd = argv, env, cwd
+        self.stderr_path = Path(cwd) / "stderr.log"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         self._stop = threading.Event()
@@ -150,16 +151,9 @@ class StdioBridge:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=5)
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            for pipe in (proc.stdin, proc.stdout):
                 if pipe:
                     pipe.close()
-
-    def stderr_text(self) -> str:
-        out = []
-        for proc in self.procs:
-            if proc.poll() is not None and proc.stderr:
-                out.append(proc.stderr.read().decode("utf-8", "replace"))
-        return "".join(out)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -167,8 +161,9 @@ class StdioBridge:
                 conn, _ = self.listener.accept()
             except (socket.timeout, OSError):
                 continue
-            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=self.env, cwd=self.cwd)
+            with open(self.stderr_path, "ab") as err:  # the program's complaints, for a failing test
+                proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=err, env=self.env, cwd=self.cwd)
             self.procs.append(proc)
             threading.Thread(target=self._to_program, args=(conn, proc), daemon=True).start()
             threading.Thread(target=self._from_program, args=(conn, proc), daemon=True).start()

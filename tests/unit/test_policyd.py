@@ -410,6 +410,9 @@ def test_close_releases_kept_connections(server):
     while srv._open and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not srv._open
+    # a session still open after the reload may ask once more: nothing is kept after that
+    assert check.rcpt(facts()).action == "accept"
+    assert check.client._idle == [] and srv.connections == 2
 
 
 def test_unix_socket(server, tmp_path):
