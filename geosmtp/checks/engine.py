@@ -203,6 +203,8 @@ class SessionChecks:
         Authentication-Results, the checks' fields) and whether it is quarantined.
         `rewrite(edit)` replaces the message file, edit(src, dst) writing the new one: used
         only when fields are removed."""
+        # the session has ended the transaction by now: its results are in `tx`, not self.tx
+        facts = replace(facts, results=MappingProxyType({**self.connection.results, **tx.results}))
         if self.wants("data") and (refusal := self.run(facts, log, tx)) is not None:
             return DataOutcome(refusal)
         hostname = self.engine.hostname
