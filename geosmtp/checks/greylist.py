@@ -158,6 +158,10 @@ def triplet(ip, sender: str | None, recipient: str | None) -> str:
     return f"{net} {len(s)}:{s} {(recipient or '').lower()}"
 
 
+def greylisted(seconds: int) -> str:
+    return f"Greylisted, try again in {seconds} second{'' if seconds == 1 else 's'}"
+
+
 class GreylistCheck(Check):
     Options = Options
 
@@ -213,7 +217,7 @@ class GreylistCheck(Check):
             return Verdict.accept(results={"greylist": state})
         logger.info("greylist: [{}] <{}> -> <{}>: deferred {}s", facts.ip, safe_text(facts.sender or "", 200),
                     safe_text(facts.recipient or "", 200), seconds)
-        return Verdict.defer(f"Greylisted, try again in {seconds} seconds", 451, "4.7.1")
+        return Verdict.defer(greylisted(seconds), 451, "4.7.1")
 
     def data(self, facts: Facts) -> Verdict | None:
         state = facts.results.get("greylist") or {}
@@ -228,4 +232,4 @@ class GreylistCheck(Check):
         logger.info("greylist: [{}] <{}>: message deferred {}s ({} greylisted recipient(s), no DKIM pass "
                     "of a listed domain)", facts.ip, safe_text(facts.sender or "", 200), seconds,
                     len(state["pending"]))
-        return Verdict.defer(f"Greylisted, try again in {seconds} seconds", 451, "4.7.1")
+        return Verdict.defer(greylisted(seconds), 451, "4.7.1")

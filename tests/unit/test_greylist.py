@@ -38,7 +38,7 @@ def facts(phase="rcpt", ip=IP, sender="Alice@Sender.test", recipient="bob@ours.t
 def deferred_for(v) -> int:
     assert v is not None and v.action == DEFER and (v.reply.code, v.reply.enhanced) == (451, "4.7.1"), v
     words = v.reply.text.split()
-    assert words[:4] == ["Greylisted,", "try", "again", "in"] and words[-1] == "seconds", v.reply.text
+    assert words[:4] == ["Greylisted,", "try", "again", "in"] and words[-1] == ("second" if words[4] == "1" else "seconds"), v.reply.text
     return int(words[4])
 
 
