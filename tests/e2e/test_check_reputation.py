@@ -13,6 +13,7 @@ from geosmtp.checks.dns import reversed_ip
 from tests.support.checks import checks_server, client_from
 from tests.support.e2e import queue_id, send_message, wait_delivered
 from tests.support.fakedns import FakeDNS
+from tests.support.rbldnsd import Rbldnsd
 
 ALICE = "alice@example.test"
 SENDER = "someone@sender.test"
@@ -120,6 +121,7 @@ def test_all_zones_are_asked_at_once(dns, tmp_path):
         assert 1.5 < waited < 3.5, waited
         assert c.code(f"MAIL FROM:<{SENDER}>") == "250 2.1.0"
         assert c.code(f"RCPT TO:<{ALICE}>") == "250 2.1.5"  # a list we cannot ask refuses nothing
+        c.cmd("QUIT")
     finally:
         s.stop()
     assert s.log().count("counted as not listed") == 4
@@ -180,3 +182,25 @@ def test_greylisting_with_dkim_domains_decides_the_message_at_data(dns, tmp_path
         wait_delivered(s, ALICE, qid)
     finally:
         s.stop()
+
+
+def test_a_real_dnsbl_server(tmp_path):
+    """Our dnsbl check against rbldnsd (Debian's DNSBL server), pointed at it by [relay]
+    dns_servers: IPv4 and IPv6 listings, the "refused" answer, an address not listed."""
+    v4 = ["192.0.2.60", "192.0.2.61 :127.255.255.254:refused"]
+    with Rbldnsd("rbl.test", v4=v4, v6=["2001:db8:60::/48 :127.0.0.4:v6 listed"]) as rbl:
+        check = {"type": "dnsbl", "zones": [{"zone": "rbl.test", "answers": ["127.0.0.0/8"]}], "listeners": ["mx"]}
+        s = checks_server(tmp_path, rbl, [check]).start()
+        try:
+            for ip, refused in (("192.0.2.60", True), ("2001:db8:60::7", True), ("192.0.2.61", False),
+                                ("192.0.2.62", False)):
+                c = client_from(s, ip)
+                assert c.code(f"MAIL FROM:<{SENDER}>") == "250 2.1.0"
+                want = ((550, [f"5.7.1 Service unavailable; client [{ip}] blocked using rbl.test"]) if refused
+                        else (250, ["2.1.5 Ok"]))
+                got = c.cmd(f"RCPT TO:<{ALICE}>")
+                assert got[0] == want[0] and (not refused or got == want), (ip, got)
+                c.cmd("QUIT")
+        finally:
+            s.stop()
+    assert "the list refused our query (answer 127.255.255.254)" in s.log()
