@@ -198,13 +198,15 @@ class DNSBLCheck(Check):
         names = list(dict.fromkeys(z.name for z in self.zones if ip.version == 4 or z.ipv6))
         jobs = [gevent.spawn(self._ask, name, ip) for name in names]
         timeout = getattr(self.context.dns.resolver, "lifetime", 5.0) + 1.0
-        gevent.joinall(jobs, timeout=timeout)
+        try:
+            gevent.joinall(jobs, timeout=timeout)
+        finally:  # also when the engine's timeout for this check ends us first
+            gevent.killall([j for j in jobs if not j.ready()], block=False)
         answers = {}
         for name, job in zip(names, jobs):
             if job.successful():
                 answers[name] = job.value
             else:
-                job.kill(block=False)
                 logger.warning("dnsbl {}: no answer in {:g}s, counted as not listed", name, timeout)
         listed = []
         for zone in self.zones:

@@ -85,12 +85,11 @@ class FCrDNSCheck(Check):
             return "fail", None
         jobs = [gevent.spawn(self._forward, name, ip) for name in names]
         timeout = getattr(self.context.dns.resolver, "lifetime", 5.0) + 1.0
-        gevent.joinall(jobs, timeout=timeout)
-        outcomes = []
-        for job in jobs:
-            if not job.successful():
-                job.kill(block=False)
-            outcomes.append(job.value if job.successful() else "temperror")
+        try:
+            gevent.joinall(jobs, timeout=timeout)
+        finally:  # also when the engine's timeout for this check ends us first
+            gevent.killall([j for j in jobs if not j.ready()], block=False)
+        outcomes = [job.value if job.successful() else "temperror" for job in jobs]
         for name, outcome in zip(names, outcomes):
             if outcome == "pass":
                 return "pass", name
