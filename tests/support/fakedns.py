@@ -1,6 +1,6 @@
 """A fake authoritative DNS server on loopback (UDP and TCP on one port), built on dnslib.
 
-Tests load records with mx()/a()/aaaa()/txt()/cname()/null_mx(), make names fail with
+Tests load records with mx()/a()/aaaa()/txt()/ptr()/cname()/null_mx(), make names fail with
 servfail()/hang(), and point the server under test at `.address` ("127.0.0.1:PORT").
 Every question received is recorded in `.queries`, so a test can see what was (not) cached.
 
@@ -13,11 +13,14 @@ twice in `.queries` (set `truncate_udp = False` to send big UDP replies whole).
 """
 from __future__ import annotations
 
+import ipaddress
 import socketserver
 import sys
 import threading
 
-from dnslib import AAAA, CNAME, EDNS0, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSHeader, DNSRecord
+from dnslib import (
+    AAAA, CNAME, EDNS0, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSError, DNSHeader, DNSLabel, DNSRecord,
+)
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 _QUIET = DNSLogger("-request,-reply,-recv,-send,-truncated,-error,-data", False)
@@ -177,6 +180,13 @@ class FakeDNS:
     def txt(self, name: str, *texts: str | bytes, ttl: int = 60) -> None:
         """Replace the TXT records of `name`: one record per text, each split in 255-byte strings."""
         self._set(name, "TXT", ttl, [TXT(_txt_strings(t)) for t in texts])
+
+    def ptr(self, ip: str, *names: str | list[bytes], ttl: int = 60) -> None:
+        """Replace the PTR records of address `ip` (at its in-addr.arpa / ip6.arpa name). A
+        name is text ("mail.example.test") or a list of raw labels ([b"a\\r\\nb", b"test"]),
+        for the hostile reverse zones a client can publish."""
+        owner = ipaddress.ip_address(ip).reverse_pointer
+        self._set(owner, "PTR", ttl, [PTR(n if isinstance(n, str) else DNSLabel(list(n))) for n in names])
 
     def cname(self, name: str, target: str, ttl: int = 60) -> None:
         """Make `name` an alias; in-data targets are followed in the answer."""
