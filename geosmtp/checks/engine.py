@@ -140,8 +140,6 @@ class SessionChecks:
         phase = facts.phase
         if learnt is None:
             learnt = self.connection if phase in CONNECTION_PHASES else self.tx
-        else:  # the end of DATA: the session has moved on, what MAIL and RCPT learnt is `learnt`
-            facts = replace(facts, results=MappingProxyType({**self.connection.results, **learnt.results}))
         for spec in self.engine.by_phase[phase]:
             if spec.skip_trusted and (facts.trusted or facts.auth_user):
                 continue
