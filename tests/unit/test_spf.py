@@ -11,9 +11,8 @@ the cross-check points at the same FakeDNS; PYSPF_DIFFERS lists the cases where 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
-
 import dns.resolver
+import gevent
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -444,6 +443,14 @@ def test_syntax_errors(text):
     with pytest.raises(SPFError) as err:
         parse_record(text)
     assert err.value.result == "permerror"
+
+
+def test_a_huge_record_lets_other_sessions_run():
+    """Parsing 40 KB of terms gives the gevent hub a turn (another greenlet runs meanwhile)."""
+    ran = []
+    gevent.spawn(ran.append, "other session")
+    record = parse_record(HUGE)
+    assert ran == ["other session"] and len(record.terms) == 3002
 
 
 _TERM = st.one_of(
