@@ -24,20 +24,21 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import dns.name
-import gevent
 import dns.reversename
+import gevent
 from loguru import logger
 from pydantic import BaseModel, ConfigDict
 
 from geosmtp.checks.dns import BadName
 from geosmtp.checks.dns import TempError as DNSTempError
-from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict
+from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 MAX_DNS_TERMS = 10  # 4.6.4: include, a, mx, ptr, exists, redirect
 MAX_VOID_LOOKUPS = 2  # 4.6.4: terms whose query found nothing (NXDOMAIN or no record)
 MAX_NAMES = 10  # 4.6.4: MX hosts of one mx term, PTR names of one ptr term or %{p}
 MAX_NAME = 253  # 7.3: an expanded name longer loses labels on its left
+MAX_PTR_ERRORS = 2  # failed address lookups that end the validation of PTR names
 YIELD_EVERY = 1000  # words of a record parsed between two turns of the gevent hub
 
 _QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
@@ -129,10 +130,10 @@ def parse_macro_string(text: str, domain_spec: bool) -> tuple:
                 letter, digits, reverse, delimiters = m.groups()
                 if letter.lower() not in _MACRO_LETTERS:
                     raise _perm(f"macro letter {letter!r} is not allowed here")
-                if digits and int(digits) == 0:
+                if digits and not digits.strip("0"):
                     raise _perm("a macro keeps zero parts")
-                tokens.append(Macro(letter.lower(), letter.isupper(), min(int(digits or 0), 128),
-                                    bool(reverse), delimiters or "."))
+                parts = 128 if len(digits) > 3 else int(digits or 0)  # a name has at most 127 labels
+                tokens.append(Macro(letter.lower(), letter.isupper(), parts, bool(reverse), delimiters or "."))
             last_literal, pos = "", m.end()
         else:
             m = _LITERAL.match(text, pos)
@@ -229,11 +230,13 @@ def dns_name(text: str) -> dns.name.Name | None:
     removed past 253 characters); None when it cannot be asked (an empty or long label)."""
     if text.endswith("."):
         text = text[:-1]
-    labels = text.split(".")
-    while len(".".join(labels)) > MAX_NAME and len(labels) > 1:
-        labels.pop(0)
+    if len(text) > MAX_NAME:  # the first dot after which at most 253 characters are left
+        cut = text.find(".", len(text) - MAX_NAME - 1)
+        if cut < 0:
+            return None
+        text = text[cut + 1:]
     try:
-        raw = [label.encode("utf-8") for label in labels]
+        raw = [label.encode("utf-8") for label in text.split(".")]
         if not all(0 < len(label) < 64 for label in raw):
             return None
         return dns.name.Name([*raw, b""])
@@ -262,8 +265,8 @@ class Evaluation:
         self.helo = helo or "unknown"
         self.dns_terms = 0
         self.void_lookups = 0
-        self._ptr_names: list[dns.name.Name] | None = None
-        self._validated: list[str] | None = None
+        self._validated: list[str] | None = None  # for ptr and %{p}, asked once
+        self._ptr_void = False
 
     @property
     def sender(self) -> str:
@@ -388,24 +391,28 @@ class Evaluation:
 
     def _validated_names(self, count_void: bool = False) -> list[str]:
         """The client's PTR names that resolve back to it (5.5), of the first 10 PTR names;
-        a DNS error on the PTR or on a name makes that part not match (not temperror)."""
-        if self._ptr_names is None:
+        a DNS error on the PTR or on a name makes that part not match (not temperror), and
+        after a second failed name the rest are left unvalidated (section 11.1: the client
+        writes its reverse zone, each timeout would cost our resolver's whole timeout)."""
+        if self._validated is None:
             try:
                 answer = self.dns.query(dns.reversename.from_address(str(self.ip)), "PTR")
             except (DNSTempError, BadName):
                 answer = None
-            self._ptr_names = None if answer is None else [r.target for r in answer]
-        if self._ptr_names is not None and not self._ptr_names and count_void:
-            self._void()
-        if self._validated is None:
-            self._validated = []
-            for target in (self._ptr_names or [])[:MAX_NAMES]:
+            self._ptr_void = answer == []
+            self._validated, errors = [], 0
+            for record in (answer or [])[:MAX_NAMES]:
                 try:
-                    answer = self.dns.query(target, "A" if self.ip.version == 4 else "AAAA")
+                    addresses = self.dns.query(record.target, "A" if self.ip.version == 4 else "AAAA")
                 except (DNSTempError, BadName):
+                    errors += 1
+                    if errors == MAX_PTR_ERRORS:
+                        break
                     continue
-                if any(ipaddress.ip_address(r.address) == self.ip for r in answer):
-                    self._validated.append(_text(target))
+                if any(ipaddress.ip_address(r.address) == self.ip for r in addresses):
+                    self._validated.append(_text(record.target))
+        if count_void and self._ptr_void:
+            self._void()
         return self._validated
 
     # -- macros (section 7) ----------------------------------------------------------------
@@ -493,15 +500,15 @@ class SPFCheck(Check):
     def mail(self, facts: Facts) -> Verdict:
         scope, raw_domain, sender, prop = self.identity(facts)
         domain = identity_domain(raw_domain)
-        if domain is None:
-            result, why = "none", "no domain to check"
+        if domain is None:  # 4.3: nothing to check
+            result, why = "none", ""
         else:
             try:
                 result, why = check_host(self.context.dns, facts.ip, domain, sender, facts.helo)
             except Exception as exc:  # a bug of ours must still give a result, and be seen
                 logger.opt(exception=exc).error("spf: evaluating {} failed", domain)
                 result, why = "temperror", "internal error"
-        shown = domain or raw_domain.lower()
+        shown = domain or safe_text(raw_domain.lower(), 255)
         log = logger.info if why else logger.debug  # an error's cause is not in the header: here
         log("spf: {} {} for {} {}{}", result, scope, shown, facts.ip, f" ({why})" if why else "")
         if result == "fail" and self.settings.reject_fail:

@@ -11,6 +11,7 @@ the cross-check points at the same FakeDNS; PYSPF_DIFFERS lists the cases where 
 from __future__ import annotations
 
 import ipaddress
+import time
 import dns.resolver
 import gevent
 import pytest
@@ -472,3 +473,33 @@ def test_any_record_gives_a_result(fake, terms, local):
     result, why = check_host(our_dns(fake), ipaddress.ip_address(V4), "fuzz.t", f"{local}@fuzz.t", "h.t")
     assert result in RESULTS
     assert (result in ("permerror", "temperror")) == bool(why)
+
+
+def test_ptr_validation_stops_after_two_failed_names(fake):
+    """Section 11.1 before 5.5's "skip it and go on": the client writes its reverse zone, and
+    each failing name could cost the resolver's whole timeout. After two, the rest stay
+    unvalidated (the RFC would validate good.ptrh.t: pass; pyspf gives temperror)."""
+    fake._set("12.2.0.192.in-addr.arpa", "PTR", 60,
+              [_ptr(n) for n in ("bad1.ptrh.t", "bad2.ptrh.t", "good.ptrh.t")])
+    fake.servfail("bad1.ptrh.t")
+    fake.servfail("bad2.ptrh.t")
+    fake.a("good.ptrh.t", "192.0.2.12")
+    fake.txt("ptrh.t", "v=spf1 ptr -all")
+    fake.reset_queries()
+    assert make_check(fake).mail(facts("192.0.2.12", "u@ptrh.t")).results["spf"]["result"] == "fail"
+    assert ("good.ptrh.t", "A") not in fake.queries
+    fake.remove("bad2.ptrh.t")  # one failure is skipped: the next name is validated
+    assert make_check(fake).mail(facts("192.0.2.12", "u@ptrh.t")).results["spf"]["result"] == "pass"
+
+
+@pytest.mark.parametrize("record, expected", [
+    ("v=spf1 exists:" + "%{s}" * 4000 + ".t -all", "fail"),  # 16 KB of macros: a ~400 KB name, cut to 253
+    ("v=spf1 exists:%{d" + "9" * 5000 + "}.t ip4:192.0.2.10 -all", "pass"),  # more digits than int() reads
+    ("v=spf1 " + "a:host.t " * 5000 + "-all", "permerror"),  # 5000 terms: the 11th ends it
+])
+def test_expansions_stay_bounded(fake, record, expected):
+    fake.txt("big.t", record)
+    started = time.monotonic()
+    verdict = make_check(fake).mail(facts(V4, "a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s.t.u.v.w.x.y.z.0.1.2.3@big.t"))
+    assert verdict.results["spf"]["result"] == expected
+    assert time.monotonic() - started < 1.0
