@@ -84,9 +84,12 @@ def first_field(head: bytes) -> bytes:
     (BAD, "user@soft.sender.test", "client.test", b"spf=softfail smtp.mailfrom=user@soft.sender.test"),
     (GOOD_V4, "user@nothing.sender.test", "client.test", b"spf=none smtp.mailfrom=user@nothing.sender.test"),
     (GOOD_V4, "user@broken.sender.test", "client.test", b"spf=temperror smtp.mailfrom=user@broken.sender.test"),
+    (GOOD_V4, "user@[192.0.2.1]", "client.test", b'spf=none smtp.mailfrom="user@[192.0.2.1]"'),
+    (GOOD_V4, "", "[192.0.2.10]", b'spf=none smtp.helo="[192.0.2.10]"'),
     (GOOD_V4, "", "helo.sender.test", b"spf=pass smtp.helo=helo.sender.test"),
     (BAD, "", "helo.sender.test", b"spf=fail smtp.helo=helo.sender.test"),
-], ids=["pass", "pass-ipv6", "fail", "softfail", "none", "temperror", "helo-pass", "helo-fail"])
+], ids=["pass", "pass-ipv6", "fail", "softfail", "none", "temperror", "literal", "helo-literal",
+        "helo-pass", "helo-fail"])
 def test_result_is_recorded_in_authentication_results(plain, ip, sender, helo, expected):
     head = deliver(plain, ip, sender, helo)
     assert first_field(head) == b"Authentication-Results: mx.example.test;\n\t" + expected, head
