@@ -13,7 +13,8 @@ exp= (6.2) is parsed and checked like any domain-spec but never fetched: our ref
 
 What hostile DNS can do ends as a result, never an exception: several v=spf1 records, bytes
 that are not ASCII, NUL in a term, include loops (they run out of the 10 terms), names that
-cannot be names.
+cannot be names. One departure, for section 11.1's sake: PTR names are validated until the
+second one whose lookup fails (5.5 would go on through all 10, each failure a timeout).
 """
 from __future__ import annotations
 
