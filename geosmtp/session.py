@@ -7,6 +7,7 @@ separate object that RSET, EHLO/HELO and the end of DATA drop.
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import random
 import time
@@ -692,7 +693,7 @@ class Session:
                               auth_user=self.auth_user, tls=self.tls),
             size=writer.size, body=tx.body, smtputf8=tx.smtputf8,
         )
-        at_end = partial(self._end_of_data, tx, envelope, learnt) if self.checks.needs_data(learnt) else None
+        at_end = partial(self._end_of_data, tx, envelope, learnt, writer) if self.checks.needs_data(learnt) else None
         try:
             self.spool.commit(writer, envelope, hold=s.hold, check=at_end)
         except Refused as exc:
@@ -703,12 +704,15 @@ class Session:
         self._accepted(envelope, tx)
         return replies.queued(envelope.id)
 
-    def _end_of_data(self, tx: Transaction, envelope: Envelope, learnt, path: str) -> bool:
+    def _end_of_data(self, tx: Transaction, envelope: Envelope, learnt, writer, path: str) -> bool:
         """The data checks on the finished message `path`: raises Refused, or records their
-        fields and quarantine in the envelope and returns whether it goes to hold/."""
+        fields and quarantine in the envelope and returns whether it goes to hold/. A small
+        message is read from the octets the writer kept, not from the file again."""
+        kept = writer.kept
+        opener = partial(io.BytesIO, kept) if kept is not None else partial(self.spool.open_body, envelope.id)
         facts = self.check_facts("data", tx=tx, queue_id=envelope.id, message_path=path, size=envelope.size,
-                                 open_message=partial(self.spool.open_body, envelope.id))
-        outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, envelope.id), self.log)
+                                 open_message=opener)
+        outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, writer), self.log)
         if outcome.refusal is not None:
             self.log.info("message refused at end of data: {}", outcome.refusal)
             raise Refused(outcome.refusal)

@@ -38,6 +38,9 @@ STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
 PLACEHOLDER = b"{}\n"  # first line of a message streamed before its envelope was known
 MAX_ENVELOPE = 8 * 1024 * 1024  # an envelope line longer than this is corrupt
+# room left in a checked message's envelope line for what the checks add (an
+# Authentication-Results field, a quarantine reason) without a second file
+ENVELOPE_ROOM = 1536
 
 
 class SpoolError(Exception):
@@ -99,7 +102,9 @@ class MessageWriter:
         self._parts: list[bytes] = []
         self._buffered = 0
         self._fd: int | None = None
+        self._unsealed: int | None = None  # finished but not yet synced (see seal)
         self.error: OSError | None = None
+        self.kept: bytes | None = None  # a small message's octets, once finished
 
     @property
     def spilled(self) -> bool:
@@ -132,28 +137,58 @@ class MessageWriter:
             data = PLACEHOLDER + data
         safeio.write_all(self._fd, data)
 
-    def finish(self, first_line: bytes) -> None:
+    def finish(self, first_line: bytes, sync: bool = True) -> None:
         """Write what is left, fsync, close. `first_line` (the envelope) is used only if
-        nothing was written yet. Runs off the hub."""
+        nothing was written yet. Runs off the hub. With sync=False the file is written but
+        kept open for seal(), which syncs it (the end-of-data checks run in between)."""
         if self.error is not None:
             raise self.error
         if self._fd is None:
             self._fd = safeio.create(self.spool.message_path(self.id))
-            data = first_line + self._take()
+            self.kept = self._take()  # what an end-of-data check reads, without opening the file
+            data = first_line + self.kept
         else:
             data = self._take()
         fd, self._fd = self._fd, None
         try:
             safeio.write_all(fd, data)
+            if not sync:
+                self._unsealed, fd = fd, None
+                return
+            os.fsync(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def seal(self, first_line: bytes | None = None) -> None:
+        """After finish(sync=False): write `first_line` over the first line (of the same
+        length), fsync, close."""
+        fd, self._unsealed = self._unsealed, None
+        try:
+            if first_line is not None:
+                os.pwrite(fd, first_line, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    def replace(self, edit: Callable[[BinaryIO, int], None]) -> None:
+        """After finish(sync=False): the message file replaced by what edit(source after the
+        first line, destination) writes, the first line kept; the new file is the one
+        seal() then completes."""
+        path = self.spool.message_path(self.id)
+        with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
+            safeio.write_all(dst, src.readline(MAX_ENVELOPE))
+            edit(src, dst)
+        os.close(self._unsealed)
+        self._unsealed = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.kept = None  # what was kept is not the message any more
+
     def abort(self) -> None:
         self._parts.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._unsealed):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._unsealed = None
         safeio.unlink_quietly(self.spool.message_path(self.id))
 
 
@@ -203,9 +238,11 @@ class Spool:
         finished message) runs between them (the end-of-data checks reading the whole
         message): if it raises, nothing is queued and the exception goes on to the caller;
         it may change the envelope (fields to add in front, a quarantine reason) and returns
-        True to put the message in hold/. A changed envelope is published as its own entry
-        file (the message file keeps the first line it was finished with, which nothing
-        reads again), and then both directories are synced.
+        True to put the message in hold/. The message is then written with its envelope
+        line padded (JSON allows the white space) but not yet fsynced: a changed envelope
+        that fits is written over the first line, and the file is fsynced once, as without
+        a check. One that does not fit (or a spilled message's) is published as its own
+        entry file, and both directories are synced.
         Raises SpoolError for a storage failure, leaving nothing behind either way.
         """
         qid = envelope.id
@@ -220,13 +257,15 @@ class Spool:
                 alone = self._committing == 1
                 self.run(self._commit, writer, line, entry, dirs if alone else ())
             else:
-                alone = False
-                spilled = self.run(self._finish, writer, line)
+                padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
+                spilled = self.run(self._finish, writer, padded, False)
                 hold = check(self.message_path(qid)) or hold
                 published = envelope.to_line()
-                spilled = spilled or published != line
-                entry, dirs = self._placing(qid, hold, spilled)
-                self.run(self._publish, qid, published, entry, spilled, ())
+                in_place = not spilled and len(published) <= len(padded)
+                first = published[:-1].ljust(len(padded) - 1) + b"\n" if in_place and published != line else None
+                entry, dirs = self._placing(qid, hold, not in_place)
+                alone = self._committing == 1
+                self.run(self._seal_publish, writer, first, published, entry, not in_place, dirs if alone else ())
             if not alone:
                 self._sync(*dirs)
         except Exception as exc:  # the job has ended: nothing half-committed may stay behind
@@ -251,29 +290,30 @@ class Spool:
         state = "hold" if hold else "incoming"
         return self.entry_path(qid, state), ((self._msg, self._dirs[state]) if two_files else (self._dirs[state],))
 
-    def rewrite_message(self, qid: str, edit: Callable[[BinaryIO, int], None]) -> None:
+    def rewrite_message(self, writer: MessageWriter, edit: Callable[[BinaryIO, int], None]) -> None:
         """Replace a finished, unpublished message file (a check removing header fields):
         edit(source positioned after its first line, destination descriptor) writes the new
-        message; the first line is kept. Off the hub; fsynced, renamed over the old file."""
-        self.run(self._rewrite_message, qid, edit)
+        message; the first line is kept. Off the hub (MessageWriter.replace)."""
+        self.run(writer.replace, edit)
 
-    def _rewrite_message(self, qid: str, edit: Callable[[BinaryIO, int], None]) -> None:
-        path = self.message_path(qid)
-        with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
-            safeio.write_all(dst, src.readline(MAX_ENVELOPE))
-            edit(src, dst)
+    def _seal_publish(self, writer: MessageWriter, first: bytes | None, line: bytes, entry: str,
+                      own_entry: bool, sync_dirs: tuple[str, ...]) -> None:
+        """A checked message: its first line rewritten if the envelope changed, fsynced,
+        then published (as its own entry file if `own_entry`), in one job."""
+        writer.seal(first)
+        self._publish(writer.id, line, entry, own_entry, sync_dirs)
 
     def _commit(self, writer: MessageWriter, line: bytes, entry: str, sync_dirs: tuple[str, ...]) -> None:
         """Finish, then publish, in one job off the hub."""
         self._publish(writer.id, line, entry, self._finish(writer, line), sync_dirs)
 
     @staticmethod
-    def _finish(writer: MessageWriter, line: bytes) -> bool:
-        """Step one: the message is whole and fsynced in msg/ (nothing points at it yet: a
-        crash here leaves a file that recover() sweeps). Returns whether it was spilled
-        (streamed behind a placeholder line), which decides how it is published."""
+    def _finish(writer: MessageWriter, line: bytes, sync: bool = True) -> bool:
+        """Step one: the message is whole (and fsynced unless sync=False) in msg/ (nothing
+        points at it yet: a crash here leaves a file that recover() sweeps). Returns whether
+        it was spilled (streamed behind a placeholder line), which decides how it is published."""
         spilled = writer.spilled
-        writer.finish(line)
+        writer.finish(line, sync)
         return spilled
 
     def _publish(self, qid: str, line: bytes, entry: str, spilled: bool, sync_dirs: tuple[str, ...]) -> None:

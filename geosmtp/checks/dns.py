@@ -9,6 +9,7 @@ resolver's cache keeps answers and negatives for their TTL, as a real resolver d
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 import dns.exception
 import dns.name
@@ -31,6 +32,7 @@ class DNS:
         self.resolver = resolver
 
     @staticmethod
+    @lru_cache(maxsize=8192)  # the same few names for every message: parse each once
     def name(text: str) -> dns.name.Name:
         try:
             name = dns.name.from_text(text.rstrip(".") + ".")

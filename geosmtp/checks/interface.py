@@ -134,14 +134,18 @@ class Facts:
     size: int | None = None  # data phase: octets of the message
     results: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)  # what earlier checks recorded
     open_message: Callable[[], BinaryIO] | None = None  # data phase: the message, from its first header
+    # the header section, read once for every check of the phase (replace() shares it)
+    _read: dict = field(default_factory=dict, repr=False, compare=False)
 
     def header_section(self, limit: int = 256 * 1024) -> bytes:
         """The message's header section (up to the blank line; at most `limit` octets)."""
         from geosmtp.checks.headers import read_header_section
         if self.open_message is None:
             return b""
-        with self.open_message() as fh:
-            return read_header_section(fh, limit)
+        if limit not in self._read:
+            with self.open_message() as fh:
+                self._read[limit] = read_header_section(fh, limit)
+        return self._read[limit]
 
     def headers(self) -> list[tuple[str, str]]:
         """The header fields as (name, unfolded value), in order, decoded leniently."""

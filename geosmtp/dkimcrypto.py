@@ -1,0 +1,56 @@
+"""dkimpy's RSA verification done by OpenSSL (the `cryptography` package) instead of Python
+integers, and each public key parsed once.
+
+dkimpy (pinned) verifies an RSA signature with its own big-integer code and parses the key
+record's ASN.1 for every message: together about 0.6 ms a message, more than the rest of a
+1 KB message's DKIM check. use_openssl() puts two functions of the same contract in the
+dkim module, which calls them by their global names in verify_sig_process and
+evaluate_pk: RSASSA_PKCS1_v1_5_verify(hash object, signature, {"modulus", "publicExponent"})
+-> bool, and parse_public_key(DER) -> that dict. Outcomes do not change (the tests verify the
+same good and bad signatures both ways), but one: a signature with leading zero octets,
+longer than the key's modulus, is invalid (RFC 8017 8.2.2 step 1), where dkimpy's integer
+arithmetic let it pass.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import dkim
+import dkim.crypto
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+_HASHES = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+@lru_cache(maxsize=2048)
+def parse_public_key(data: bytes) -> dict:
+    """dkimpy's parser, once per key (the same few keys sign most mail)."""
+    return dkim.crypto.parse_public_key(data)
+
+
+@lru_cache(maxsize=2048)
+def _public_key(modulus: int, exponent: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+
+
+def rsa_verify(hash_object, signature: bytes, public_key: dict) -> bool:
+    """RFC 8017 RSASSA-PKCS1-v1_5 verification of a finished hash object's digest."""
+    algorithm = _HASHES.get(hash_object.name)
+    if algorithm is None:
+        raise TypeError(f"unsupported hash {hash_object.name}")
+    try:
+        key = _public_key(public_key["modulus"], public_key["publicExponent"])
+    except ValueError as exc:  # a modulus or exponent OpenSSL will not use: a bad key
+        raise TypeError(str(exc)) from None
+    try:
+        key.verify(signature, hash_object.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def use_openssl() -> None:
+    dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify
+    dkim.parse_public_key = parse_public_key
