@@ -215,3 +215,22 @@ def test_checks_run_on_mx_listeners_unless_named():
     mx, sub = c.listener
     assert [x.label for x in c.checks_of(mx)] == ["python", "both"]
     assert [x.label for x in c.checks_of(sub)] == ["both"]
+
+
+def test_the_shipped_config_s_commented_checks_are_valid():
+    """conf/geosmtp.toml's [[check]] examples, uncommented, load (every key they name exists)."""
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "conf" / "geosmtp.toml").read_text()
+    lines, on = [], False
+    for line in text.splitlines():
+        if line.startswith("# [[check]]"):
+            on = True
+        elif on and not line.startswith("# ") and line != "#":
+            on = False
+        if on and (line.startswith("# [") or "=" in line or line.startswith("# ]")):
+            lines.append(line[2:])
+    tables = tomllib.loads("\n".join(lines))["check"]
+    assert {t["type"] for t in tables} == {"fcrdns", "dnsbl", "spf", "dkim", "dmarc", "greylist", "policy", "python"}
+    config.validate({**BASE, "check": tables})
