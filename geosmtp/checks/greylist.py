@@ -17,15 +17,20 @@ message is decided at data: a valid DKIM signature of a listed domain (results["
 the dkim check before this one) lets it through, else the whole message gets 451 4.7.1 and
 the retry after the delay passes at RCPT.
 
-The store is an interface (GreylistStore) so several servers can share one (Redis); the
-memory store here is for one process: bounded, expiring, and evicting not-yet-passed
-triplets before passed ones so a flood of new triplets cannot make us forget our regular
-correspondents.
+The store is an interface (GreylistStore) so several servers can share one (Redis). The
+memory store is for one process: bounded, expiring, and evicting not-yet-passed triplets
+before passed ones so a flood of new triplets cannot make us forget our regular
+correspondents. With `store_file` the triplets live in an SQLite file instead, shared by
+the processes of one machine (`workers > 1`: a retry may reach any of them) and kept
+across restarts.
 """
 from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -109,6 +114,60 @@ class MemoryGreylistStore:
             (self._pending or self._passed).popitem(last=False)
 
 
+class FileGreylistStore:
+    """A GreylistStore in an SQLite file (WAL), shared by the processes that open it.
+
+    Each call is one statement in its own transaction, run through `run` (the threadpool:
+    another process may hold the write lock for a moment, and the hub never waits on
+    disk). Expired rows are deleted a few at a time on each put, which bounds the file by
+    what `retry_window` and `lifetime` keep. The file is opened at the first call, by the
+    process that makes it (after a root-started server has become its [server] user). A
+    database that cannot be used raises, and the engine applies the check's on_error."""
+
+    SWEEP = 16
+
+    def __init__(self, path: str | os.PathLike, run: Callable = lambda fn, *a: fn(*a),
+                 clock: Callable[[], float] = time.time):
+        self.path = os.fspath(path)
+        self.run = run
+        self.clock = clock
+        self._lock = threading.Lock()  # one connection per process, used by one thread at a time
+        self._opened: sqlite3.Connection | None = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._opened is None:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a triplet lost in a power cut costs one delay
+            db.execute("CREATE TABLE IF NOT EXISTS triplet (key TEXT PRIMARY KEY, first_seen REAL NOT NULL,"
+                       " passed REAL, expires REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS triplet_expires ON triplet (expires)")
+            self._opened = db
+        return self._opened
+
+    def _get(self, key: str) -> GreyEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT first_seen, passed FROM triplet WHERE key = ? AND expires > ?",
+                                   (key, self.clock())).fetchone()
+        return None if row is None else GreyEntry(row[0], row[1])
+
+    def _put(self, key: str, entry: GreyEntry, lifetime: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO triplet VALUES (?, ?, ?, ?)",
+                             (key, entry.first_seen, entry.passed, now + lifetime))
+            self._db.execute("DELETE FROM triplet WHERE key IN (SELECT key FROM triplet WHERE expires <= ? "
+                             "ORDER BY expires LIMIT ?)", (now, self.SWEEP))
+
+    def get(self, key: str) -> GreyEntry | None:
+        return self.run(self._get, key)
+
+    def put(self, key: str, entry: GreyEntry, lifetime: float) -> None:
+        self.run(self._put, key, entry, lifetime)
+
+
+
 def _domains(v: list[str]) -> list[str]:
     out = []
     for d in v:
@@ -134,7 +193,8 @@ class Options(BaseModel):
     sender_domains: list[str] = []  # never greylisted when SPF passed for one of these (or below)
     dkim_domains: list[str] = []  # decided at data: a DKIM pass of one of these lets the message in
     dnswl: bool = True  # a client on a dnsbl check's allow list is not greylisted
-    max_entries: int = Field(100_000, ge=1)  # triplets the memory store keeps
+    max_entries: int = Field(100_000, ge=1)  # triplets the memory store keeps (not the file)
+    store_file: str | None = None  # an SQLite file shared by this machine's processes (workers > 1)
 
     @field_validator("networks")
     @classmethod
@@ -169,7 +229,11 @@ class GreylistCheck(Check):
                  clock: Callable[[], float] = time.time):
         super().__init__(options, context)
         self.clock = clock
-        self.store = store if store is not None else MemoryGreylistStore(options["max_entries"], clock)
+        if store is None:
+            path = options.get("store_file")
+            store = (FileGreylistStore(path, context.run, clock) if path
+                     else MemoryGreylistStore(options["max_entries"], clock))
+        self.store = store
         self.networks = [ipaddress.ip_network(n) for n in options["networks"]]
         self.delay = options["delay"]
         self.retry_window = options["retry_window"]

@@ -204,3 +204,25 @@ def test_a_real_dnsbl_server(tmp_path):
         finally:
             s.stop()
     assert "the list refused our query (answer 127.255.255.254)" in s.log()
+
+
+def test_greylisting_with_workers_shares_a_store_file(dns, tmp_path):
+    """Two worker processes accept in turn: with store_file, a retry after the delay passes
+    whichever worker takes it (with a store per process, most of six retries would reach
+    the worker that never saw the first try and be greylisted again: checked)."""
+    check = {"type": "greylist", "delay": "1s", "store_file": str(tmp_path / "greylist.sqlite")}
+    s = checks_server(tmp_path, dns, [check], {"server": {"workers": 2}}).start()
+    try:
+        s.wait_for(lambda: s.log().count(f"listening on 127.0.0.1:{s.mx_port}") >= 2, timeout=15)
+        c = client_from(s, "192.0.2.70")
+        assert c.code(f"MAIL FROM:<{SENDER}>") == "250 2.1.0"
+        assert c.code(f"RCPT TO:<{ALICE}>") == "451 4.7.1"
+        c.cmd("QUIT")
+        time.sleep(1.1)
+        for _ in range(6):  # new connections: the kernel hands them to either worker
+            c = client_from(s, "192.0.2.70")
+            assert c.code(f"MAIL FROM:<{SENDER}>") == "250 2.1.0"
+            assert c.code(f"RCPT TO:<{ALICE}>") == "250 2.1.5"
+            c.cmd("QUIT")
+    finally:
+        s.stop()

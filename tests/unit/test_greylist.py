@@ -156,3 +156,38 @@ def test_bad_settings_are_refused():
                     {"delay": "soon"}, {"max_entries": 0}, {"whitelist": []}):
         with pytest.raises(registry.CheckError):
             registry.validate_options(GreylistCheck, options)
+
+
+def test_a_file_store_is_shared_by_processes_and_outlives_them(tmp_path, clock):
+    """Two checks on one store_file are two worker processes: a retry that reaches the other
+    one passes after the delay, and a new check (a restart) still knows the triplet."""
+    path = str(tmp_path / "greylist.sqlite")
+    one, two = make(clock, delay="5m", store_file=path), make(clock, delay="5m", store_file=path)
+    assert deferred_for(one.rcpt(facts())) == 300
+    clock.now += 100
+    assert deferred_for(two.rcpt(facts())) == 200  # the other process knows the first try
+    clock.now += 200
+    assert two.rcpt(facts()) is None
+    assert make(clock, store_file=path).rcpt(facts()) is None  # after a restart: known
+
+
+def test_the_file_store_expires_rows_and_sweeps_them(tmp_path, clock):
+    import sqlite3
+
+    from geosmtp.checks.greylist import FileGreylistStore
+
+    store = FileGreylistStore(tmp_path / "g.sqlite", clock=clock)
+    store.put("a", GreyEntry(clock.now), 10)
+    store.put("b", GreyEntry(clock.now, clock.now), 1000)
+    assert store.get("a") == GreyEntry(clock.now) and store.get("b").passed == clock.now
+    clock.now += 11
+    assert store.get("a") is None
+    store.put("c", GreyEntry(clock.now), 10)  # a put removes what has expired
+    rows = sqlite3.connect(tmp_path / "g.sqlite").execute("SELECT key FROM triplet ORDER BY key").fetchall()
+    assert rows == [("b",), ("c",)]
+
+
+def test_a_file_store_that_cannot_be_opened_raises_for_on_error(tmp_path, clock):
+    check = make(clock, store_file=str(tmp_path / "no" / "such" / "dir" / "g.sqlite"))
+    with pytest.raises(Exception):
+        check.rcpt(facts())
