@@ -23,6 +23,7 @@ TYPES = {
     "fcrdns": "geosmtp.checks.fcrdns:FCrDNSCheck",
     "greylist": "geosmtp.checks.greylist:GreylistCheck",
     "policy": "geosmtp.checks.policyd:PolicyCheck",
+    "rspamd": "geosmtp.checks.rspamd:RSpamdCheck",
 }
 
 
