@@ -193,6 +193,11 @@ class Server:
             return metrics.Unready("draining")
         if self.role == "master" and not any(p is not None and p.poll() is None for p in self.workers):
             return metrics.Unready("no worker running")
+        for engine in self.parts.checks.values():  # a check the server cannot do without (rspamd required)
+            for spec in engine.specs:
+                readiness = getattr(spec.check, "readiness", None)
+                if callable(readiness) and (problem := readiness()):
+                    return metrics.Unready(f"check {spec.name}: {problem}")
         return metrics.spool_readiness(str(self.config.server.spool_dir), self.config.limits.max_message_size)
 
     # -- workers (role "master" and "worker") -----------------------------------------------
