@@ -21,6 +21,9 @@ and the reply's `milter` block (add_headers, remove_headers) is applied through 
 verdict's header fields, like every other check's. Fields rspamd adds are put in front of
 the message, as every check's are: rspamd's `order` (an insert position) is not kept.
 
+With `required = true`, rspamd is pinged every ping_interval and /readyz says 503 while it
+does not answer (a node that would defer every message should leave the balancer).
+
 No usable answer (rspamd down, an HTTP error, a reply that is not JSON or too big, a
 timeout, an action we do not know) raises: the engine applies the check's on_error (by
 default defer: 451 4.3.0), logs it and counts it in geosmtp_check_errors_total.
@@ -39,6 +42,7 @@ from email.header import Header
 from typing import Any, Literal
 
 import gevent
+from gevent.monkey import get_original
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -57,6 +61,12 @@ ADDED_VALUE_LIMIT = 16384  # characters of one such field's value (X-Spamd-Resul
 REJECT_TEXT = "Message refused as spam"
 SOFT_TEXT = "Try again later"
 GREYLIST_TEXT = "Greylisted, try again later"
+
+
+def in_main_thread() -> bool:
+    """Whether this is the process's main thread (the server's hub), monkey-patched or not."""
+    current, main = get_original("threading", ["current_thread", "main_thread"])
+    return current() is main()
 
 
 def clean_value(value: object) -> bytes:
@@ -137,6 +147,8 @@ class RspamdOptions(BaseModel):
     max_connections: int = Field(16, ge=1, le=1000)  # kept per process
     max_idle: Duration = Field(60.0, gt=0)  # a kept connection unused this long is closed
     ping_on_start: bool = True  # GET /ping when the check is made, logged (never fails the start)
+    required: bool = False  # rspamd not answering /ping makes /readyz say 503 (pinged every ping_interval)
+    ping_interval: Duration = Field(10.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -173,28 +185,70 @@ class RSpamdCheck(Check):
         self.client = RspamdClient(o.url, connect_timeout=o.connect_timeout, read_timeout=o.read_timeout,
                                    max_reply_size=o.max_reply_size, max_idle=o.max_idle,
                                    max_connections=o.max_connections)
-        if o.ping_on_start:
+        self.down: str | None = None  # why the last /ping failed (a required check's readiness)
+        self._watch = None
+        self._started = False
+        self._start_background()
+
+    def _start_background(self) -> None:
+        """The /ping at start (or, required, the watch). A greenlet belongs to the hub of the
+        thread that spawns it: a reload builds checks in a threadpool thread, whose hub never
+        runs, so there the start waits for the first call on the server's hub (data, readiness)."""
+        if self._started or not in_main_thread():
+            return
+        self._started = True
+        if self.opts.required:
+            self._watch = gevent.spawn(self._watch_loop)
+        elif self.opts.ping_on_start:
             gevent.spawn(self.ping)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.kill(block=False)
         self.client.close()
 
-    def ping(self) -> bool:
-        """Whether rspamd answers /ping with "pong"; logged either way, never raised."""
+    def ping_problem(self) -> str | None:
+        """Why rspamd does not answer /ping with "pong" now, or None."""
         try:
             reply = self.client.request("GET", "/ping")
         except (RspamdUnavailable, RspamdBadReply) as exc:
-            logger.warning("rspamd at {} is not answering: {}", self.client.url, exc)
-            return False
+            return str(exc)
         if reply.status != 200 or not reply.body.strip().startswith(b"pong"):
-            logger.warning("rspamd at {} answers /ping with HTTP {} {!r}", self.client.url, reply.status,
-                           reply.body[:60])
-            return False
-        logger.info("rspamd at {} answers", self.client.url)
-        return True
+            return f"/ping answered HTTP {reply.status} {safe_text(reply.body[:40].decode('latin-1'))!r}"
+        return None
+
+    def ping(self) -> bool:
+        """Whether rspamd answers; logged either way, never raised (a start never fails on it)."""
+        problem = self.ping_problem()
+        if problem:
+            logger.warning("rspamd at {} is not answering: {}", self.client.url, problem)
+        else:
+            logger.info("rspamd at {} answers", self.client.url)
+        return problem is None
+
+    def _watch_loop(self) -> None:
+        """required = true: /ping every ping_interval; a change is logged, kept in `down`."""
+        first = True
+        while True:
+            problem = self.ping_problem()
+            if problem and (first or not self.down):
+                logger.warning("rspamd at {} is not answering: {}", self.client.url, problem)
+            elif not problem and (first or self.down):
+                logger.info("rspamd at {} answers{}", self.client.url, "" if first else " again")
+            self.down, first = problem, False
+            gevent.sleep(self.opts.ping_interval)
+
+    def readiness(self) -> str | None:
+        """Why the server should not get traffic because of this check (required = true and
+        rspamd not answering its last /ping), or None. Read by the server's /readyz."""
+        self._start_background()
+        if self.down is None:
+            return None
+        return f"rspamd at {self.client.url} is not answering ({self.down})"
 
     # -- the data phase -------------------------------------------------------------------------
     def data(self, facts: Facts) -> Verdict:
+        self._start_background()
         if facts.open_message is None:
             raise RspamdUnavailable("no message to scan")
         headers = request_headers(facts, self.opts.pass_all, self.opts.mta_name)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -42,8 +44,10 @@ def world(tmp_path_factory):
         dns.stop()
         pytest.fail(f"rspamd could not start: {exc}", pytrace=False)
     checks = [{"type": "fcrdns"},
-              {"type": "rspamd", "url": rspamd.url, "read_timeout": "10s", "mta_name": "mx.example.test"}]
-    srv = checks_server(root / "geosmtp", dns, checks).start()
+              {"type": "rspamd", "url": rspamd.url, "read_timeout": "10s", "mta_name": "mx.example.test",
+               "required": True}]
+    srv = checks_server(root / "geosmtp", dns, checks, {"metrics": {"address": f"127.0.0.1:{free_port()}"}})
+    srv.start()
     yield srv, rspamd, dns
     srv.stop()
     rspamd.stop()
@@ -87,13 +91,33 @@ def test_plain_message_is_delivered_with_its_score_and_rspamd_saw_the_envelope(w
     assert took < 10
 
 
-def test_rspamd_down_means_on_error_defer(world, tmp_path):
-    """Nothing listening at the url: the start logs it, the message gets the check's
-    on_error (defer: 451 4.3.0), nothing is queued, the log says which check and why."""
-    _srv, _rspamd, dns = world
-    dead = checks_server(tmp_path, dns, [{"type": "rspamd", "url": f"http://127.0.0.1:{free_port()}",
-                                          "connect_timeout": "1s"}]).start()
+def readyz(srv) -> tuple[int, str]:
+    address = srv.config["metrics"]["address"]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
+        with opener.open(f"http://{address}/readyz", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_readyz_is_ready_while_required_rspamd_answers(world):
+    srv, _rspamd, _dns = world
+    assert readyz(srv) == (200, "ready\n")
+
+
+def test_rspamd_down_means_on_error_defer_and_unready_when_required(world, tmp_path):
+    """Nothing listening at the url: the start logs it, the message gets the check's
+    on_error (defer: 451 4.3.0), nothing is queued, the log says which check and why;
+    required, /readyz says 503 and why."""
+    _srv, _rspamd, dns = world
+    url = f"http://127.0.0.1:{free_port()}"
+    dead = checks_server(tmp_path, dns, [{"type": "rspamd", "url": url, "connect_timeout": "1s", "required": True}],
+                         {"metrics": {"address": f"127.0.0.1:{free_port()}"}}).start()
+    try:
+        status, text = dead.wait_for(lambda: (r := readyz(dead))[0] == 503 and r, timeout=10)
+        assert text == f"not ready: check rspamd: rspamd at {url} is not answering (cannot connect to {url}: " \
+                       "Connection refused)\n"
         c = client_from(dead, CLIENT, ehlo=CLIENT_NAME)
         start_data(c, "bob@sender.test", [ALICE])
         c.send(message("down", "rspamd is down") + b".\r\n")

@@ -437,3 +437,40 @@ def test_unix_socket_url(tmp_path, stored):
 
 def _UnixHandler(base, request, client_address, server):
     return base(request, ("unix", 0), server)
+
+
+# -- required: /readyz ------------------------------------------------------------------------
+def test_required_watches_rspamd_and_says_when_it_is_down(rspamd, stored):
+    import gevent
+    state = {"down": False}
+    srv = rspamd(lambda request: CLOSE if request.path == "/ping" and state["down"] else None)
+    check = registry.make("rspamd", None, {"url": srv.url, "required": True, "ping_interval": "0.1s"}, CONTEXT)
+    gevent.sleep(0.2)
+    assert check.readiness() is None
+    state["down"] = True
+    gevent.sleep(0.3)
+    problem = check.readiness()
+    assert problem.startswith(f"rspamd at {srv.url} is not answering (") and "closed" in problem
+    state["down"] = False
+    gevent.sleep(0.3)
+    assert check.readiness() is None
+    pings = len([r for r in srv.requests if r.path == "/ping"])
+    check.close()  # the watch ends with the check
+    gevent.sleep(0.3)
+    assert len([r for r in srv.requests if r.path == "/ping"]) == pings
+    assert make(srv.url).readiness() is None  # not required: never unready
+
+
+def test_built_off_the_hub_the_watch_starts_at_first_use(rspamd):
+    """A reload builds checks in a threadpool thread: nothing is spawned on that thread's hub."""
+    import gevent
+    srv = rspamd()
+    pool = gevent.get_hub().threadpool
+    check = pool.spawn(registry.make, "rspamd", None,
+                       {"url": srv.url, "required": True, "ping_interval": "0.1s"}, CONTEXT).get()
+    gevent.sleep(0.2)
+    assert srv.requests == [] and check._watch is None
+    assert check.readiness() is None  # starts it, here on the server's hub
+    gevent.sleep(0.2)
+    assert [r.path for r in srv.requests][:1] == ["/ping"]
+    check.close()
