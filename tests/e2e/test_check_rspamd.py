@@ -91,6 +91,23 @@ def test_plain_message_is_delivered_with_its_score_and_rspamd_saw_the_envelope(w
     assert took < 10
 
 
+def test_a_big_message_is_streamed_from_its_file_and_delivered_with_its_score(world):
+    srv, rspamd, _dns = world
+    text = "\r\n".join(f"Line {i} of the minutes of the meeting, nothing to see here." for i in range(4000))
+    body = message("minutes", f"Hello Alice,\r\n\r\n{text}\r\n\r\nBob")  # about 250 KB: spooled on disk
+    assert len(body) > 200_000
+    c = client_from(srv, CLIENT, ehlo=CLIENT_NAME)
+    qid = queue_id(send_message(c, "bob@sender.test", [ALICE], body))
+    c.cmd("QUIT")
+    got = wait_delivered(srv, ALICE, qid)
+    assert re.search(rb"^X-Spam-Score: -?\d+\.\d\d\r?$", got, re.M)
+    assert got.rstrip().endswith(b"\nBob")  # all of it (the mailbox has LF line ends)
+    line = next((ln for ln in rspamd.log().splitlines() if f"qid: <{qid}>" in ln), None)
+    assert line is not None and "(no action)" in line, rspamd.tail()
+    length = int(re.search(r"len: (\d+)", line).group(1))
+    assert length > len(body)  # the whole message reached rspamd (our Received: in front)
+
+
 def readyz(srv) -> tuple[int, str]:
     address = srv.config["metrics"]["address"]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

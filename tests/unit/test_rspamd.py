@@ -126,6 +126,15 @@ def test_a_big_message_is_streamed_whole_with_its_length(rspamd, stored):
     assert req.body == big and req.values("Content-Length") == [str(len(big))]
 
 
+def test_a_small_message_kept_in_memory_is_sent_the_same(rspamd, stored):
+    """The session hands small messages over from the octets it kept (io.BytesIO)."""
+    import io
+    srv = rspamd()
+    make(srv.url).data(facts(stored, open_message=partial(io.BytesIO, MESSAGE)))
+    (req,) = srv.checks()
+    assert req.body == MESSAGE and req.values("Content-Length") == [str(len(MESSAGE))]
+
+
 def test_utf8_addresses_go_as_utf8(rspamd, stored):
     srv = rspamd()
     make(srv.url).data(facts(stored, sender="jörg@bücher.example", recipients=("zoë@example.test",)))
