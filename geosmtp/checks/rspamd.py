@@ -125,11 +125,10 @@ def field_value(value: Any) -> str | None:
 
 
 def encoded_subject(subject: str) -> str:
-    """A Subject value: as it is in ASCII, else an RFC 2047 encoded-word (folded with CRLF)."""
+    """A Subject value: ASCII as it is, anything else as RFC 2047 encoded-words; folded
+    with CRLF at white space when long (RFC 5322 2.1.1: a line is at most 998 octets)."""
     subject = _CONTROL.sub(" ", subject).strip()
-    if subject.isascii():
-        return subject
-    return Header(subject, "utf-8").encode(linesep="\r\n")
+    return Header(subject, "us-ascii" if subject.isascii() else "utf-8").encode(linesep="\r\n")
 
 
 class RspamdOptions(BaseModel):

@@ -206,6 +206,10 @@ def test_rewrite_subject_non_ascii_is_encoded_and_missing_subject_prefixes_ours(
     srv.answer = answering(reply("rewrite subject", 9.0))
     v = make(srv.url).data(facts(stored))
     assert dict(v.headers)["Subject"] == "***SPAM*** lunch"
+    long = " ".join(["word"] * 400)  # 2000 characters: folded, no line over 998
+    srv.answer = answering(reply("rewrite subject", 9.0, subject=long))
+    subject = dict(make(srv.url).data(facts(stored)).headers)["Subject"]
+    assert subject.replace("\r\n", "") == long and max(map(len, subject.split("\r\n"))) <= 78
 
 
 def test_add_header_flags_and_scores(rspamd, stored):
@@ -393,8 +397,16 @@ def test_ping_on_start_runs_in_the_background(rspamd):
     registry.make("rspamd", None, {"url": srv.url}, CONTEXT)
     gevent.sleep(0.3)
     assert [r.path for r in srv.requests] == ["/ping"]
-    registry.make("rspamd", None, {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout": 0.2}, CONTEXT)
-    gevent.sleep(0.3)  # logged, never raised
+    from loguru import logger
+    seen = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        url = f"http://127.0.0.1:{free_port()}"
+        registry.make("rspamd", None, {"url": url, "connect_timeout": 0.2}, CONTEXT)  # never raises
+        gevent.sleep(0.3)
+    finally:
+        logger.remove(sink)
+    assert any(m.startswith(f"rspamd at {url} is not answering: cannot connect") for m in seen), seen
 
 
 @pytest.mark.parametrize("options, problem", [
