@@ -258,7 +258,7 @@ class Session:
             more.setdefault("recipients", tuple(tx.originals))
         return Facts(phase=phase, listener=s.listener, mode=s.mode, ip=self.ip, trusted=self.trusted,
                      hostname=s.hostname, ptr=self.checks.ptr, helo=self.helo, tls=self.tls,
-                     auth_user=self.auth_user, results=self.checks.results(), **more)
+                     auth_user=self.auth_user, **more)  # results: the engine gives them
 
     def checked(self, phase: str, **more) -> Reply | None:
         """The inbound checks' refusal at this phase, or None (also when none run here)."""

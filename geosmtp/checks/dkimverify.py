@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import dkim
 import dkim.util
@@ -223,31 +224,40 @@ def key_problem(record: bytes | None, sig_tags: dict) -> str:
     """Why the key record cannot verify this signature (RFC 6376 3.6.1, 6.1.2), or ""."""
     if record is None:
         return "no key for signature"
-    try:
-        key = dkim.util.parse_tag_value(record)
-    except Exception:
-        return "key record syntax"
-    if b"p" not in key:
-        return "key record has no p="
-    if not key[b"p"].strip():
-        return "key revoked"
-    if key.get(b"v", b"DKIM1") != b"DKIM1":
-        return "key record version is not DKIM1"
-    try:
-        _pk, _size, ktag, _tlsrpt = dkim.evaluate_pk(b"key", record)
-    except Exception as exc:  # KeyFormatError, binascii.Error, a parse error deep in dkimpy
-        return safe_text(f"key record: {_said(exc)}", 120)
+    problem, ktag, hashes, flags = _key_record(record)
+    if problem:
+        return problem
     algorithm = sig_tags.get(b"a", b"").lower()
     if ktag is None or not algorithm.startswith(ktag + b"-"):
         return "key type does not match a="
-    hashes = key.get(b"h")
-    if hashes is not None and algorithm.partition(b"-")[2] not in {h.strip().lower() for h in hashes.split(b":")}:
+    if hashes is not None and algorithm.partition(b"-")[2] not in hashes:
         return "key h= does not allow the signature's hash"
-    flags = {f.strip() for f in key.get(b"t", b"").split(b":")}
     if b"s" in flags and b"i" in sig_tags:
         if sig_tags[b"i"].rpartition(b"@")[2].lower() != sig_tags[b"d"].lower():
             return "key t=s: i= domain must be d="
     return ""
+
+
+@lru_cache(maxsize=1024)  # the same few keys sign most mail: each record is read once
+def _key_record(record: bytes) -> tuple[str, bytes | None, frozenset | None, frozenset]:
+    """(problem or "", key type, the hashes h= allows or None, the t= flags) of a key record."""
+    try:
+        key = dkim.util.parse_tag_value(record)
+    except Exception:
+        return "key record syntax", None, None, frozenset()
+    if b"p" not in key:
+        return "key record has no p=", None, None, frozenset()
+    if not key[b"p"].strip():
+        return "key revoked", None, None, frozenset()
+    if key.get(b"v", b"DKIM1") != b"DKIM1":
+        return "key record version is not DKIM1", None, None, frozenset()
+    try:
+        _pk, _size, ktag, _tlsrpt = dkim.evaluate_pk(b"key", record)
+    except Exception as exc:  # KeyFormatError, binascii.Error, a parse error deep in dkimpy
+        return safe_text(f"key record: {_said(exc)}", 120), None, None, frozenset()
+    hashes = key.get(b"h")
+    allowed = None if hashes is None else frozenset(h.strip().lower() for h in hashes.split(b":"))
+    return "", ktag, allowed, frozenset(f.strip() for f in key.get(b"t", b"").split(b":"))
 
 
 INLINE_SIZE = 32 * 1024  # octets: a message up to this size is verified on the hub (< 1 ms)

@@ -196,6 +196,13 @@ class DNSBLCheck(Check):
         A zone named by several entries (an allow list's trust levels, each with its own
         action) is asked once."""
         names = list(dict.fromkeys(z.name for z in self.zones if ip.version == 4 or z.ipv6))
+        if len(names) == 1:  # one list: asked in this greenlet, under the resolver's own timeout
+            answers = {}
+            try:
+                answers[names[0]] = self._ask(names[0], ip)
+            except Exception as exc:
+                logger.warning("dnsbl {}: no answer ({}), counted as not listed", names[0], exc)
+            return self._listed(answers)
         jobs = [gevent.spawn(self._ask, name, ip) for name in names]
         timeout = getattr(self.context.dns.resolver, "lifetime", 5.0) + 1.0
         try:
@@ -208,6 +215,9 @@ class DNSBLCheck(Check):
                 answers[name] = job.value
             else:
                 logger.warning("dnsbl {}: no answer in {:g}s, counted as not listed", name, timeout)
+        return self._listed(answers)
+
+    def _listed(self, answers: dict) -> list[tuple[_Zone, ipaddress.IPv4Address]]:
         listed = []
         for zone in self.zones:
             for answer in answers.get(zone.name, ()):

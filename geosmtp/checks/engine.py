@@ -15,6 +15,7 @@ fields and the quarantine reason every delivery target and geosmtp-queue honour.
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable
@@ -130,8 +131,10 @@ class SessionChecks:
     def wants(self, phase: str) -> bool:
         return bool(self.engine.by_phase[phase])
 
-    def results(self) -> MappingProxyType:
-        return MappingProxyType({**self.connection.results, **self.tx.results})
+    def results(self, tx: "_Learnt | None" = None) -> MappingProxyType:
+        """What the connection's and the transaction's checks recorded, as a live read-only
+        view: later checks of a phase see what earlier ones add, with no copy per verdict."""
+        return MappingProxyType(ChainMap((tx or self.tx).results, self.connection.results))
 
     def run(self, facts: Facts, log=logger, learnt: "_Learnt | None" = None) -> Reply | None:
         """Run the checks of facts.phase; the refusal to send, or None to go on. What they
@@ -140,6 +143,8 @@ class SessionChecks:
         phase = facts.phase
         if learnt is None:
             learnt = self.connection if phase in CONNECTION_PHASES else self.tx
+        # what every earlier check recorded, and what these record as they go
+        facts = replace(facts, results=self.results(None if learnt is self.connection else learnt))
         for spec in self.engine.by_phase[phase]:
             if spec.skip_trusted and (facts.trusted or facts.auth_user):
                 continue
@@ -149,8 +154,7 @@ class SessionChecks:
             if verdict is None:
                 continue
             if verdict.results:
-                learnt.results.update(verdict.results)
-                facts = replace(facts, results=MappingProxyType({**self.connection.results, **learnt.results}))
+                learnt.results.update(verdict.results)  # facts.results is a live view of it
             learnt.headers.extend(verdict.headers)
             learnt.auth.extend(verdict.auth)
             if phase == "data":
@@ -203,8 +207,6 @@ class SessionChecks:
         Authentication-Results, the checks' fields) and whether it is quarantined.
         `rewrite(edit)` replaces the message file, edit(src, dst) writing the new one: used
         only when fields are removed."""
-        # the session has ended the transaction by now: its results are in `tx`, not self.tx
-        facts = replace(facts, results=MappingProxyType({**self.connection.results, **tx.results}))
         if self.wants("data") and (refusal := self.run(facts, log, tx)) is not None:
             return DataOutcome(refusal)
         hostname = self.engine.hostname
