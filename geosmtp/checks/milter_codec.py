@@ -154,11 +154,12 @@ def macros(cmd: bytes, values: list[tuple[str, str]]) -> bytes:
     return packet(SMFIC_MACRO, cmd + b"".join(cstr(n) + cstr(v) for n, v in values))
 
 
-def connect(hostname: str, family: bytes, port: int, address: str) -> bytes:
+def connect_data(hostname: str, family: bytes, port: int, address: str) -> bytes:
+    """SMFIC_CONNECT's data: the client's name, its family, port and address."""
     data = cstr(hostname) + family
     if family != SMFIA_UNKNOWN:
         data += struct.pack(">H", port & 0xFFFF) + cstr(address)
-    return packet(SMFIC_CONNECT, data)
+    return data
 
 
 def strings(cmd: bytes, *values: str | bytes) -> bytes:
