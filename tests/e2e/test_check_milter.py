@@ -351,3 +351,94 @@ def test_hostile_values_never_break_a_packet(started):
     wait_delivered(srv, ALICE, qid)
     assert [s["name"] for s in m.steps("helo")] == ["client.test", "client.test"]
     assert ("Subject", "a\x7fb\tc") in [(s["name"], s["value"]) for s in m.steps("header")]
+
+
+# -- real milters: OpenDKIM signing on submission, OpenDMARC ------------------------------------
+def start_daemon(argv: list[str], port_or_path, what: str, root: Path, netns: bool = False) -> subprocess.Popen:
+    """A milter daemon started by the test; waits until it listens (a port, or a unix path)."""
+    if netns:  # its own network namespace: loopback only, so its DNS lookups go nowhere
+        argv = ["unshare", "--net", *argv]
+    proc = subprocess.Popen(argv, stdout=open(root / f"{what}.out", "wb"), stderr=subprocess.STDOUT)
+    if isinstance(port_or_path, int):
+        wait_listening(port_or_path, proc, what)
+    else:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(port_or_path):
+            assert proc.poll() is None, f"{what} exited: {(root / f'{what}.out').read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"{what} did not make {port_or_path} in 10s"
+            time.sleep(0.05)
+    return proc
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_opendkim_signs_on_submission_and_the_signature_verifies(started, tmp_path):
+    import base64
+
+    import dkim
+
+    from tests.support.dkimkeys import RSAKey
+    from tests.support.server import PASSWORDS
+    _milter, server = started
+    binary = shutil.which("opendkim", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert binary, "opendkim is missing: apt-get install opendkim"
+    key = RSAKey(2048)
+    key_file = tmp_path / "example.pem"
+    key_file.write_bytes(key.private)
+    key_file.chmod(0o600)
+    port = free_port()
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(f"Mode s\nDomain example.test\nSelector sub\nKeyFile {key_file}\n"
+                    f"Socket inet:{port}@127.0.0.1\nSignatureAlgorithm rsa-sha256\n"
+                    "Canonicalization relaxed/relaxed\nSyslog no\nRequireSafeKeys no\n"
+                    f"PidFile {tmp_path / 'opendkim.pid'}\nBackground no\nUMask 077\n")
+    proc = start_daemon([binary, "-f", "-x", str(conf)], port, "opendkim", tmp_path)
+    try:
+        srv = server([{"type": "milter", "name": "opendkim", "address": f"inet:127.0.0.1:{port}",
+                       "listeners": ["submission"], "skip_trusted": False, "timeout": 30}],
+                     listeners={"submission": {"allow_plaintext_auth": True}})
+        from tests.support.e2e import connect
+        c = connect(srv.submission_port)
+        plain = base64.b64encode(f"\0{ALICE}\0{PASSWORDS[ALICE]}".encode()).decode()
+        assert c.cmd(f"AUTH PLAIN {plain}")[0] == 235
+        submitted = MESSAGE.replace(b"From: Sender <someone@sender.test>", b"From: Alice <alice@example.test>")
+        qid = queue_id(send_message(c, ALICE, [BOB], submitted))
+        c.cmd("QUIT")
+        got = wait_delivered(srv, BOB, qid).replace(b"\n", b"\r\n")
+        assert b"DKIM-Signature:" in got, got[:800]
+        message = got.split(b"\r\n", 2)[2]  # the local delivery's Return-Path and Delivered-To: not signed
+        record = key.record.encode()
+        assert dkim.verify(message, dnsfunc=lambda name, timeout=5: record if name == b"sub._domainkey.example.test." else None)
+    finally:
+        stop_daemon(proc)
+
+
+def test_opendmarc_adds_its_authentication_results(started, tmp_path):
+    _milter, server = started
+    binary = shutil.which("opendmarc", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert binary, "opendmarc is missing: apt-get install opendmarc"
+    sock = tmp_path / "opendmarc.sock"
+    conf = tmp_path / "opendmarc.conf"
+    conf.write_text(f"Socket local:{sock}\nAuthservID mx.example.test\nSyslog false\nBackground false\n"
+                    f"PidFile {tmp_path / 'opendmarc.pid'}\nDNSTimeout 1\nUMask 000\n"
+                    "SPFSelfValidate false\nRequiredHeaders false\n")
+    proc = start_daemon([binary, "-f", "-c", str(conf)], str(sock), "opendmarc", tmp_path, netns=True)
+    try:
+        srv = server(one_check(f"unix:{sock}"))
+        c = client_from(srv, "192.0.2.20", ehlo="mail.sender.test")
+        qid = queue_id(send_message(c, "someone@sender.test", [ALICE], MESSAGE))
+        c.cmd("QUIT")
+        head = delivered_head(srv, ALICE, qid).decode()
+        results = [line for line in head.split("\n") if line.startswith("Authentication-Results:")]
+        assert results, head
+        assert results[0].startswith("Authentication-Results: mx.example.test;")
+        assert "dmarc=" in head and "header.from=sender.test" in head, head
+    finally:
+        stop_daemon(proc)
