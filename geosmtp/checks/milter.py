@@ -194,6 +194,7 @@ class Conversation:
         self.sock = None
         self.neg: mc.Negotiated | None = None
         self.out: list[bytes] = []  # packets that wait for no reply, sent with the next one that does
+        self.inbuf = bytearray()  # octets read and not yet taken
         self.over = False  # nothing more is sent in this session; `after` answers every step
         self.after: Verdict | None = None
         self.connected = False  # SMFIC_CONNECT was sent (or skipped)
@@ -255,23 +256,26 @@ class Conversation:
         return data[:1], data[1:]
 
     def _read(self, n: int, deadline: float) -> bytes:
-        parts = []
-        while n > 0:
+        """`n` octets, from what an earlier recv brought first (one recv usually brings a
+        whole reply: its length, its command and its data)."""
+        buf = self.inbuf
+        while len(buf) < n:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MilterFailed("timeout", "no reply in time")
             try:
                 self.sock.settimeout(left)
-                chunk = self.sock.recv(min(n, 65536))
+                chunk = self.sock.recv(max(n - len(buf), 65536))
             except _stdsocket.timeout:
                 raise MilterFailed("timeout", "no reply in time") from None
             except OSError as exc:
                 raise MilterFailed("reset", f"connection lost: {exc}") from None
             if not chunk:
                 raise MilterFailed("reset", "the milter closed the connection")
-            parts.append(chunk)
-            n -= len(chunk)
-        return b"".join(parts)
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
 
     def close(self) -> None:
         self.over = True
