@@ -172,3 +172,60 @@ def test_reject_at_helo_refuses_every_later_command():
     assert c.connect(facts("connect")) is None
     assert str(c.helo(facts("helo")).reply) == "550 5.7.1 Command rejected"
     assert str(c.mail(facts("mail")).reply) == "550 5.7.1 Command rejected"
+
+
+def test_a_header_value_from_the_milter_can_never_start_a_field_or_end_the_header_section():
+    evil = b"X-A\x00one\r\nBcc: victim@example.test\n\nbody\x07\x00"
+    m = Milter(answers={mc.SMFIC_BODYEOB: pkt(b"h", evil) + pkt(b"c")})
+    v = run_session(check(m.address))[-1]
+    (edit,) = v.edits
+    assert edit == ed.HeaderInsert(1 << 31, "X-A", "one\r\n\tBcc: victim@example.test\r\n\tbody?")
+
+
+def test_the_milter_s_own_macro_lists_and_the_configured_ones():
+    symlist = struct.pack(">I", mc.SMFIM_ENVFROM) + b"{client_addr} i\x00"
+    m = Milter(optneg=pkt(b"O", struct.pack(">III", 6, 0, 0) + symlist))
+    c = check(m.address, macros={"rcpt": ["{client_addr}"]})
+    run_session(c)
+    macros = {d[:1]: d[1:] for c_, d in m.got if c_ == mc.SMFIC_MACRO}
+    assert macros[b"M"] == b"{client_addr}\x00192.0.2.7\x00"  # what it asked for (no queue id yet)
+    assert macros[b"R"] == b"{client_addr}\x00192.0.2.7\x00"  # what the config says
+
+
+@pytest.mark.parametrize("code, want", [(b"4", "421 4.7.0 Service shutting down"),
+                                        (b"f", "421 4.7.0 Connection failed")])
+def test_shutdown_and_connection_failure_close_the_session(code, want):
+    m = Milter(answers={mc.SMFIC_MAIL: pkt(code)})
+    c = check(m.address)
+    c.connect(facts("connect"))
+    v = c.mail(facts("mail"))
+    assert v.action == "close" and str(v.reply) == want
+    assert c.rcpt(facts("rcpt", recipient="b@example.test")).action == "close"
+
+
+def test_skip_ends_the_body_and_change_header_zero_means_the_first():
+    m = Milter(protocol=mc.SMFIP_SKIP, answers={
+        mc.SMFIC_BODY: pkt(b"s"), mc.SMFIC_BODYEOB: pkt(b"m", struct.pack(">I", 0) + b"Subject\x00new\x00") + pkt(b"c")})
+    v = run_session(check(m.address))[-1]
+    assert v.edits == (ed.HeaderChange("Subject", 1, "new"),)
+    assert m.commands().count(mc.SMFIC_BODY) == 1
+
+
+def test_discard_at_the_end_is_a_quarantine_and_at_connect_an_error():
+    m = Milter(answers={mc.SMFIC_BODYEOB: pkt(b"d")})
+    v = run_session(check(m.address))[-1]
+    assert v.action == "quarantine" and "discard" in v.reason
+    m = Milter(answers={mc.SMFIC_CONNECT: pkt(b"d")})
+    assert str(check(m.address).connect(facts("connect")).reply) == "451 4.7.1 Service unavailable - try again later"
+
+
+def test_a_message_accepted_early_is_not_sent_and_the_next_is_aborted_first():
+    m = Milter(answers={mc.SMFIC_RCPT: pkt(b"a")})
+    c = check(m.address)
+    c.connect(facts("connect"))
+    c.mail(facts("mail"))
+    assert c.rcpt(facts("rcpt", recipient="b@example.test")) is None
+    assert c.rcpt(facts("rcpt", recipient="c@example.test")) is None  # not sent: accepted already
+    assert c.data(facts("data")) is None
+    c.mail(facts("mail"))
+    assert m.commands() == b"OCMRAM"
