@@ -33,6 +33,7 @@ Received:" counts without ours, and "insert at index i" counts with it (0: the v
 from __future__ import annotations
 
 import os
+import re
 import socket as _stdsocket
 import tempfile
 import time
@@ -76,6 +77,7 @@ NEEDS = {mc.SMFIR_ADDHEADER: mc.SMFIF_ADDHDRS, mc.SMFIR_INSHEADER: mc.SMFIF_ADDH
          mc.SMFIR_ADDRCPT: mc.SMFIF_ADDRCPT, mc.SMFIR_ADDRCPT_PAR: mc.SMFIF_ADDRCPT_PAR,
          mc.SMFIR_DELRCPT: mc.SMFIF_DELRCPT, mc.SMFIR_REPLBODY: mc.SMFIF_CHGBODY,
          mc.SMFIR_QUARANTINE: mc.SMFIF_QUARANTINE}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 APPEND = 1 << 31  # an insert index past any header section: SMFIR_ADDHEADER appends
 
 
@@ -405,7 +407,7 @@ class Conversation:
         self.macros("connect", facts)
         ip = facts.ip
         family = mc.SMFIA_INET6 if ip.version == 6 else mc.SMFIA_INET
-        name = facts.ptr or f"[{ip.compressed}]"
+        name = client_text(facts.ptr or f"[{ip.compressed}]")
         verdict = self.ask(mc.SMFIC_CONNECT, mc.connect_data(name, family, 0, ip.compressed))
         if verdict is not None:
             raise _Done(verdict)
@@ -423,19 +425,19 @@ class Conversation:
     def helo(self, facts: Facts) -> Verdict | None:
         self.abort_message()  # EHLO ends a transaction
         self.macros("helo", facts)
-        return self.ask(mc.SMFIC_HELO, mc.cstr(facts.helo or ""))
+        return self.ask(mc.SMFIC_HELO, mc.cstr(client_text(facts.helo or "")))
 
     def mail(self, facts: Facts) -> Verdict | None:
         self.abort_message()
         self.in_message = True
         self.macros("mail", facts)
-        return self.ask(mc.SMFIC_MAIL, mc.cstr(f"<{facts.sender or ''}>"))
+        return self.ask(mc.SMFIC_MAIL, mc.cstr(f"<{client_text(facts.sender or '')}>"))
 
     def rcpt(self, facts: Facts) -> Verdict | None:
         if self.message_done:
             return None
         self.macros("rcpt", facts)
-        return self.ask(mc.SMFIC_RCPT, mc.cstr(f"<{facts.recipient or ''}>"))
+        return self.ask(mc.SMFIC_RCPT, mc.cstr(f"<{client_text(facts.recipient or '')}>"))
 
     def message(self, facts: Facts) -> Verdict | None:
         if not self.in_message:  # the MAIL phase was not ours (a check before us refused...)
@@ -569,6 +571,12 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def client_text(value: str) -> str:
+    """A client's word (HELO, an address, a PTR name) for a milter: control characters (a
+    NUL, CR, LF...) as "?": a milter may copy it into a header field it writes."""
+    return _CONTROL.sub("?", value)
+
+
 def safe_line(line: str) -> str:
     return "".join("?" if (ord(c) < 32 and c != "\t") or ord(c) == 127 else c for c in line)
 
@@ -644,4 +652,4 @@ def known_macros(facts: Facts, context: CheckContext) -> dict[str, str]:
         values["{mail_addr}"] = facts.sender
     if facts.recipient:
         values["{rcpt_addr}"] = facts.recipient
-    return values
+    return {name: client_text(value) for name, value in values.items()}

@@ -229,3 +229,19 @@ def test_a_message_accepted_early_is_not_sent_and_the_next_is_aborted_first():
     assert c.data(facts("data")) is None
     c.mail(facts("mail"))
     assert m.commands() == b"OCMRAM"
+
+
+def test_a_nul_cr_or_lf_from_the_client_never_breaks_a_packet():
+    m = Milter()
+    c = check(m.address)
+    c.connect(facts("connect", ptr="host\x00.test"))
+    c.helo(facts("helo", helo="a\x00b\r\nc"))
+    c.mail(facts("mail", sender="x\x00y@sender.test"))
+    c.rcpt(facts("rcpt", recipient="r\x00@example.test"))
+    c.end_session(facts("end"))
+    gevent.sleep(0.1)
+    got = {cmd: data for cmd, data in m.got if cmd in (mc.SMFIC_CONNECT, mc.SMFIC_HELO, mc.SMFIC_MAIL, mc.SMFIC_RCPT)}
+    assert got[mc.SMFIC_CONNECT].startswith(b"host?.test\x004")
+    assert got[mc.SMFIC_HELO] == b"a?b??c\x00"  # a milter may copy it into a field it writes
+    assert got[mc.SMFIC_MAIL] == b"<x?y@sender.test>\x00"
+    assert got[mc.SMFIC_RCPT] == b"<r?@example.test>\x00"
