@@ -398,6 +398,8 @@ def test_opendkim_signs_on_submission_and_the_signature_verifies(started, tmp_pa
     conf.write_text(f"Mode s\nDomain example.test\nSelector sub\nKeyFile {key_file}\n"
                     f"Socket inet:{port}@127.0.0.1\nSignatureAlgorithm rsa-sha256\n"
                     "Canonicalization relaxed/relaxed\nSyslog no\nRequireSafeKeys no\n"
+                    # not 127.0.0.1: it signs because the client authenticated ({auth_type})
+                    "InternalHosts 192.0.2.254/32\n"
                     f"PidFile {tmp_path / 'opendkim.pid'}\nBackground no\nUMask 077\n")
     proc = start_daemon([binary, "-f", "-x", str(conf)], port, "opendkim", tmp_path)
     try:
