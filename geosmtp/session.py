@@ -11,7 +11,7 @@ import io
 import ipaddress
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from functools import lru_cache, partial
 from typing import Callable
@@ -20,6 +20,7 @@ import gevent
 from loguru import logger
 
 from geosmtp import auth, metrics, policy, replies
+from geosmtp.checks import edits
 from geosmtp.checks.engine import NO_CHECKS, Engine, SessionChecks
 from geosmtp.checks.interface import Facts
 from geosmtp.connection import (
@@ -42,6 +43,7 @@ from geosmtp.protocol import (
     ascii_lower,
     PathError,
     ProtocolError,
+    parse_address,
     parse_command,
     parse_forward_path,
     parse_params,
@@ -258,7 +260,7 @@ class Session:
             more.setdefault("recipients", tuple(tx.originals))
         return Facts(phase=phase, listener=s.listener, mode=s.mode, ip=self.ip, trusted=self.trusted,
                      hostname=s.hostname, ptr=self.checks.ptr, helo=self.helo, tls=self.tls,
-                     auth_user=self.auth_user, **more)  # results: the engine gives them
+                     auth_user=self.auth_user, session=self.id, **more)  # results: the engine gives them
 
     def checked(self, phase: str, **more) -> Reply | None:
         """The inbound checks' refusal at this phase, or None (also when none run here)."""
@@ -313,6 +315,8 @@ class Session:
                 pass
         finally:
             self._drop_tx()
+            if self.checks.engine.specs:  # checks keeping state for this session let it go
+                self.checks.end_session(self.check_facts("end"), self.log)
             self.log.info(
                 "disconnect from [{}] proxy={} helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",
                 self.ip, self.proxy or "-", self.helo, self.tls or "-", self.auth_user or "-", self.messages,
@@ -716,12 +720,30 @@ class Session:
         if outcome.refusal is not None:
             self.log.info("message refused at end of data: {}", outcome.refusal)
             raise Refused(outcome.refusal)
+        if outcome.envelope:
+            try:
+                emptied = edits.apply_envelope(envelope, outcome.envelope, partial(self._edit_target, tx),
+                                               parse_address, tx.smtputf8)
+            except edits.EditRefused as exc:
+                self.log.warning("message refused at end of data: a check's envelope change: {}", exc)
+                raise Refused(EDIT_REFUSED) from None
+            if emptied:
+                outcome = replace(outcome, quarantine="; ".join(filter(None, (outcome.quarantine, emptied))))
         if outcome.headers:
             envelope.extra["headers"] = outcome.prefix()
         if outcome.quarantine:
             envelope.extra["quarantine"] = outcome.quarantine
             metrics.QUARANTINED.labels(self.settings.listener).inc()
         return outcome.quarantine is not None
+
+    def _edit_target(self, tx: Transaction, address: str) -> list[str]:
+        """The delivery addresses of a recipient a check adds: the rules of RCPT TO for this
+        client (a local mailbox, or relaying only for whom may relay), so that no check makes
+        us an open relay."""
+        verdict = policy.resolve_rcpt(self.facts, parse_address(address), self.directory)
+        if isinstance(verdict, Reply):
+            raise edits.EditRefused(f"added recipient <{address}>: {verdict}")
+        return verdict
 
     def _accepted(self, envelope: Envelope, tx: Transaction) -> None:
         """What follows a 250 for a message: counts, rate limits, the log line, the queue."""
@@ -769,6 +791,7 @@ class Session:
         return None
 
 
+EDIT_REFUSED = Reply(451, "4.3.0", "Temporary local problem, try again later")  # a check's envelope change
 DATA_PROBLEMS = {
     "size": replies.MESSAGE_TOO_BIG,
     "line": replies.MESSAGE_LINE_TOO_LONG,

@@ -24,6 +24,7 @@ import gevent
 from loguru import logger
 
 from geosmtp import metrics
+from geosmtp.checks import edits as ed
 from geosmtp.checks import headers as hdr
 from geosmtp.checks.authresults import format_header, is_ours
 from geosmtp.checks.interface import (
@@ -38,6 +39,7 @@ REFUSED = {  # the reply when a verdict carries none
     DEFER: Reply(451, "4.7.1", "Try again later"),
     CLOSE: Reply(421, "4.7.0", "Closing connection", close=True),
 }
+EDIT_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")  # edits not applied
 ON_ERROR = {  # a check that failed or timed out, by its on_error
     "defer": Reply(451, "4.3.0", "Temporary local problem, try again later"),
     "reject": Reply(550, "5.7.1", "Refused by policy"),
@@ -107,6 +109,7 @@ class _Learnt:
     auth: list = field(default_factory=list)
     quarantine: list = field(default_factory=list)
     remove: list = field(default_factory=list)  # (name, n) fields to remove (data phase)
+    edits: list = field(default_factory=list)  # geosmtp.checks.edits, in order (data phase)
 
 
 _EMPTY = _Learnt()
@@ -159,6 +162,7 @@ class SessionChecks:
             learnt.auth.extend(verdict.auth)
             if phase == "data":
                 learnt.remove.extend(verdict.remove_headers)
+                learnt.edits.extend(verdict.edits)
             if verdict.action == QUARANTINE:
                 learnt.quarantine.append(f"{spec.name}: {verdict.reason}")
                 log.info("check {}: {} quarantine: {}", spec.name, phase, verdict.reason)
@@ -206,11 +210,13 @@ class SessionChecks:
         RCPT checks learnt); then what the message carries in front (our
         Authentication-Results, the checks' fields) and whether it is quarantined.
         `rewrite(edit)` replaces the message file, edit(src, dst) writing the new one: used
-        only when fields are removed."""
+        only when fields are removed or edited (geosmtp.checks.edits: all of them in this one
+        rewrite; the envelope edits go back in the outcome, for the session to apply)."""
         if self.wants("data") and (refusal := self.run(facts, log, tx)) is not None:
             return DataOutcome(refusal)
         hostname = self.engine.hostname
-        if tx.remove or self.engine.records_auth:
+        rewrites = ed.changes_message(tx.edits)
+        if tx.remove or self.engine.records_auth or rewrites:
             section = facts.header_section()
             fields = hdr.parse_fields(section)
             drop = hdr.field_indices(fields, tx.remove)
@@ -221,7 +227,13 @@ class SessionChecks:
                     log.info("removed {} Authentication-Results field(s) in our name from the client",
                              len(forged))
                 drop |= forged
-            if drop:
+            if rewrites:
+                try:
+                    rewrite(lambda src, dst: ed.rewrite_message(src, dst, section, fields, drop, tx.edits))
+                except Exception as exc:  # whole or not at all: nothing is queued
+                    log.error("the checks' changes to the message failed: {}: {}", type(exc).__name__, exc)
+                    return DataOutcome(EDIT_FAILED)
+            elif drop:
                 rewrite(lambda src, dst: hdr.copy_without(src, dst, section, fields, drop))
         added = []
         auth = self.connection.auth + tx.auth
@@ -229,7 +241,21 @@ class SessionChecks:
             added.append(("Authentication-Results", format_header(hostname, auth)))
         added += self.connection.headers + tx.headers
         quarantine = self.connection.quarantine + tx.quarantine
-        return DataOutcome(None, tuple(added), "; ".join(quarantine) or None)
+        envelope = tuple(e for e in tx.edits if isinstance(e, ed.ENVELOPE_EDITS))
+        return DataOutcome(None, tuple(added), "; ".join(quarantine) or None, envelope)
+
+    def end_session(self, facts: Facts, log=logger) -> None:
+        """The SMTP session has ended: the checks that keep state per session (end_session)
+        let it go, each under its timeout; a failure is logged, never raised."""
+        for spec in self.engine.specs:
+            end = getattr(spec.check, "end_session", None)
+            if not callable(end):
+                continue
+            try:
+                with gevent.Timeout(spec.timeout):
+                    end(facts)
+            except (Exception, gevent.Timeout) as exc:
+                log.warning("check {}: end of session failed ({}: {})", spec.name, type(exc).__name__, exc)
 
 
 @dataclass(frozen=True)
@@ -237,6 +263,7 @@ class DataOutcome:
     refusal: Reply | None
     headers: tuple[tuple[str, str], ...] = ()
     quarantine: str | None = None  # why the message goes to hold/
+    envelope: tuple = ()  # sender/recipient edits (geosmtp.checks.edits) for the session to apply
 
     def prefix(self) -> str:
         """The fields as the text put in front of the message ("Name: value" CRLF lines)."""

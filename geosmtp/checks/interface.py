@@ -60,9 +60,10 @@ class Verdict:
     results: Mapping[str, Any] = field(default_factory=dict)  # facts for later checks
     auth: tuple[AuthResult, ...] = ()  # for our Authentication-Results header
     remove_headers: tuple[tuple[str, int], ...] = ()  # (name, n): the n-th such field, data only
+    edits: tuple = ()  # geosmtp.checks.edits: fields inserted/changed, body, envelope; data only
 
     def __post_init__(self) -> None:
-        for name in ("headers", "auth", "remove_headers"):  # a list is fine to give; kept as a tuple
+        for name in ("headers", "auth", "remove_headers", "edits"):  # a list is fine to give; kept as a tuple
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.action not in ACTIONS:
             raise ValueError(f"unknown verdict action {self.action!r}")
@@ -75,6 +76,10 @@ class Verdict:
                 raise ValueError(f"bad header field name {name!r}")
             if _UNSAFE.search(value.replace("\r\n\t", "").replace("\r\n ", "")):
                 raise ValueError(f"header field {name} has a control character outside folding")
+        from geosmtp.checks.edits import EDITS
+        for edit in self.edits:
+            if not isinstance(edit, EDITS):
+                raise ValueError(f"not an edit: {edit!r}")
 
     # -- the ways to say it ---------------------------------------------------------------
     @classmethod
@@ -134,6 +139,7 @@ class Facts:
     size: int | None = None  # data phase: octets of the message
     results: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)  # what earlier checks recorded
     open_message: Callable[[], BinaryIO] | None = None  # data phase: the message, from its first header
+    session: str = ""  # the session's log id (sid=): a check keeping state per SMTP session keys it by this
     # the header section, read once for every check of the phase (replace() shares it)
     _read: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -180,6 +186,9 @@ class Check:
 
     def close(self) -> None:
         """Release what the check holds (connections); called when a reload replaces it."""
+
+    # def end_session(self, facts: Facts) -> None
+    #     optional: the SMTP session `facts.session` has ended (state kept for it can go)
 
     # def connect(self, facts: Facts) -> Verdict | None
     # def helo(self, facts: Facts) -> Verdict | None

@@ -24,6 +24,7 @@ TYPES = {
     "greylist": "geosmtp.checks.greylist:GreylistCheck",
     "policy": "geosmtp.checks.policyd:PolicyCheck",
     "rspamd": "geosmtp.checks.rspamd:RSpamdCheck",
+    "milter": "geosmtp.checks.milter:MilterCheck",
 }
 
 

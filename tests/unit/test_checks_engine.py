@@ -234,3 +234,129 @@ def test_the_shipped_config_s_commented_checks_are_valid():
     tables = tomllib.loads("\n".join(lines))["check"]
     assert {t["type"] for t in tables} == {"fcrdns", "dnsbl", "spf", "dkim", "dmarc", "greylist", "policy", "python", "rspamd"}
     config.validate({**BASE, "check": tables})
+
+# -- edits: the seam for milters (fields inside the header section, body, envelope) -------------
+def _stored(tmp_path, message: bytes):
+    path = tmp_path / "m"
+    path.write_bytes(b"{}\n" + message)
+
+    def open_message():
+        fh = open(path, "rb")
+        fh.readline()
+        return fh
+
+    rewrites = []
+
+    def rewrite(edit):
+        rewrites.append(1)
+        with open(path, "rb") as src, open(tmp_path / "new", "wb") as out:
+            out.write(src.readline())
+            out.flush()
+            edit(src, out.fileno())
+        os.replace(tmp_path / "new", path)
+
+    return path, open_message, rewrite, rewrites
+
+
+def test_edits_are_applied_once_in_order_after_every_data_check(tmp_path):
+    from geosmtp.checks import edits as ed
+    message = b"Received: from x\r\nSubject: old\r\nX-Drop: 1\r\nX-Keep: 2\r\n\r\nold body\r\n"
+    path, open_message, rewrite, rewrites = _stored(tmp_path, message)
+    body = io.BytesIO(b"new\nbody")
+    first = Says(Verdict(edits=(ed.HeaderInsert(0, "X-Top", "t"), ed.HeaderChange("subject", 1, "new"),
+                                ed.SenderChange("<s@example.test>"))), phase="data")
+    second = Says(Verdict(edits=(ed.HeaderInsert(99, "X-End", "e\r\n\tfolded"), ed.BodyReplace(body),
+                                 ed.HeaderChange("X-Missing", 1, "added"), ed.HeaderChange("X-Missing", 3, "")),
+                          remove_headers=(("x-drop", 1),)), phase="data")
+    e = Engine([CheckSpec("a", first, phases=("data",)), CheckSpec("b", second, phases=("data",))], "mx.example.test")
+    s = e.session()
+    out = s.data(facts("data", open_message=open_message), s.tx, rewrite)
+    assert out.refusal is None and len(rewrites) == 1
+    assert path.read_bytes() == (b"{}\nX-Top: t\r\nReceived: from x\r\nsubject: new\r\nX-Keep: 2\r\n"
+                                 b"X-End: e\r\n\tfolded\r\nX-Missing: added\r\n\r\nnew\r\nbody\r\n")
+    assert out.envelope == (ed.SenderChange("<s@example.test>"),)
+
+
+def test_edits_are_not_applied_when_a_later_check_refuses(tmp_path):
+    from geosmtp.checks import edits as ed
+    path, open_message, rewrite, rewrites = _stored(tmp_path, b"Subject: s\r\n\r\nbody\r\n")
+    e = Engine([CheckSpec("a", Says(Verdict(edits=(ed.HeaderInsert(0, "X", "y"),)), phase="data"), phases=("data",)),
+                CheckSpec("b", Says(Verdict.reject("no"), phase="data"), phases=("data",))], "mx.example.test")
+    s = e.session()
+    out = s.data(facts("data", open_message=open_message), s.tx, rewrite)
+    assert str(out.refusal) == "550 5.7.1 no" and not rewrites
+
+
+def test_a_failing_rewrite_refuses_with_451_and_nothing_half_done(tmp_path):
+    from geosmtp.checks import edits as ed
+    _path, open_message, _rewrite, _ = _stored(tmp_path, b"Subject: s\r\n\r\nbody\r\n")
+
+    def broken(edit):
+        raise OSError("disk gone")
+
+    e = Engine([CheckSpec("a", Says(Verdict(edits=(ed.HeaderInsert(0, "X", "y"),)), phase="data"),
+                          phases=("data",))], "mx.example.test")
+    s = e.session()
+    out = s.data(facts("data", open_message=open_message), s.tx, broken)
+    assert str(out.refusal) == "451 4.3.0 Temporary local problem, try again later"
+
+
+def test_edits_are_validated_as_they_are_made():
+    from geosmtp.checks import edits as ed
+    for bad in (lambda: ed.HeaderInsert(0, "Bad Name", "v"), lambda: ed.HeaderInsert(0, "X", "a\r\nInjected: 1"),
+                lambda: ed.HeaderChange("X", 0, "v"), lambda: Verdict(edits=("not an edit",))):
+        with pytest.raises(ValueError):
+            bad()
+
+
+def test_envelope_edits_follow_rcpt_rules_and_keep_every_recipient_seen():
+    from geosmtp.checks import edits as ed
+    from geosmtp.envelope import ClientInfo, Envelope, Recipient
+    from geosmtp.protocol import parse_address
+
+    def envelope():
+        return Envelope(id="q", created=0.0, sender="a@sender.test",
+                        recipients=[Recipient("alice@example.test", "alice@example.test")],
+                        client=ClientInfo(address="192.0.2.1", helo="h", listener="mx"), size=1)
+
+    def resolve(address):
+        if not address.endswith("@example.test"):
+            raise ed.EditRefused(f"added recipient <{address}>: 554 5.7.1 relay denied")
+        return [address.lower()]
+
+    env = envelope()
+    assert ed.apply_envelope(env, [ed.RecipientAdd("<Bob@example.test>"), ed.RecipientRemove("<alice@example.test>"),
+                                   ed.SenderChange("<>")], resolve, parse_address, False) is None
+    assert (env.sender, [r.address for r in env.recipients]) == ("", ["bob@example.test"])
+    for refused in (ed.RecipientAdd("<x@elsewhere.test>"), ed.RecipientAdd("not-an-address"),
+                    ed.SenderChange("<b\u00e9@example.test>"), ed.SenderChange("<a@b\r\n.test>")):
+        env = envelope()
+        with pytest.raises(ed.EditRefused):
+            ed.apply_envelope(env, [refused], resolve, parse_address, False)
+        assert env.sender == "a@sender.test"  # all or nothing
+    env = envelope()
+    reason = ed.apply_envelope(env, [ed.RecipientRemove("alice@example.test")], resolve, parse_address, False)
+    assert reason and [r.address for r in env.recipients] == ["alice@example.test"]  # held, never dropped
+
+
+def test_crlf_lines_across_chunks():
+    from geosmtp.checks.edits import crlf_lines
+    assert b"".join(crlf_lines([b"a\r", b"\nb\n", b"c\rd"])) == b"a\r\nb\r\nc\r\nd\r\n"
+    assert b"".join(crlf_lines([b"x\r"])) == b"x\r\n"
+    assert b"".join(crlf_lines([])) == b""
+
+
+def test_end_session_reaches_the_checks_that_want_it_and_never_raises():
+    ended = []
+
+    class Keeps(Check):
+        def rcpt(self, f):
+            return None
+
+        def end_session(self, f):
+            ended.append(f.session)
+            raise RuntimeError("broken")
+
+    e = Engine([CheckSpec("k", Keeps({}, None))], "mx.example.test")
+    e.session().end_session(facts("end", session="abc"))
+    assert ended == ["abc"]
