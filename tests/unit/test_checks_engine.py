@@ -232,7 +232,8 @@ def test_the_shipped_config_s_commented_checks_are_valid():
         if on and (line.startswith("# [") or "=" in line or line.startswith("# ]")):
             lines.append(line[2:])
     tables = tomllib.loads("\n".join(lines))["check"]
-    assert {t["type"] for t in tables} == {"fcrdns", "dnsbl", "spf", "dkim", "dmarc", "greylist", "policy", "python", "rspamd"}
+    assert {t["type"] for t in tables} == {"fcrdns", "dnsbl", "spf", "dkim", "dmarc", "greylist", "policy", "python", "rspamd",
+                                            "milter"}
     config.validate({**BASE, "check": tables})
 
 # -- edits: the seam for milters (fields inside the header section, body, envelope) -------------
