@@ -1,24 +1,28 @@
 #!/usr/bin/env python3
-"""What the inbound checks cost: acceptance with SPF + DKIM + DMARC + DNSBL on, beside the
-same server with no checks, in one invocation (issue 14's benchmark; Linux).
+"""What inbound checks and filters cost: acceptance with checks on, beside the same server
+with none, in one invocation (issue 14's and issue 15's benchmark; Linux).
 
-Two geosmtp servers run side by side from configs written here (one listener each, MX mode,
-`hold = true` so accepted mail waits in queue/hold/ as postfix-hold does, nothing trusted so
-every check runs, one local mailbox), both asking a fake authoritative DNS server on
-loopback (tests/support/fakedns.py) through their own caching resolver, as a real resolver
-would: the first message of a run pays the queries, the rest hit the cache until the TTLs
-(300 s here) run out. The DNS data: SPF `v=spf1 ip4:127.0.0.0/8 -all` for the sender's
-domain, its DKIM key (RSA 2048), `v=DMARC1; p=reject`, and a DNSBL zone where 127.0.0.1 is not
-listed (NXDOMAIN, cached by its SOA minimum). The message (about --size octets) is signed
-once by dkimpy; every message of a run is the same signed message, one per connection
-(EHLO, MAIL, RCPT, DATA, QUIT) from bench.py's Python load generator.
+One geosmtp server without checks and one per `--checks` variant run side by side from
+configs written here (one listener each, MX mode, `hold = true` so accepted mail waits in
+queue/hold/ as postfix-hold does, nothing trusted so every check runs, one local mailbox),
+all asking a fake authoritative DNS server on loopback (tests/support/fakedns.py) through
+their own caching resolver, as a real resolver would: the first message of a run pays the
+queries, the rest hit the cache until the TTLs (300 s here) run out. The DNS data: SPF
+`v=spf1 ip4:127.0.0.0/8 -all` for the sender's domain, its DKIM key (RSA 2048),
+`v=DMARC1; p=reject`, and a DNSBL zone where 127.0.0.1 is not listed (NXDOMAIN, cached by its
+SOA minimum). Filters: `rspamd` starts Debian's rspamd (a normal worker, its DNS to the same
+fake) and `milter` a pass-through milter written with Debian's python3-milter. The message
+(about each --sizes octets) is signed once by dkimpy; every message of a run is the same
+signed message, one per connection (EHLO, MAIL, RCPT, DATA, QUIT) from bench.py's Python
+load generator.
 
-Runs alternate (plain, checked, plain, checked, ...) so drift on a shared VM hits both; each
-run counts only messages found in queue/hold/ (exactly N new ones, and N x 250 from the load
-generator, or the run is marked FAIL). Prints msgs/s per run, the medians and their ratio.
+Runs alternate between the servers so drift on a shared VM hits all; each run counts only
+messages found in queue/hold/ (exactly N new ones, and N x 250 from the load generator, or
+the run is marked FAIL). Prints msgs/s per run, the medians and the ratio to no checks.
 
-    .venv/bin/python bench/checks.py                 # 1 KB, c=20, 3 runs each
-    .venv/bin/python bench/checks.py --conc 20 --reps 5 --json /tmp/checks.json
+    .venv/bin/python bench/checks.py                                   # SPF+DNSBL+DKIM+DMARC, 1 KB, c=20
+    .venv/bin/python bench/checks.py --checks spf,dkim --reps 5        # each alone
+    .venv/bin/python bench/checks.py --checks rspamd,milter --sizes 1024,102400
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ CHECKS = {
              'action = "reject" }]\n',
     "dkim": '[[check]]\ntype = "dkim"\n',
     "dmarc": '[[check]]\ntype = "dmarc"\nenforce = true\n',
+    "rspamd": '[[check]]\ntype = "rspamd"\nurl = "RSPAMD_URL"\ntimeout = "60s"\nread_timeout = "50s"\n',
+    "milter": '[[check]]\ntype = "milter"\naddress = "inet:127.0.0.1:MILTER_PORT"\ntimeout = "60s"\n',
 }
 
 CONFIG = """\
@@ -132,7 +138,8 @@ class Server:
                                      start_new_session=True)
         if not bench.wait_banner(self.port, self.proc):
             self.stop()
-            sys.exit(f"{name}: geosmtp did not answer on 127.0.0.1:{self.port}; see {root}/geosmtp.log")
+            with open(os.path.join(root, "geosmtp.log"), errors="replace") as fh:
+                sys.exit(f"{name}: geosmtp did not answer on 127.0.0.1:{self.port}:\n{fh.read()[-3000:]}")
 
     def held(self) -> set[str]:
         try:
@@ -180,63 +187,131 @@ def run_once(srv: Server, message_file: str, size: int, conc: int, n: int, timeo
                 errors=errors)
 
 
+def start_filters(wanted: set[str], scratch: str, dns) -> tuple[dict[str, str], list]:
+    """The filter servers the variants name: a real rspamd (tests/support/rspamd.py: a normal
+    worker, its DNS to the fake) and a pass-through milter (python3-milter, Debian's, run by
+    /usr/bin/python3: tests/support/scripted_milter.py with no scripted answers). Returns
+    the values for the check tables and what to stop."""
+    values, running = {}, []
+    if "rspamd" in wanted:
+        from pathlib import Path
+
+        from tests.support.rspamd import Rspamd
+        rspamd = Rspamd(Path(scratch) / "rspamd-server", dns.address).start()
+        running.append(rspamd)
+        values["RSPAMD_URL"] = rspamd.url
+    if "milter" in wanted:
+        port = bench.free_port()
+        script = os.path.join(scratch, "milter.json")
+        with open(script, "w") as fh:
+            json.dump({"port": port, "reply": {}}, fh)
+        proc = subprocess.Popen(["/usr/bin/python3", "-I", os.path.join(REPO, "tests", "support", "scripted_milter.py"),
+                                 script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if proc.stdout.readline().strip() != b"ready":
+            sys.exit("the pass-through milter did not start (Debian's python3-milter is needed)")
+        time.sleep(0.5)  # "ready" comes just before libmilter listens
+        running.append(proc)
+        values["MILTER_PORT"] = str(port)
+    return values, running
+
+
+def stop_filter(item) -> None:
+    if isinstance(item, subprocess.Popen):
+        item.terminate()
+        try:
+            item.wait(10)
+        except subprocess.TimeoutExpired:
+            item.kill()
+    else:
+        item.stop()
+
+
+def variant_config(name: str, values: dict[str, str]) -> str:
+    text = "\n".join(CHECKS[c] for c in name.split("+"))
+    for key, value in values.items():
+        text = text.replace(key, value)
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--sizes", default="1024", help="message sizes in octets (default 1024)")
     ap.add_argument("--conc", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per server (default 3)")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per server and size (default 3)")
     ap.add_argument("-n", type=int, default=3000, help="messages per run (default 3000)")
-    ap.add_argument("--workers", type=int, default=1, help="[server] workers of both servers (default 1)")
+    ap.add_argument("--workers", type=int, default=1, help="[server] workers of every server (default 1)")
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--checks", default="spf,dnsbl,dkim,dmarc",
-                    help="the checked server's checks, in order (default spf,dnsbl,dkim,dmarc)")
+    ap.add_argument("--checks", default="spf+dnsbl+dkim+dmarc",
+                    help="the checked servers, one per comma, each its checks joined by + in order "
+                         f"(default spf+dnsbl+dkim+dmarc; known: {', '.join(CHECKS)})")
     ap.add_argument("--json", help="write the runs here")
     a = ap.parse_args()
+    sizes = [int(x) for x in a.sizes.split(",")]
+    variants = a.checks.split(",")
+    unknown = {c for v in variants for c in v.split("+")} - set(CHECKS)
+    if unknown:
+        sys.exit(f"unknown check(s): {', '.join(sorted(unknown))}")
 
     scratch = tempfile.mkdtemp(prefix="geosmtp-checks-bench-")
     dns = FakeDNS().start()
     servers: list[Server] = []
+    filters: list = []
     try:
         pem, public = dkim_key()
         dns.txt(SENDER_DOMAIN, "v=spf1 ip4:127.0.0.0/8 -all", ttl=300)
         dns.txt(f"{SELECTOR}._domainkey.{SENDER_DOMAIN}", f"v=DKIM1; k=rsa; p={public}", ttl=300)
         dns.txt(f"_dmarc.{SENDER_DOMAIN}", "v=DMARC1; p=reject", ttl=300)
         dns.negative_ttl = 300  # 1.0.0.127.bl.bench.test: NXDOMAIN, cached as long
-        message_file = os.path.join(scratch, "message.eml")
-        with open(message_file, "wb") as fh:
-            fh.write(signed_message(a.size, pem))
-        servers = [Server("plain", scratch, dns.port, "", a.workers),
-                   Server("checked", scratch, dns.port, "\n".join(CHECKS[c] for c in a.checks.split(",")), a.workers)]
-        # one message each, untimed: both servers up and the checked one's verdict seen
-        for srv in servers:
-            warm = run_once(srv, message_file, a.size, 1, 1, a.timeout)
-            if not warm["ok"]:
-                sys.exit(f"{srv.name}: the warm-up message was not accepted: {warm['errors']}")
+        values, filters = start_filters({c for v in variants for c in v.split("+")}, scratch, dns)
+        servers = [Server("plain", scratch, dns.port, "", a.workers)]
+        servers += [Server(v, scratch, dns.port, variant_config(v, values), a.workers) for v in variants]
         runs = []
-        for rep in range(a.reps):
+        for size in sizes:
+            message_file = os.path.join(scratch, f"message-{size}.eml")
+            with open(message_file, "wb") as fh:
+                fh.write(signed_message(size, pem))
+            # one message each, untimed: every server up and the checked ones' verdicts seen
             for srv in servers:
-                r = run_once(srv, message_file, a.size, a.conc, a.n, a.timeout)
-                runs.append(r)
-                print(f"{srv.name:8} run {rep + 1}: {r['msgs_per_s']:8.1f} msgs/s  "
-                      f"{r['cpu_s_per_1000']:6.2f} CPU-s/1000{'' if r['ok'] else '  FAIL ' + str(r['errors'])}",
-                      flush=True)
-        med = {s.name: statistics.median(r["msgs_per_s"] for r in runs if r["server"] == s.name) for s in servers}
-        cpu = {s.name: statistics.median(r["cpu_s_per_1000"] for r in runs if r["server"] == s.name)
-               for s in servers}
-        ratio = med["checked"] / med["plain"] if med["plain"] else 0.0
+                warm = run_once(srv, message_file, size, 1, 1, a.timeout)
+                if not warm["ok"]:
+                    sys.exit(f"{srv.name}: the warm-up message was not accepted: {warm['errors']}")
+            n = a.n if size <= 16384 else max(200, a.n // 4)
+            for rep in range(a.reps):
+                for srv in servers:
+                    r = run_once(srv, message_file, size, a.conc, n, a.timeout)
+                    r["size"] = size
+                    runs.append(r)
+                    print(f"{size:>7} B {srv.name:24} run {rep + 1}: {r['msgs_per_s']:8.1f} msgs/s  "
+                          f"{r['cpu_s_per_1000']:6.2f} CPU-s/1000"
+                          f"{'' if r['ok'] else '  FAIL ' + str(r['errors'])}", flush=True)
         print()
-        print(f"| {a.size} B, c={a.conc}, {a.workers} worker(s), {a.reps} x {a.n} | msgs/s (median) | CPU-s / 1000 |")
-        print("|---|---|---|")
-        print(f"| no checks | {med['plain']:.0f} | {cpu['plain']:.2f} |")
-        print(f"| {' + '.join(c.upper() for c in a.checks.split(','))} | {med['checked']:.0f} | {cpu['checked']:.2f} |")
-        print(f"\nchecked / plain = {ratio:.2f}")
+        print(f"c={a.conc}, {a.workers} worker(s) each, median of {a.reps} runs (msgs/s, server CPU-s per 1000)")
+        print()
+        print("| checks | " + " | ".join(f"{size // 1024} KB" for size in sizes) + " | CPU-s / 1000 | vs none |")
+        print("|---|" + "---|" * (len(sizes) + 2))
+        medians = {}
+        for srv in servers:
+            cells, cpus, ratios = [], [], []
+            for size in sizes:
+                mine = [r for r in runs if r["server"] == srv.name and r["size"] == size]
+                plain = [r for r in runs if r["server"] == "plain" and r["size"] == size]
+                m = statistics.median(r["msgs_per_s"] for r in mine)
+                p = statistics.median(r["msgs_per_s"] for r in plain)
+                medians[f"{srv.name} {size}"] = m
+                cells.append(f"{m:.0f}")
+                cpus.append(f"{statistics.median(r['cpu_s_per_1000'] for r in mine):.2f}")
+                ratios.append(f"{m / p:.2f}" if p else "-")
+            label = "none" if srv.name == "plain" else " + ".join(c.upper() for c in srv.name.split("+"))
+            print(f"| {label} | " + " | ".join(cells) + f" | {' / '.join(cpus)} | {' / '.join(ratios)} |")
         if a.json:
             with open(a.json, "w") as fh:
-                json.dump(dict(args=vars(a), runs=runs, median=med, ratio=round(ratio, 3)), fh, indent=1)
+                json.dump(dict(args=vars(a), runs=runs, median=medians), fh, indent=1)
         return 0 if all(r["ok"] for r in runs) else 1
     finally:
         for srv in servers:
             srv.stop()
+        for item in filters:
+            stop_filter(item)
         dns.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
