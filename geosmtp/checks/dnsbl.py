@@ -33,7 +33,6 @@ import string
 import time
 from typing import Literal
 
-import gevent
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -203,18 +202,13 @@ class DNSBLCheck(Check):
             except Exception as exc:
                 logger.warning("dnsbl {}: no answer ({}), counted as not listed", names[0], exc)
             return self._listed(answers)
-        jobs = [gevent.spawn(self._ask, name, ip) for name in names]
-        timeout = getattr(self.context.dns.resolver, "lifetime", 5.0) + 1.0
-        try:
-            gevent.joinall(jobs, timeout=timeout)
-        finally:  # also when the engine's timeout for this check ends us first
-            gevent.killall([j for j in jobs if not j.ready()], block=False)
+        dns: DNS = self.context.dns
         answers = {}
-        for name, job in zip(names, jobs):
-            if job.successful():
-                answers[name] = job.value
+        for name, (ok, value) in zip(names, dns.in_parallel(lambda zone: self._ask(zone, ip), names)):
+            if ok:
+                answers[name] = value
             else:
-                logger.warning("dnsbl {}: no answer in {:g}s, counted as not listed", name, timeout)
+                logger.warning("dnsbl {}: no answer in {:g}s, counted as not listed", name, dns.wait)
         return self._listed(answers)
 
     def _listed(self, answers: dict) -> list[tuple[_Zone, ipaddress.IPv4Address]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 
-import gevent
 from loguru import logger
 from pydantic import BaseModel, ConfigDict
 
@@ -83,13 +82,8 @@ class FCrDNSCheck(Check):
                 break
         if not names:
             return "fail", None
-        jobs = [gevent.spawn(self._forward, name, ip) for name in names]
-        timeout = getattr(self.context.dns.resolver, "lifetime", 5.0) + 1.0
-        try:
-            gevent.joinall(jobs, timeout=timeout)
-        finally:  # also when the engine's timeout for this check ends us first
-            gevent.killall([j for j in jobs if not j.ready()], block=False)
-        outcomes = [job.value if job.successful() else "temperror" for job in jobs]
+        done = self.context.dns.in_parallel(lambda name: self._forward(name, ip), names)
+        outcomes = [value if ok else "temperror" for ok, value in done]
         for name, outcome in zip(names, outcomes):
             if outcome == "pass":
                 return "pass", name

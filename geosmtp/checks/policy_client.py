@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 
 import gevent
-from gevent import select, socket
-from gevent.lock import BoundedSemaphore
+from gevent import socket
+
+from geosmtp.checks.kept import KeptConnections
 
 REPLY_LIMIT = 8192  # octets of one reply, the empty line included
 _END = re.compile(rb"(?:^|\n)\r?\n")  # the empty line that ends a reply (CRLF tolerated)
@@ -92,7 +93,7 @@ def parse_reply(data: bytes) -> dict[str, str]:
     return attrs
 
 
-class PolicyClient:
+class PolicyClient(KeptConnections):
     """Requests to one policy server, over up to `max_connections` kept connections."""
 
     def __init__(self, address: str, connect_timeout: float = 2.0, read_timeout: float = 7.0,
@@ -100,39 +101,11 @@ class PolicyClient:
                  retry_delay: float = 1.0, max_connections: int = 16):
         self.address = address
         self.family, self.sockaddr = parse_address(address)
+        super().__init__(max_idle, max_connections, max_ttl)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.max_idle = max_idle
-        self.max_ttl = max_ttl
         self.try_limit = max(1, try_limit)
         self.retry_delay = retry_delay
-        self.max_connections = max_connections
-        self._idle: list[_Connection] = []  # most recently used last
-        self._slots = BoundedSemaphore(max_connections)
-        self.opened = 0  # connections opened so far (for tests and logs)
-        self.closed = False  # replaced by a reload: sessions still open use it, nothing is kept
-
-    # -- the pool -----------------------------------------------------------------------------
-    def _usable(self, conn: _Connection, now: float) -> bool:
-        if conn.pid != os.getpid():  # inherited through fork: the parent's stream
-            return False
-        if now - conn.used > self.max_idle or now - conn.opened > self.max_ttl:
-            return False
-        try:  # readable while idle: the server closed it (EOF) or sent what nobody asked for
-            readable, _, _ = select.select([conn.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-    def _checkout(self) -> tuple[_Connection, bool]:
-        """A connection to use alone: (kept one, True) or (new one, False)."""
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if self._usable(conn, now):
-                return conn, True
-            conn.close()
-        return self._open(), False
 
     def _open(self) -> _Connection:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
@@ -142,22 +115,7 @@ class PolicyClient:
         except BaseException:
             sock.close()
             raise
-        self.opened += 1
         return _Connection(sock)
-
-    def _checkin(self, conn: _Connection) -> None:
-        now = time.monotonic()
-        conn.used = now
-        if self.closed or now - conn.opened > self.max_ttl or len(self._idle) >= self.max_connections:
-            conn.close()
-        else:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        """Close the kept connections (a reload replaces the check); keep none from now on."""
-        self.closed = True
-        while self._idle:
-            self._idle.pop().close()
 
     # -- one request --------------------------------------------------------------------------
     def ask(self, request: bytes) -> dict[str, str]:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable
 
 import gevent
-from gevent import select, socket
-from gevent.lock import BoundedSemaphore
+from gevent import socket
+
+from geosmtp.checks.kept import KeptConnections
 
 SEND_CHUNK = 64 * 1024
 
@@ -102,40 +103,19 @@ class _Stale(Exception):
     """A kept connection the server had closed: nothing of the reply came."""
 
 
-class RspamdClient:
+class RspamdClient(KeptConnections):
     """Requests to one rspamd worker over up to `max_connections` kept connections."""
 
     def __init__(self, url: str, connect_timeout: float = 2.0, read_timeout: float = 15.0,
                  max_reply_size: int = 1 << 20, max_idle: float = 60.0, max_connections: int = 16):
+        super().__init__(max_idle, max_connections)
         self.url = url
         self.family, self.sockaddr, self.host = parse_url(url)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_reply_size = max_reply_size
-        self.max_idle = max_idle
-        self.max_connections = max_connections
-        self._idle: list[_Connection] = []  # most recently used last
-        self._slots = BoundedSemaphore(max_connections)
-        self.opened = 0  # connections opened so far (tests, logs)
-        self.closed = False  # replaced by a reload: nothing is kept from now on
 
-    # -- the pool -----------------------------------------------------------------------------
-    def _usable(self, conn: _Connection, now: float) -> bool:
-        if conn.pid != os.getpid() or conn.sock is None or now - conn.used > self.max_idle:
-            return False
-        try:  # readable while idle: the server closed it (EOF) or sent what nobody asked for
-            readable, _, _ = select.select([conn.sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-    def _checkout(self) -> tuple[_Connection, bool]:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if self._usable(conn, now):
-                return conn, True
-            conn.close()
+    def _open(self) -> _Connection:
         conn = _Connection(self.family, self.sockaddr, self.host, self.connect_timeout)
         try:
             conn.connect()
@@ -145,21 +125,7 @@ class RspamdClient:
         except OSError as exc:
             conn.close()
             raise RspamdUnavailable(f"cannot connect to {self.url}: {exc.strerror or exc}") from None
-        self.opened += 1
-        return conn, False
-
-    def _checkin(self, conn: _Connection) -> None:
-        conn.used = time.monotonic()
-        if self.closed or len(self._idle) >= self.max_connections:
-            conn.close()
-        else:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        """Close the kept connections; keep none from now on (a reload replaced the check)."""
-        self.closed = True
-        while self._idle:
-            self._idle.pop().close()
+        return conn
 
     # -- requests -----------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: Iterable[tuple[str, bytes]] = (),

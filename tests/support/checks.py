@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.support.e2e import greeted
 from tests.support.server import ServerProcess, free_port
 from tests.support.smtp import RawClient
 
@@ -42,10 +43,4 @@ def client_from(srv: ServerProcess, ip: str, ehlo: str | None = "client.test", t
     (ehlo=None: not sent; expect_greeting=False: the greeting is left unread)."""
     c = RawClient(srv.mx_port, timeout=timeout, source=BALANCER)
     c.send(proxy_v1(ip))
-    if expect_greeting:
-        code, lines = c.reply()
-        assert code == 220, (code, lines)
-        if ehlo is not None:
-            code, lines = c.cmd(f"EHLO {ehlo}")
-            assert code == 250, (code, lines)
-    return c
+    return greeted(c, ehlo) if expect_greeting else c

@@ -36,7 +36,11 @@ _MAILDIR_ID = re.compile(r"\.Q([0-9A-Za-z]+)R\d+\.")
 def connect(port: int, *, source: str | None = None, ehlo: str | None = "client.test",
             timeout: float = 10.0) -> RawClient:
     """A RawClient that has read the 220 greeting and (unless ehlo=None) done EHLO."""
-    c = RawClient(port, timeout=timeout, source=source)
+    return greeted(RawClient(port, timeout=timeout, source=source), ehlo)
+
+
+def greeted(c: RawClient, ehlo: str | None = "client.test") -> RawClient:
+    """`c` once it has read the 220 greeting and (unless ehlo=None) done EHLO."""
     code, lines = c.reply()
     assert code == 220, (code, lines)
     if ehlo is not None:

@@ -129,21 +129,7 @@ def test_at_connect_a_refusal_ends_the_connection(verdict, want):
 def test_the_end_of_data_writes_ours_and_removes_forged_fields(tmp_path):
     message = (b"Received: from x\r\nAuthentication-Results: MX.Example.Test (forged);\r\n dkim=pass\r\n"
                b"Authentication-Results: other.test; spf=pass\r\nX-Drop: 1\r\nX-Drop: 2\r\nSubject: s\r\n\r\nbody\r\n")
-    path = tmp_path / "m"
-    path.write_bytes(b"{}\n" + message)
-
-    def open_message():
-        fh = open(path, "rb")
-        fh.readline()
-        return fh
-
-    def rewrite(edit):
-        with open(path, "rb") as src, open(tmp_path / "new", "wb") as out:
-            out.write(src.readline())
-            out.flush()
-            edit(src, out.fileno())
-        os.replace(tmp_path / "new", path)
-
+    path, open_message, rewrite, _ = _stored(tmp_path, message)
     check = Says(Verdict(auth=(AuthResult("spf", "pass", (("smtp.mailfrom", "sender.test"),)),),
                          headers=(("X-Mine", "yes"),), remove_headers=(("x-drop", 2),)), phase="data")
     e = Engine([CheckSpec("c", check, phases=("data",))], "mx.example.test", records_auth=True)
