@@ -28,7 +28,6 @@ import dns.exception
 import dns.resolver
 from pydantic import BaseModel, ConfigDict, Field
 
-from geosmtp.checks import headers as hdr
 from geosmtp.checks.dns import BadName, TempError
 from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
 
@@ -327,7 +326,7 @@ class DMARCCheck(Check):
 
     def data(self, facts: Facts) -> Verdict:
         dns_ = self.context.dns
-        from_values = [f.value for f in hdr.parse_fields(facts.header_section()) if f.name.lower() == "from"]
+        from_values = [f.value for f in facts.fields() if f.name.lower() == "from"]
         domains = author_domains(dns_, from_values)
         if not domains:
             why = "no From header field" if not from_values else "no domain in From"

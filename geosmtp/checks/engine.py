@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections import ChainMap
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Callable
 
@@ -60,6 +61,10 @@ class CheckSpec:
     def __post_init__(self) -> None:
         if not self.phases:
             object.__setattr__(self, "phases", phases_of(self.check))
+        # the metrics' children, looked up once (labels() costs a few microseconds a call)
+        object.__setattr__(self, "seconds", metrics.CHECK_SECONDS.labels(self.name))
+        object.__setattr__(self, "verdicts", lru_cache(maxsize=64)(
+            lambda phase, verdict: metrics.CHECK_VERDICTS.labels(self.name, phase, verdict)))
 
 
 def at_connect(reply: Reply) -> Reply:
@@ -189,8 +194,8 @@ class SessionChecks:
             log.opt(exception=exc).debug("check {} failed", spec.name)
             return None, self._failed(spec, phase, "error", f"{type(exc).__name__}: {exc}", log)
         finally:
-            metrics.CHECK_SECONDS.labels(spec.name).observe(time.monotonic() - started)
-        metrics.CHECK_VERDICTS.labels(spec.name, phase, verdict.action if verdict else ACCEPT).inc()
+            spec.seconds.observe(time.monotonic() - started)
+        spec.verdicts(phase, verdict.action if verdict else ACCEPT).inc()
         return verdict, None
 
     @staticmethod
@@ -217,8 +222,7 @@ class SessionChecks:
         hostname = self.engine.hostname
         rewrites = ed.changes_message(tx.edits)
         if tx.remove or self.engine.records_auth or rewrites:
-            section = facts.header_section()
-            fields = hdr.parse_fields(section)
+            section, fields = facts.header_section(), facts.fields()
             drop = hdr.field_indices(fields, tx.remove)
             if self.engine.records_auth:  # RFC 8601 5: nobody else speaks in our name
                 forged = {i for i, f in enumerate(fields)

@@ -153,10 +153,17 @@ class Facts:
                 self._read[limit] = read_header_section(fh, limit)
         return self._read[limit]
 
+    def fields(self) -> list:
+        """The header section split into fields (geosmtp.checks.headers.Field: name, value,
+        offsets), once for every check of the phase."""
+        from geosmtp.checks.headers import parse_fields
+        if "fields" not in self._read:
+            self._read["fields"] = parse_fields(self.header_section())
+        return self._read["fields"]
+
     def headers(self) -> list[tuple[str, str]]:
         """The header fields as (name, unfolded value), in order, decoded leniently."""
-        from geosmtp.checks.headers import parse_fields
-        return [(f.name, f.value) for f in parse_fields(self.header_section())]
+        return [(f.name, f.value) for f in self.fields()]
 
     def header(self, name: str) -> str | None:
         """The first field called `name` (any case), unfolded, or None."""

@@ -418,8 +418,35 @@ def test_opendkim_signs_on_submission_and_the_signature_verifies(started, tmp_pa
         message = got.split(b"\r\n", 2)[2]  # the local delivery's Return-Path and Delivered-To: not signed
         record = key.record.encode()
         assert dkim.verify(message, dnsfunc=lambda name, timeout=5: record if name == b"sub._domainkey.example.test." else None)
+        assert our_dkim_check(message, "sub._domainkey.example.test", key.record) == [
+            {"result": "pass", "domain": "example.test", "selector": "sub"}]
     finally:
         stop_daemon(proc)
+
+
+def our_dkim_check(message: bytes, name: str, record: str) -> list[dict]:
+    """What geosmtp's own dkim check says of `message`, its key served by a fake DNS."""
+    import io
+    import ipaddress
+
+    from geosmtp.checks import registry
+    from geosmtp.checks.dkimverify import DKIMCheck
+    from geosmtp.checks.dns import DNS
+    from geosmtp.checks.interface import CheckContext, Facts
+    from geosmtp.relay.mx import make_resolver
+    from tests.support.fakedns import FakeDNS
+
+    fake = FakeDNS().start()
+    try:
+        fake.txt(name, record)
+        context = CheckContext("mx.example.test", DNS(make_resolver([("127.0.0.1", fake.port)], 2)))
+        check = DKIMCheck(registry.validate_options(DKIMCheck, {}), context)
+        facts = Facts(phase="data", listener="smtp", mode="smtp", ip=ipaddress.ip_address("192.0.2.1"),
+                      trusted=False, hostname="mx.example.test", size=len(message),
+                      open_message=lambda: io.BytesIO(message))
+        return check.data(facts).results["dkim"]
+    finally:
+        fake.stop()
 
 
 def test_opendmarc_adds_its_authentication_results(started, tmp_path):
