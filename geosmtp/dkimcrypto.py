@@ -10,9 +10,9 @@ verify_sig_process, evaluate_pk and sign): RSASSA_PKCS1_v1_5_verify(hash object,
 RSASSA_PKCS1_v1_5_sign(hash object, private key dict) -> signature, and
 parse_pem_private_key(PEM) -> that dict. PKCS#1 v1.5 signatures are deterministic: OpenSSL
 writes the very octets dkimpy's code would (a test compares them). Outcomes do not change (the tests verify the
-same good and bad signatures both ways), but one: a signature with leading zero octets,
-longer than the key's modulus, is invalid (RFC 8017 8.2.2 step 1), where dkimpy's integer
-arithmetic let it pass.
+same good and bad signatures both ways), but one: a signature that is not exactly as long
+as the key's modulus (leading zero octets added, or dropped by a careless signer) is invalid
+(RFC 8017 8.2.2 step 1), where dkimpy's integer arithmetic let it pass.
 """
 from __future__ import annotations
 

@@ -88,7 +88,11 @@ def build_checks(config: Config, run: Callable) -> dict[str, Engine]:
         return {}
     r = config.relay
     servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
-    context = CheckContext(hostname=config.server.hostname, dns=DNS(make_resolver(servers, r.dns_timeout)),
+    resolver = make_resolver(servers, r.dns_timeout)
+    # the checks' DNS keeps answers itself, for what is left of their TTL: a second cache under
+    # it would hand back a negative answer with its whole TTL again (RFC 2308's TTL is not aged)
+    resolver.cache = None
+    context = CheckContext(hostname=config.server.hostname, dns=DNS(resolver),
                            run=run, local_domains=frozenset(d.lower() for d in config.local.domains))
     made: dict[str, CheckSpec] = {}
     for c in config.check:

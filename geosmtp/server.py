@@ -96,6 +96,19 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     return out
 
 
+def unmapped(address: str) -> str:
+    """"::ffff:192.0.2.1" -> "192.0.2.1": policy, limits, logs and checks see IPv4 clients of an
+    IPv6 listener by their IPv4 address (a DNSBL or greylist key made from the mapped form
+    would match nothing, or everybody)."""
+    if ":" not in address:
+        return address
+    try:
+        mapped = ipaddress.ip_address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return str(mapped) if mapped is not None else address
+
+
 class Server:
     """role "all": listeners and the queue manager in one process (workers = 1).
     role "worker": listeners only; a new message is announced on notify_fd.
@@ -388,7 +401,7 @@ class Server:
         # the listener's settings current now: a reload changes them for new connections only
         listener = self.parts.listeners[name]
         settings = self.parts.settings[name]
-        ip = addr[0]
+        ip = unmapped(addr[0])  # an IPv4 client of a dual-stack [::] listener: its IPv4 address
         lim = self.config.limits
         load = self.loads[listener.name]
         conn = Connection(sock, settings.limits.command_timeout)  # it times every send and read

@@ -163,7 +163,10 @@ def _read_signature(index: int, value: bytes, max_signatures: int) -> Signature:
         return sig
     if tags[b"a"].lower() == b"rsa-sha1":
         sig.decide("policy", "rsa-sha1 is not accepted (RFC 8301)")
-    elif not sig.domain or not sig.selector or "\ufffd" in sig.key_name:
+    elif (not sig.domain or not sig.selector or "\ufffd" in sig.key_name
+          or sig.domain.encode() != tags.get(b"d") or sig.selector.encode() != tags.get(b"s")):
+        # what we would ask DNS and report must be what dkimpy verifies against, octet for
+        # octet: a control character or a name cut short is not a domain name
         sig.decide("neutral", "signature: d= or s= is not a domain name")
     return sig
 

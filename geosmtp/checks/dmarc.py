@@ -270,6 +270,23 @@ def normal_domain(dns_, text: str) -> str | None:
     return name if len(name) <= 253 and _HOSTNAME.fullmatch(name) else None
 
 
+_QUOTED_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"?|\((?:\\.|[^()\\])*\)?')
+
+
+def ambiguous_from(from_values: list[str]) -> bool:
+    """A From: whose author a reader and a parser could tell apart: the "@"s written outside
+    quoted strings and comments are not each one whole address with a local part
+    ("alice@victim.example@attacker.example": a mail reader shows the first domain, a parser
+    may take the last, or none). RFC 7489 6.6.1 (kept by RFC 9989) lets a receiver refuse it."""
+    try:
+        addresses = [addr for _name, addr in email.utils.getaddresses(from_values)]
+    except Exception:
+        return True
+    written = sum(_QUOTED_OR_COMMENT.sub("", v).count("@") for v in from_values)
+    whole = [a for a in addresses if a.count("@") == 1 and not a.startswith("@")]
+    return written != len(whole) or any(a.count("@") > 1 for a in addresses)
+
+
 def author_domains(dns_, from_values: list[str]) -> list[str]:
     """The distinct domains of the From: addresses, in order."""
     try:
@@ -327,6 +344,12 @@ class DMARCCheck(Check):
     def data(self, facts: Facts) -> Verdict:
         dns_ = self.context.dns
         from_values = [f.value for f in facts.fields() if f.name.lower() == "from"]
+        if ambiguous_from(from_values):
+            outcome = Outcome("", "permerror", reason="From: cannot be parsed reliably")
+            kw = {"results": {"dmarc": outcome.fact()}, "auth": [outcome.auth()]}
+            if self.options.get("enforce", True):
+                return Verdict.reject("From: header field cannot be parsed reliably", 550, "5.7.1", **kw)
+            return Verdict.accept(**kw)
         domains = author_domains(dns_, from_values)
         if not domains:
             why = "no From header field" if not from_values else "no domain in From"

@@ -20,6 +20,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+MAX_TTL = 86400.0
+MAX_NEGATIVE_TTL = 10800.0
 MAX_TXT = 64 * 1024  # octets of TXT data kept for one name: beyond is hostile
 
 
@@ -63,8 +65,8 @@ class DNS:
         records, ttl = self._resolve(self.name(name) if isinstance(name, str) else name, rdtype)
         if len(self._memo) >= self.MEMO:
             self._memo.clear()
-        if ttl > 0:
-            self._memo[key] = (now + ttl, records)
+        if ttl > 0:  # kept no longer than a real resolver would (1 day, 3 h for a negative)
+            self._memo[key] = (now + min(ttl, MAX_TTL if records else MAX_NEGATIVE_TTL), records)
         return records
 
     def _resolve(self, qname: dns.name.Name, rdtype: str) -> tuple[list, float]:

@@ -349,3 +349,31 @@ def test_end_session_reaches_the_checks_that_want_it_and_never_raises():
     e = Engine([CheckSpec("k", Keeps({}, None))], "mx.example.test")
     e.session().end_session(facts("end", session="abc"))
     assert ended == ["abc"]
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_are_seen_by_their_ipv4_address():
+    """A DNSBL or greylist key made from "::ffff:192.0.2.1" would match nothing, or everybody."""
+    from geosmtp.server import unmapped
+    assert unmapped("::ffff:192.0.2.1") == "192.0.2.1"
+    assert unmapped("2001:db8::1") == "2001:db8::1" and unmapped("192.0.2.1") == "192.0.2.1"
+
+
+def test_the_checks_dns_keeps_answers_no_longer_than_a_resolver_would():
+    import dns.resolver
+
+    from geosmtp.checks import dns as checks_dns
+
+    class Resolver:
+        asked = 0
+
+        def resolve(self, *a, **kw):
+            Resolver.asked += 1
+            raise dns.resolver.NoAnswer()
+
+    memo = checks_dns.DNS(Resolver(), clock=lambda: now[0])
+    now = [0.0]
+    memo._resolve = lambda qname, rdtype: ([], 10 ** 9)  # a negative TTL of 30 years
+    assert memo.query("example.test", "TXT") == []
+    now[0] = checks_dns.MAX_NEGATIVE_TTL + 1
+    memo._resolve = lambda qname, rdtype: (["fresh"], 60)
+    assert memo.query("example.test", "TXT") == ["fresh"]  # asked again after 3 h

@@ -444,3 +444,13 @@ def test_options():
         validate_options(DMARCCheck, {"temperror": "reject"})
 
 
+
+
+@pytest.mark.parametrize("value", ["alice@victim.test@attacker.test", "<alice@victim.test@attacker.test>",
+                                   '"\\" <alice@victim.test>'])
+def test_an_ambiguous_from_is_refused_not_judged_on_another_domain(value):
+    """A reader shows victim.test, a parser would take attacker.test (or nothing): with
+    enforce the message is refused (RFC 7489 6.6.1), without it recorded as permerror."""
+    from geosmtp.checks.dmarc import ambiguous_from
+    assert ambiguous_from([value])
+    assert not ambiguous_from(["Alice <alice@victim.test>"]) and not ambiguous_from(["undisclosed"])
