@@ -57,9 +57,10 @@ class Milter:
             if self.protocol & nr:
                 continue
             answer = self.answers.get(cmd, pkt(b"c"))
-            if answer == "hang":
+            if answer == "hang":  # then gone, without a word (never a late write into another test)
                 gevent.sleep(30)
-            elif answer == "reset":
+                return
+            if answer == "reset":
                 return
             sock.sendall(answer)
 
