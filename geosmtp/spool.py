@@ -179,7 +179,10 @@ class MessageWriter:
         with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
             safeio.write_all(dst, src.readline(MAX_ENVELOPE))
             edit(src, dst)
-        os.close(self._unsealed)
+        # the new name made durable now: the entry may be linked to it with msg/ not synced
+        safeio.fsync_path(os.path.dirname(path))
+        fd, self._unsealed = self._unsealed, None
+        os.close(fd)
         self._unsealed = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.kept = None  # what was kept is not the message any more
 

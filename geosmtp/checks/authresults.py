@@ -14,7 +14,7 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 def _value(text: str) -> str:
     """A property value: as it is when it is one token, else a quoted-string."""
-    text = _UNSAFE.sub("", str(text))[:255]
+    text = _UNSAFE.sub("", str(text).encode("utf-8", "replace").decode("utf-8"))[:255]
     if _TOKEN.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -35,7 +35,8 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 def safe_text(text: str, limit: int = 400) -> str:
     """Text from outside (a check's reply, a DNS answer, a PTR name) made safe for one
     reply or header line: control characters (CR, LF, NUL...) become "?", cut at `limit`."""
-    return _UNSAFE.sub("?", str(text))[:limit]
+    text = str(text).encode("utf-8", "replace").decode("utf-8")  # no lone surrogates either
+    return _UNSAFE.sub("?", text)[:limit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class Verdict:
     def __post_init__(self) -> None:
         for name in ("headers", "auth", "remove_headers", "edits"):  # a list is fine to give; kept as a tuple
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        # the reason goes into log lines and the envelope: one line of text, whoever wrote it
+        object.__setattr__(self, "reason", safe_text(self.reason))
         if self.action not in ACTIONS:
             raise ValueError(f"unknown verdict action {self.action!r}")
         if self.reply is not None:
@@ -76,6 +79,10 @@ class Verdict:
                 raise ValueError(f"bad header field name {name!r}")
             if _UNSAFE.search(value.replace("\r\n\t", "").replace("\r\n ", "")):
                 raise ValueError(f"header field {name} has a control character outside folding")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"header field {name} is not UTF-8 text") from None
         from geosmtp.checks.edits import EDITS
         for edit in self.edits:
             if not isinstance(edit, EDITS):

@@ -377,3 +377,14 @@ def test_the_checks_dns_keeps_answers_no_longer_than_a_resolver_would():
     now[0] = checks_dns.MAX_NEGATIVE_TTL + 1
     memo._resolve = lambda qname, rdtype: (["fresh"], 60)
     assert memo.query("example.test", "TXT") == ["fresh"]  # asked again after 3 h
+
+
+def test_text_from_a_filter_that_is_not_utf8_never_reaches_the_envelope_raw():
+    """A milter's quarantine reason (or a property) with a lone surrogate and CR/LF: one safe
+    line, which the envelope's UTF-8 JSON can hold (no crash of the session at commit)."""
+    v = Verdict.quarantine("bad\udcff\r\nInjected: 1")
+    assert v.reason == "bad???Injected: 1" and v.reason.encode("utf-8")
+    with pytest.raises(ValueError):
+        Verdict.accept(headers=[("X-A", "\udcff")])
+    value = format_header("mx.example.test", [AuthResult("x", "pass", (("header.d", "a\udcffb"),))])
+    assert value.encode("utf-8")
