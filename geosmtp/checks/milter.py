@@ -52,6 +52,7 @@ from geosmtp.config import Duration
 
 HEADER_LIMIT = 1024 * 1024  # octets of header section sent to the milter
 MAX_PACKETS = 100_000  # replies to one step (modifications, body chunks, progress)
+MAX_EDIT_OCTETS = 1024 * 1024  # header and envelope modifications of one message, in all
 MAX_PROGRESS = 1000  # "still working" packets for one step
 MAX_SESSIONS = 10_000  # conversations kept at once (a session that never ended is let go)
 FINAL_AT_CONNECT = (mc.SMFIC_CONNECT, mc.SMFIC_HELO)
@@ -419,7 +420,7 @@ class Conversation:
         if self.in_message:
             self.send(mc.packet(mc.SMFIC_ABORT), reply=False, timeout=self.options["command_timeout"])
         self.in_message = self.message_done = False
-        self.edits, self.quarantine = [], None
+        self.edits, self.quarantine, self.edit_octets = [], None, 0
         self._drop_body()
 
     def helo(self, facts: Facts) -> Verdict | None:
@@ -484,7 +485,7 @@ class Conversation:
             edits.append(ed.BodyReplace(self.body))
             self.body = None
         quarantine = self.quarantine
-        self.edits, self.quarantine, self.message_done = [], None, False
+        self.edits, self.quarantine, self.message_done, self.edit_octets = [], None, False, 0
         if verdict is not None and verdict.action != ACCEPT:
             if verdict.action == QUARANTINE:
                 return Verdict(QUARANTINE, reason=verdict.reason, edits=tuple(edits))
@@ -497,6 +498,10 @@ class Conversation:
     def modification(self, code: bytes, data: bytes) -> None:
         if not self.neg.actions & NEEDS[code]:
             raise MilterFailed("garbage", f"modification {code!r} not negotiated")
+        if code != mc.SMFIR_REPLBODY:  # the replaced body has its own bound (max_body_size)
+            self.edit_octets = getattr(self, "edit_octets", 0) + len(data)
+            if self.edit_octets > MAX_EDIT_OCTETS:
+                raise MilterFailed("garbage", f"modifications of more than {MAX_EDIT_OCTETS} octets for one message")
         try:
             if code == mc.SMFIR_REPLBODY:
                 self._body_chunk(data)

@@ -135,6 +135,15 @@ def test_modifications_become_edits():
         ed.SenderChange("<n@x.test>"), ed.RecipientAdd("<c@example.test>"), ed.RecipientRemove("<b@example.test>")]
 
 
+def test_modifications_of_one_message_are_bounded_in_all():
+    """Each packet is bounded by max_reply_size; their sum too (three 400 KB header fields are
+    more than a message may be given): the default action, not a worker out of memory."""
+    big = pkt(b"h", b"X-Big\x00" + b"v" * 400_000 + b"\x00")
+    m = Milter(answers={mc.SMFIC_BODYEOB: big * 3 + pkt(b"c")})
+    v = run_session(check(m.address))[-1]
+    assert v is not None and v.action == "defer" and not v.edits
+
+
 @pytest.mark.parametrize("answers, optneg", [
     ({mc.SMFIC_MAIL: pkt(b"h", b"X\x00v\x00")}, None),  # a modification before the end of the message
     ({mc.SMFIC_MAIL: pkt(b"Z")}, None),  # an unknown reply
