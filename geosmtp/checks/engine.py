@@ -41,6 +41,8 @@ REFUSED = {  # the reply when a verdict carries none
     CLOSE: Reply(421, "4.7.0", "Closing connection", close=True),
 }
 EDIT_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")  # edits not applied
+HEADER_SECTION_LIMIT = 256 * 1024  # what Facts.header_section reads by default
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too large")
 ON_ERROR = {  # a check that failed or timed out, by its on_error
     "defer": Reply(451, "4.3.0", "Temporary local problem, try again later"),
     "reject": Reply(550, "5.7.1", "Refused by policy"),
@@ -222,6 +224,11 @@ class SessionChecks:
         hostname = self.engine.hostname
         rewrites = ed.changes_message(tx.edits)
         if tx.remove or self.engine.records_auth or rewrites:
+            if not facts.header_section_whole():
+                # fields past what we read could not be scanned (a forged A-R) or kept in place
+                # (an edit): such a header section is refused, not passed on half-checked
+                log.info("message refused: header section over {} octets", HEADER_SECTION_LIMIT)
+                return DataOutcome(HEADER_TOO_BIG)
             section, fields = facts.header_section(), facts.fields()
             drop = hdr.field_indices(fields, tx.remove)
             if self.engine.records_auth:  # RFC 8601 5: nobody else speaks in our name

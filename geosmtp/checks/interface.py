@@ -157,8 +157,17 @@ class Facts:
             return b""
         if limit not in self._read:
             with self.open_message() as fh:
-                self._read[limit] = read_header_section(fh, limit)
+                section = read_header_section(fh, limit)
+                # whole: it ends with its blank line, or the message ends with it
+                self._read[("whole", limit)] = (section.endswith(b"\r\n\r\n") or section == b"\r\n"
+                                                or not fh.read(1))
+                self._read[limit] = section
         return self._read[limit]
+
+    def header_section_whole(self, limit: int = 256 * 1024) -> bool:
+        """Whether header_section(limit) is all of the header section (not cut at `limit`)."""
+        self.header_section(limit)
+        return self._read.get(("whole", limit), True)
 
     def fields(self) -> list:
         """The header section split into fields (geosmtp.checks.headers.Field: name, value,

@@ -388,3 +388,18 @@ def test_text_from_a_filter_that_is_not_utf8_never_reaches_the_envelope_raw():
         Verdict.accept(headers=[("X-A", "\udcff")])
     value = format_header("mx.example.test", [AuthResult("x", "pass", (("header.d", "a\udcffb"),))])
     assert value.encode("utf-8")
+
+
+def test_a_header_section_too_large_to_scan_is_refused_not_passed_half_checked(tmp_path):
+    """A forged Authentication-Results past the part of the header section we read would
+    survive: such a message is refused (552 5.3.4) when our A-R is written."""
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 900) for i in range(300))
+    message = filler + b"Authentication-Results: mx.example.test; dkim=pass\r\n\r\nbody\r\n"
+    path, open_message, rewrite, _ = _stored(tmp_path, message)
+    e = Engine([], "mx.example.test", records_auth=True)
+    s = e.session()
+    out = s.data(facts("data", open_message=open_message), s.tx, rewrite)
+    assert str(out.refusal) == "552 5.3.4 Message header section too large"
+    (tmp_path / "small").mkdir()
+    small = _stored(tmp_path / "small", b"Subject: s\r\n\r\nbody\r\n")
+    assert s.data(facts("data", open_message=small[1]), s.tx, small[2]).refusal is None
