@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from geosmtp import safeio
+from geosmtp.checks.headers import COPY_CHUNK
 
-COPY_CHUNK = 256 * 1024
 _FIELD_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 2.2: printable ASCII but ":"
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 

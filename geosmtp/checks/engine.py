@@ -29,7 +29,7 @@ from geosmtp.checks import edits as ed
 from geosmtp.checks import headers as hdr
 from geosmtp.checks.authresults import format_header, is_ours
 from geosmtp.checks.interface import (
-    ACCEPT, CLOSE, DEFER, QUARANTINE, REJECT, Facts, Verdict, phases_of,
+    ACCEPT, CLOSE, DEFER, HEADER_SECTION_LIMIT, QUARANTINE, REJECT, Facts, Verdict, phases_of,
 )
 from geosmtp.replies import Reply
 
@@ -41,7 +41,6 @@ REFUSED = {  # the reply when a verdict carries none
     CLOSE: Reply(421, "4.7.0", "Closing connection", close=True),
 }
 EDIT_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")  # edits not applied
-HEADER_SECTION_LIMIT = 256 * 1024  # what Facts.header_section reads by default
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header section too large")
 ON_ERROR = {  # a check that failed or timed out, by its on_error
     "defer": Reply(451, "4.3.0", "Temporary local problem, try again later"),

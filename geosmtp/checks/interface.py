@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable, Mapping
 from geosmtp.replies import Reply
 
 _NOTHING: Mapping[str, Any] = MappingProxyType({})
+HEADER_SECTION_LIMIT = 256 * 1024  # octets of a message's header section the checks read
 PHASES = ("connect", "helo", "mail", "rcpt", "data")
 
 ACCEPT = "accept"  # go on (headers and results still count)
@@ -150,7 +151,7 @@ class Facts:
     # the header section, read once for every check of the phase (replace() shares it)
     _read: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def header_section(self, limit: int = 256 * 1024) -> bytes:
+    def header_section(self, limit: int = HEADER_SECTION_LIMIT) -> bytes:
         """The message's header section (up to the blank line; at most `limit` octets)."""
         from geosmtp.checks.headers import read_header_section
         if self.open_message is None:
@@ -164,7 +165,7 @@ class Facts:
                 self._read[limit] = section
         return self._read[limit]
 
-    def header_section_whole(self, limit: int = 256 * 1024) -> bool:
+    def header_section_whole(self, limit: int = HEADER_SECTION_LIMIT) -> bool:
         """Whether header_section(limit) is all of the header section (not cut at `limit`)."""
         self.header_section(limit)
         return self._read.get(("whole", limit), True)
