@@ -1,19 +1,16 @@
 """The one way geosmtp changes files on disk: write to tmp, fsync, rename; fsync the directory.
 
-A crash leaves either the old file or the new one, never half of one. Directory fsyncs are
-shared by concurrent callers (group commit): one fsync covers every rename made before it
-began, so a burst of commits costs one directory fsync instead of one each. The disk work
-runs off the gevent hub, in a threadpool, through threadpool_runner().
+A crash leaves either the old file or the new one, never half of one. The spool does not
+fsync file by file: its changes share the flushes of geosmtp.groupcommit. The disk work runs
+off the gevent hub, in a threadpool, through threadpool_runner().
 """
 from __future__ import annotations
 
 import errno
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
-import gevent
-from gevent.event import AsyncResult
 
 # errors that mean "the disk is full", as opposed to any other storage failure
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -97,6 +94,22 @@ def write_file(tmp: str | os.PathLike, final: str | os.PathLike, data: bytes,
         write_all(fd, data)
 
 
+def write_unsynced(path: str | os.PathLike, data: bytes, mtime: float | None = None) -> None:
+    """A new file (a stale one of that name removed first) with `data`, not fsynced: for a
+    caller whose group commit flushes it (geosmtp.groupcommit) before anything names it."""
+    unlink_quietly(path)
+    fd = create(path)
+    try:
+        write_all(fd, data)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
 def move(src: str | os.PathLike, dst: str | os.PathLike) -> bool:
     """Atomic rename; False when src is gone (another claimer won)."""
     try:
@@ -126,56 +139,6 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
-
-
-class GroupSync:
-    """fsync of a set of directories, shared by every caller that arrives while one runs.
-
-    sync() returns once fsyncs that *started after* the call have finished, so every rename
-    or link the caller made in those directories before calling is durable. `run` executes
-    the fsyncs (off the gevent hub, e.g. a threadpool's apply) in one job per round.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], run: Callable):
-        self._paths = tuple(paths)
-        self._run = run
-        self._round = AsyncResult()
-        self._waiting = 0
-        self._running = False
-
-    def sync(self) -> None:
-        self._waiting += 1
-        result = self._round
-        if not self._running:
-            self._running = True
-            gevent.spawn(self._rounds)
-        result.get()
-
-    def _fsync_all(self) -> None:
-        for path in self._paths:
-            fsync_path(path)
-
-    def _rounds(self) -> None:
-        try:
-            while self._waiting:
-                result, self._round = self._round, AsyncResult()
-                self._waiting = 0
-                try:
-                    self._run(self._fsync_all)
-                except OSError as exc:
-                    result.set_exception(exc)
-                except BaseException as exc:
-                    result.set_exception(OSError(f"directory sync interrupted: {exc!r}"))
-                    raise
-                else:
-                    result.set(None)
-        except BaseException as exc:
-            # whoever queued behind the interrupted round fails too, rather than waiting forever
-            queued, self._round, self._waiting = self._round, AsyncResult(), 0
-            queued.set_exception(OSError(f"directory sync interrupted: {exc!r}"))
-            raise
-        finally:
-            self._running = False
 
 
 class _Raised:

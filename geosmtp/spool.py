@@ -10,10 +10,16 @@
     tmp/                  envelope rewrites in progress; swept at start-up
 
 The first line of a queue entry is always the envelope. At arrival the entry is a second
-name (a hard link) for the message file itself, so a message costs one new file and one
-fsync; when delivery progress must be saved, the entry is replaced by a small envelope file
-(written in tmp/, fsynced, renamed over it). A message too big to hold in memory is streamed
-to msg/ during DATA behind a placeholder line and gets a separate envelope file at commit.
+name (a hard link) for the message file itself, so a message costs one new file; when
+delivery progress must be saved, the entry is replaced by a small envelope file (written in
+tmp/, renamed over it). A message too big to hold in memory is streamed to msg/ during DATA
+behind a placeholder line and gets a separate envelope file at commit.
+
+Nothing is fsynced file by file. Every change waits for a round of the group commit
+(geosmtp.groupcommit): one syncfs() of the spool's filesystem, shared by all the changes
+in flight. Where one name must not exist before what it names is durable (an entry before
+its message file, a renamed envelope before its content), the name is made in the round's
+job right after the flush, and the next round makes it durable.
 
 No locks between entries: exactly one claimer wins a rename, so a master and its workers
 share the spool. One lock for the whole spool (lock_spool) keeps a second geosmtp, and the
@@ -27,12 +33,14 @@ import heapq
 import os
 import random
 import time
+from functools import partial
 from typing import BinaryIO, Callable, Iterator
 
 from loguru import logger
 
 from geosmtp import safeio
 from geosmtp.envelope import Envelope
+from geosmtp.groupcommit import GroupCommit
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
@@ -102,7 +110,6 @@ class MessageWriter:
         self._parts: list[bytes] = []
         self._buffered = 0
         self._fd: int | None = None
-        self._unsealed: int | None = None  # finished but not yet synced (see seal)
         self.error: OSError | None = None
         self.kept: bytes | None = None  # a small message's octets, once finished
 
@@ -137,10 +144,10 @@ class MessageWriter:
             data = PLACEHOLDER + data
         safeio.write_all(self._fd, data)
 
-    def finish(self, first_line: bytes, sync: bool = True) -> None:
-        """Write what is left, fsync, close. `first_line` (the envelope) is used only if
-        nothing was written yet. Runs off the hub. With sync=False the file is written but
-        kept open for seal(), which syncs it (the end-of-data checks run in between)."""
+    def finish(self, first_line: bytes) -> None:
+        """Write what is left and close; no fsync: the spool's group commit flushes the file
+        before anything names it. `first_line` (the envelope) is used only if nothing was
+        written yet. Runs off the hub."""
         if self.error is not None:
             raise self.error
         if self._fd is None:
@@ -152,47 +159,37 @@ class MessageWriter:
         fd, self._fd = self._fd, None
         try:
             safeio.write_all(fd, data)
-            if not sync:
-                self._unsealed, fd = fd, None
-                return
-            os.fsync(fd)
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
 
-    def seal(self, first_line: bytes | None = None) -> None:
-        """After finish(sync=False): write `first_line` over the first line (of the same
-        length), fsync, close."""
-        fd, self._unsealed = self._unsealed, None
+    def overwrite_first_line(self, first_line: bytes) -> None:
+        """After finish(): `first_line` written over the first line, of the same length."""
+        fd = os.open(self.spool.message_path(self.id), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            if first_line is not None:
-                os.pwrite(fd, first_line, 0)
-            os.fsync(fd)
+            os.pwrite(fd, first_line, 0)
         finally:
             os.close(fd)
 
     def replace(self, edit: Callable[[BinaryIO, int], None]) -> None:
-        """After finish(sync=False): the message file replaced by what edit(source after the
-        first line, destination) writes, the first line kept; the new file is the one
-        seal() then completes."""
+        """After finish(): the message file replaced by what edit(source after the first
+        line, destination) writes, the first line kept. Unpublished still: the commit's
+        flush covers the new file and its name."""
         path = self.spool.message_path(self.id)
         with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
             safeio.write_all(dst, src.readline(MAX_ENVELOPE))
             edit(src, dst)
-        # the new name made durable now: the entry may be linked to it with msg/ not synced
-        safeio.fsync_path(os.path.dirname(path))
-        fd, self._unsealed = self._unsealed, None
-        os.close(fd)
-        self._unsealed = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self.kept = None  # what was kept is not the message any more
 
     def abort(self) -> None:
         self._parts.clear()
-        for fd in (self._fd, self._unsealed):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._unsealed = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         safeio.unlink_quietly(self.spool.message_path(self.id))
+
+
+class _Gone(Exception):
+    """The entry an envelope rewrite was for is no longer there (an operator's delete)."""
 
 
 class Spool:
@@ -202,8 +199,7 @@ class Spool:
         self._dirs = {state: os.path.join(self.root, "queue", state) for state in STATES}
         self._msg = os.path.join(self.root, "msg")
         self._tmp = os.path.join(self.root, "tmp")
-        self._syncers: dict[tuple[str, ...], safeio.GroupSync] = {}
-        self._committing = 0  # commits in flight in this process
+        self.commits = GroupCommit(self.root, run)  # the flushes every change waits for
 
     # -- layout -----------------------------------------------------------------------------
     def entry_path(self, qid: str, state: str) -> str:
@@ -214,13 +210,6 @@ class Spool:
 
     def _tmp_path(self, qid: str) -> str:
         return f"{self._tmp}/{qid}.{os.getpid()}"
-
-    def _sync(self, *dirs: str) -> None:
-        """Group-committed fsync of these directories (one shared round for the set)."""
-        syncer = self._syncers.get(dirs)
-        if syncer is None:
-            syncer = self._syncers[dirs] = safeio.GroupSync(dirs, self.run)
-        syncer.sync()
 
     def setup(self) -> None:
         for d in [self._tmp, self._msg, *self._dirs.values()]:
@@ -234,45 +223,45 @@ class Spool:
                check: Callable[[str], bool] | None = None) -> None:
         """Make the message durable in queue/incoming/ (or hold/). Returns only when on disk.
 
-        Two steps: finish (the message file, its first line the envelope, written and
-        fsynced in msg/) and publish (linked into incoming/: the commit point), then msg/ and
-        incoming/ fsynced by a group commit shared with every other commit in flight.
-        Without `check` both steps run in one job off the hub. With it, check(path of the
-        finished message) runs between them (the end-of-data checks reading the whole
-        message): if it raises, nothing is queued and the exception goes on to the caller;
-        it may change the envelope (fields to add in front, a quarantine reason) and returns
-        True to put the message in hold/. The message is then written with its envelope
-        line padded (JSON allows the white space) but not yet fsynced: a changed envelope
-        that fits is written over the first line, and the file is fsynced once, as without
-        a check. One that does not fit (or a spilled message's) is published as its own
-        entry file, and both directories are synced.
-        Raises SpoolError for a storage failure, leaving nothing behind either way.
+        Three steps: the message file (its first line the envelope) is finished in msg/,
+        unsynced; a group-commit round flushes it, then links it into incoming/ (the commit
+        point); the next round makes that link durable. Every commit in flight shares those
+        flushes (geosmtp.groupcommit), so a burst of messages costs two flushes in all.
+
+        With `check`, check(path of the finished message) runs before the flush (the
+        end-of-data checks reading the whole message): if it raises, nothing is queued and
+        the exception goes on to the caller; it may change the envelope (fields to add in
+        front, a quarantine reason) and returns True to put the message in hold/. The
+        message is written with its envelope line padded (JSON allows the white space), so
+        a changed envelope that fits is written over the first line. One that does not fit
+        (or a spilled message's, which begins with a placeholder) gets its own entry file.
+        Raises SpoolError for a storage failure (a failed flush included), leaving nothing
+        behind either way.
         """
         qid = envelope.id
         line = envelope.to_line()
         entry = ""
-        self._committing += 1
         try:
             if check is None:
-                entry, dirs = self._placing(qid, hold, writer.spilled)
-                # alone: sync the directories in the same job (one hand-off, lower latency);
-                # with company: share one directory fsync round with the other commits
-                alone = self._committing == 1
-                self.run(self._commit, writer, line, entry, dirs if alone else ())
+                entry = self._entry_for(qid, hold)
+                publish = self.run(self._finish, writer, line, line, entry)
             else:
                 padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
-                spilled = self.run(self._finish, writer, padded, False)
+                spilled = writer.spilled
+                self.run(writer.finish, padded)
                 hold = check(self.message_path(qid)) or hold
                 published = envelope.to_line()
-                in_place = not spilled and len(published) <= len(padded)
-                first = published[:-1].ljust(len(padded) - 1) + b"\n" if in_place and published != line else None
-                entry, dirs = self._placing(qid, hold, not in_place)
-                alone = self._committing == 1
-                self.run(self._seal_publish, writer, first, published, entry, not in_place, dirs if alone else ())
-            if not alone:
-                self._sync(*dirs)
-        except Exception as exc:  # the job has ended: nothing half-committed may stay behind
-            for clean_up in (writer.abort, lambda: safeio.unlink_quietly(entry) if entry else None):
+                entry = self._entry_for(qid, hold)
+                if not spilled and len(published) <= len(padded):
+                    changed = published[:-1].ljust(len(padded) - 1) + b"\n" if published != line else None
+                    publish = self.run(self._in_place, writer, changed, entry)
+                else:
+                    publish = self.run(self._entry_file, qid, published, entry)
+            self.commits.flush(then=publish)
+        except Exception as exc:  # nothing half-committed may stay behind
+            tmp = self._tmp_path(qid)  # a spilled message's entry file, if it got that far
+            for clean_up in (writer.abort, partial(safeio.unlink_quietly, tmp),
+                             lambda: safeio.unlink_quietly(entry) if entry else None):
                 try:
                     clean_up()
                 except OSError:  # a failing clean-up must not hide why the commit failed
@@ -280,54 +269,40 @@ class Spool:
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise
-        # A kill (GreenletExit at shutdown) leaves the job to finish in its thread; the
+        # A kill (GreenletExit at shutdown) leaves the jobs to finish in their threads; the
         # files are then either committed (the client, with no 250, may send again: a
         # duplicate, never a loss) or removed by recover() at the next start.
-        finally:
-            self._committing -= 1
 
-    def _placing(self, qid: str, hold: bool, two_files: bool) -> tuple[str, tuple[str, ...]]:
-        """The entry's path, and the directories whose names must be durable. A message
-        whose entry is the message file itself needs only the queue directory synced:
-        recover() puts back a msg/ name lost in a crash. With two files, both names must be."""
-        state = "hold" if hold else "incoming"
-        return self.entry_path(qid, state), ((self._msg, self._dirs[state]) if two_files else (self._dirs[state],))
+    def _entry_for(self, qid: str, hold: bool) -> str:
+        return self.entry_path(qid, "hold" if hold else "incoming")
+
+    def _finish(self, writer: MessageWriter, first_line: bytes, line: bytes, entry: str) -> Callable[[], None]:
+        """The message finished in msg/; what publishes it once flushed: a link to the
+        message file, or a spilled message's own entry file (the file begins with a
+        placeholder line) renamed into place."""
+        spilled = writer.spilled
+        writer.finish(first_line)
+        if spilled:
+            return self._entry_file(writer.id, line, entry)
+        return partial(safeio.link, self.message_path(writer.id), entry)
+
+    def _in_place(self, writer: MessageWriter, first_line: bytes | None, entry: str) -> Callable[[], None]:
+        """A checked message whose envelope fits its line: rewritten there if it changed."""
+        if first_line is not None:
+            writer.overwrite_first_line(first_line)
+        return partial(safeio.link, self.message_path(writer.id), entry)
+
+    def _entry_file(self, qid: str, line: bytes, entry: str) -> Callable[[], None]:
+        """An entry of its own, written in tmp/ now and renamed into place once flushed."""
+        tmp = self._tmp_path(qid)
+        safeio.write_unsynced(tmp, line)
+        return partial(os.rename, tmp, entry)
 
     def rewrite_message(self, writer: MessageWriter, edit: Callable[[BinaryIO, int], None]) -> None:
         """Replace a finished, unpublished message file (a check removing header fields):
         edit(source positioned after its first line, destination descriptor) writes the new
         message; the first line is kept. Off the hub (MessageWriter.replace)."""
         self.run(writer.replace, edit)
-
-    def _seal_publish(self, writer: MessageWriter, first: bytes | None, line: bytes, entry: str,
-                      own_entry: bool, sync_dirs: tuple[str, ...]) -> None:
-        """A checked message: its first line rewritten if the envelope changed, fsynced,
-        then published (as its own entry file if `own_entry`), in one job."""
-        writer.seal(first)
-        self._publish(writer.id, line, entry, own_entry, sync_dirs)
-
-    def _commit(self, writer: MessageWriter, line: bytes, entry: str, sync_dirs: tuple[str, ...]) -> None:
-        """Finish, then publish, in one job off the hub."""
-        self._publish(writer.id, line, entry, self._finish(writer, line), sync_dirs)
-
-    @staticmethod
-    def _finish(writer: MessageWriter, line: bytes, sync: bool = True) -> bool:
-        """Step one: the message is whole (and fsynced unless sync=False) in msg/ (nothing
-        points at it yet: a crash here leaves a file that recover() sweeps). Returns whether
-        it was spilled (streamed behind a placeholder line), which decides how it is published."""
-        spilled = writer.spilled
-        writer.finish(line, sync)
-        return spilled
-
-    def _publish(self, qid: str, line: bytes, entry: str, spilled: bool, sync_dirs: tuple[str, ...]) -> None:
-        """Step two: linked into queue/ (the commit point), the directories fsynced here when
-        the caller commits alone (else by the group commit after the job)."""
-        if spilled:  # the message file begins with a placeholder: the entry is its own file
-            safeio.write_file(self._tmp_path(qid), entry, line)
-        else:
-            safeio.link(self.message_path(qid), entry)
-        for d in sync_dirs:
-            safeio.fsync_path(d)
 
     # -- the queue manager's side -----------------------------------------------------------
     def claim(self, qid: str, state: str = "incoming") -> bool:
@@ -349,36 +324,46 @@ class Spool:
             raise
         return fh
 
-    def _rewrite(self, envelope: Envelope, mtime: float | None, then_to: str | None) -> bool:
-        active = self.entry_path(envelope.id, "active")
+    def _replace_entry(self, envelope: Envelope, state: str, mtime: float | None = None,
+                       then_to: str | None = None) -> bool:
+        """The entry's envelope replaced atomically: the new one written in tmp/, flushed,
+        renamed over the entry (and the entry moved to `then_to`), flushed again. False
+        when the entry is gone (deleted by an operator meanwhile)."""
+        path = self.entry_path(envelope.id, state)
+        tmp = self._tmp_path(envelope.id)
+
+        def prepare() -> None:
+            if not os.path.exists(path):
+                raise _Gone()
+            safeio.write_unsynced(tmp, envelope.to_line(), mtime)
+
+        def swap() -> None:
+            if not os.path.exists(path):  # deleted while the new envelope was flushed
+                safeio.unlink_quietly(tmp)
+                raise _Gone()
+            os.rename(tmp, path)
+            if then_to is not None:
+                safeio.move(path, self.entry_path(envelope.id, then_to))
+
         try:
-            linked = os.stat(active).st_nlink > 1
-        except FileNotFoundError:
-            return False  # removed while it was being delivered (an operator's delete)
-        if linked:
-            # the entry is still the message file, whose msg/ name a small commit left
-            # unsynced: make that name durable before the rewrite drops this one
-            safeio.fsync_path(self._msg)
-        safeio.write_file(self._tmp_path(envelope.id), active, envelope.to_line(), mtime)
-        if then_to is not None:
-            safeio.move(active, self.entry_path(envelope.id, then_to))
+            self.run(prepare)
+            self.commits.flush(then=swap)
+        except _Gone:
+            return False
+        except BaseException:
+            safeio.unlink_quietly(tmp)  # the old entry stays, as it was
+            raise
         return True
 
     def update(self, envelope: Envelope) -> bool:
         """Replace the active entry's envelope (per-recipient progress) atomically.
         False when the entry is gone (deleted by an operator meanwhile)."""
-        if not self.run(self._rewrite, envelope, None, None):
-            return False
-        self._sync(self._dirs["active"])
-        return True
+        return self._replace_entry(envelope, "active")
 
     def defer(self, envelope: Envelope, next_attempt: float) -> bool:
         """Save progress and park the entry in deferred/ until `next_attempt` (its mtime).
         False when the entry is gone (deleted by an operator meanwhile)."""
-        if not self.run(self._rewrite, envelope, next_attempt, "deferred"):
-            return False
-        self._sync(self._dirs["active"], self._dirs["deferred"])
-        return True
+        return self._replace_entry(envelope, "active", next_attempt, "deferred")
 
     def move(self, qid: str, src: str, dst: str, when: float | None = None) -> bool:
         """Move an entry between states (hold, release, corrupt...); `when` sets the mtime."""
@@ -390,13 +375,13 @@ class Spool:
                 return False
         if not safeio.move(path, self.entry_path(qid, dst)):
             return False
-        self._sync(self._dirs[src], self._dirs[dst])
+        self.commits.flush()
         return True
 
     def done(self, qid: str) -> None:
         """Delivery finished: the entry goes first, so no entry points at a lost message."""
         safeio.unlink_quietly(self.entry_path(qid, "active"))
-        self._sync(self._dirs["active"])
+        self.commits.flush()
         safeio.unlink_quietly(self.message_path(qid))
 
     def _names(self, state: str) -> list[str]:
@@ -471,7 +456,7 @@ class Spool:
             os.unlink(self.entry_path(qid, state))
         except FileNotFoundError:
             return False
-        self._sync(self._dirs[state])
+        self.commits.flush()
         safeio.unlink_quietly(self.message_path(qid))
         return True
 
@@ -481,21 +466,7 @@ class Spool:
         move() first. False when the entry is not there."""
         if state not in ("hold", "corrupt"):
             raise ValueError(f"rewrite() is for entries in hold/ or corrupt/, not {state}/")
-        if not self.run(self._rewrite_parked, envelope, state):
-            return False
-        self._sync(self._dirs[state])
-        return True
-
-    def _rewrite_parked(self, envelope: Envelope, state: str) -> bool:
-        path = self.entry_path(envelope.id, state)
-        try:
-            linked = os.stat(path).st_nlink > 1
-        except FileNotFoundError:
-            return False
-        if linked:  # the entry is the message file: its msg/ name must be durable first
-            safeio.fsync_path(self._msg)
-        safeio.write_file(self._tmp_path(envelope.id), path, envelope.to_line())
-        return True
+        return self._replace_entry(envelope, state)
 
     # -- start-up ---------------------------------------------------------------------------
     def _restore_message(self, qid: str, state: str) -> None:

@@ -7,20 +7,24 @@ crash renames over its own earlier copy, so no acknowledged message is lost or d
 import random
 import time
 
+import pytest
+
 from tests.support.load import Load
 from tests.support.server import ServerProcess
 
 KILLS = 4
 
 
-def test_sigkill_loses_and_duplicates_nothing(tmp_path):
-    srv = ServerProcess(tmp_path / "crash", {"log": {"level": "WARNING"}}).start()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_loses_and_duplicates_nothing(tmp_path, workers):
+    # with workers = 2 the whole process group goes at once (the master and its workers)
+    srv = ServerProcess(tmp_path / "crash", {"server": {"workers": workers}, "log": {"level": "WARNING"}}).start()
     load = Load(lambda: srv.port).start()
     try:
         for _ in range(KILLS):
             time.sleep(random.uniform(0.6, 1.2))
-            srv.kill()  # SIGKILL: no cleanup of any kind
-            srv.start()
+            srv.kill_all()  # SIGKILL, workers too: no cleanup of any kind
+            srv.start(timeout=30)  # a new master waits for dying workers' lock
         time.sleep(0.5)
     finally:
         load.stop()

@@ -147,6 +147,18 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
 
+    def kill_all(self) -> None:
+        """SIGKILL the master and its workers at once, as a power cut or the OOM killer of
+        a cgroup would: a worker the master starts meanwhile dies with it (PDEATHSIG)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for pid in children(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.kill()
+
     def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.05):
         """Poll until predicate() is truthy (bounded); returns its value or raises."""
         deadline = time.monotonic() + timeout

@@ -25,9 +25,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geosmtp import safeio
+from geosmtp import groupcommit, safeio
 from geosmtp import spool as spool_module
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
+from geosmtp.groupcommit import GroupCommit
 from geosmtp.spool import (
     MAX_ENVELOPE,
     PLACEHOLDER,
@@ -258,7 +259,7 @@ class OffHub:
     each job give way to the hub first, as a threadpool job does.
     """
 
-    WATCHED = ("open", "write", "fsync", "fdatasync", "link", "rename", "utime")
+    WATCHED = ("open", "write", "pwrite", "fsync", "fdatasync", "link", "rename", "utime")
 
     def __init__(self, monkeypatch, yields: bool = False):
         self.jobs: list = []
@@ -267,6 +268,7 @@ class OffHub:
         self.yields = yields
         for name in self.WATCHED:
             monkeypatch.setattr(os, name, self._watch(name, getattr(os, name)))
+        monkeypatch.setattr(groupcommit, "syncfs", self._watch("syncfs", groupcommit.syncfs))
 
     def _watch(self, name, real):
         def call(*args, **kw):
@@ -301,7 +303,7 @@ def test_spill_goes_through_run(tmp_path, monkeypatch):
     assert run.on_hub == []
     run.jobs.clear()
     s.commit(writer, make_envelope(writer.id))
-    assert run.jobs[0] is Spool._commit and len(run.jobs) <= 2
+    assert run.jobs == [Spool._finish, GroupCommit._round, GroupCommit._round]
     assert run.on_hub == []
     assert body(s, writer.id) == b"a" * SPILL_SIZE + b"b" * SPILL_SIZE
 
@@ -309,15 +311,15 @@ def test_spill_goes_through_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("hold", [False, True])
 @pytest.mark.parametrize("size", [10, SPILL_SIZE * 2], ids=["small", "spilled"])
 def test_commit_does_its_disk_work_off_the_hub_in_few_jobs(tmp_path, monkeypatch, size, hold):
-    # DESIGN: fewer thread hand-offs: writing, linking (and, for a lone commit, the
-    # directory fsyncs) is one job; at most one more for a shared directory fsync round
+    # DESIGN: few thread hand-offs: the writing is one job, each group commit round one
+    # (the link is made in the first round's job, after its flush)
     s = Spool(tmp_path / "spool")
     s.setup()
     writer = s.open_message()
     writer.write(b"z" * size)
-    run = s.run = OffHub(monkeypatch)
+    run = s.run = s.commits._run = OffHub(monkeypatch)
     s.commit(writer, make_envelope(writer.id), hold=hold)
-    assert run.jobs[0] is Spool._commit and len(run.jobs) <= 2
+    assert run.jobs == [Spool._finish, GroupCommit._round, GroupCommit._round]
     assert run.on_hub == []
 
 
@@ -329,7 +331,7 @@ def test_concurrent_commits_do_their_disk_work_off_the_hub(tmp_path, monkeypatch
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert len(s.ids("incoming")) == 12
     assert run.on_hub == []
-    assert len(run.jobs) <= 12 * 2 + 4  # commit jobs, spills, and a few shared sync rounds
+    assert len(run.jobs) <= 12 * 2 + 6  # commit jobs, spills, and a few shared flush rounds
 
 
 def test_abort_leaves_nothing(spool):
@@ -396,12 +398,13 @@ def fail_nth(n: int, err: int, real):
 
 # (name, applies to small, applies to spilled, how to break it)
 FAILURES = [
-    ("message-fsync", True, True, lambda mp: mp.setattr(os, "fsync", fail_nth(1, errno.ENOSPC, os.fsync))),
+    # the flush of the message (before anything names it), and the flush of its entry
+    ("message-flush", True, True, lambda mp: mp.setattr(groupcommit, "syncfs", fail_nth(1, errno.ENOSPC, groupcommit.syncfs))),
+    ("entry-flush", True, True, lambda mp: mp.setattr(groupcommit, "syncfs", fail_nth(2, errno.ENOSPC, groupcommit.syncfs))),
     ("message-write", True, True, lambda mp: mp.setattr(safeio, "write_all", fail_nth(1, errno.ENOSPC, safeio.write_all))),
     ("link", True, False, lambda mp: mp.setattr(safeio, "link", fail_nth(1, errno.ENOSPC, safeio.link))),
-    ("entry-fsync", False, True, lambda mp: mp.setattr(os, "fsync", fail_nth(2, errno.ENOSPC, os.fsync))),
+    ("entry-write", False, True, lambda mp: mp.setattr(safeio, "write_all", fail_nth(2, errno.ENOSPC, safeio.write_all))),
     ("entry-rename", False, True, lambda mp: mp.setattr(os, "rename", fail_nth(1, errno.ENOSPC, os.rename))),
-    ("dir-sync", True, True, lambda mp: mp.setattr(safeio, "fsync_path", fail_nth(1, errno.ENOSPC, safeio.fsync_path))),
 ]
 CASES = [
     pytest.param(name, spilled, hold, breaker, id=f"{name}-{'spilled' if spilled else 'small'}{'-hold' if hold else ''}")
@@ -414,6 +417,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, spilled, hold, breaker", CASES)
 def test_failed_commit_leaves_nothing(spool, monkeypatch, name, spilled, hold, breaker):
+    spool.commits.flush()  # its descriptor, kept open, is not a leak
     fds = open_fds()
     writer = spool.open_message()
     if spilled:
@@ -437,11 +441,11 @@ def test_failed_commit_leaves_nothing(spool, monkeypatch, name, spilled, hold, b
     "err, full",
     [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EFBIG, True), (errno.EIO, False), (errno.EROFS, False)],
 )
-def test_fsync_failure_is_a_spool_error(spool, monkeypatch, err, full):
-    def fsync(fd):
+def test_flush_failure_is_a_spool_error(spool, monkeypatch, err, full):
+    def syncfs(fd):
         raise oserror(err)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(groupcommit, "syncfs", syncfs)
     writer = spool.open_message()
     writer.write(b"data\r\n")
     with pytest.raises(SpoolError) as info:
@@ -465,6 +469,7 @@ def test_disk_full_while_spilling(tmp_path):
 
 
 def test_disk_full_after_the_spill_file_was_created(spool, monkeypatch):
+    spool.commits.flush()  # its descriptor, kept open, is not a leak
     fds = open_fds()
     writer = spool.open_message()
     writer.write(b"x" * SPILL_SIZE)  # the placeholder and the first part are on disk
@@ -491,9 +496,9 @@ def test_writer_error_reported_at_commit(spool):
 
 @pytest.mark.parametrize("err, full", [(errno.ENOSPC, True), (errno.EIO, False)])
 @pytest.mark.parametrize("size", [10, SPILL_SIZE], ids=["small", "spilled"])
-def test_directory_fsync_failure_undoes_the_commit(spool, monkeypatch, err, full, size):
+def test_entry_flush_failure_undoes_the_commit(spool, monkeypatch, err, full, size):
     # the link or rename happened, but it is not durable: nothing may stay to be delivered
-    monkeypatch.setattr(safeio, "fsync_path", lambda path: (_ for _ in ()).throw(oserror(err)))
+    monkeypatch.setattr(groupcommit, "syncfs", fail_nth(2, err, groupcommit.syncfs))
     writer = spool.open_message()
     writer.write(b"d" * size)
     with pytest.raises(SpoolError) as info:
@@ -504,12 +509,12 @@ def test_directory_fsync_failure_undoes_the_commit(spool, monkeypatch, err, full
 
 
 @pytest.mark.parametrize("err, full", [(errno.ENOSPC, True), (errno.EIO, False)])
-def test_directory_fsync_failure_undoes_concurrent_commits(tmp_path, monkeypatch, err, full):
-    # commits in flight together (some sharing a directory fsync round) all fail, all undone
+def test_flush_failure_undoes_concurrent_commits(tmp_path, monkeypatch, err, full):
+    # commits in flight together (sharing flush rounds) all fail, all undone
     run = OffHub(monkeypatch, yields=True)
     s = Spool(tmp_path / "spool", run=run)
     s.setup()
-    monkeypatch.setattr(safeio, "fsync_path", lambda path: (_ for _ in ()).throw(oserror(err)))
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (_ for _ in ()).throw(oserror(err)))
 
     def commit(size):
         writer = s.open_message()
@@ -528,7 +533,7 @@ def test_directory_fsync_failure_undoes_concurrent_commits(tmp_path, monkeypatch
 
 
 def test_commit_job_failure(tmp_path):
-    s = Spool(tmp_path / "spool", run=failing_run(Spool._commit, errno.ENOSPC))
+    s = Spool(tmp_path / "spool", run=failing_run(Spool._finish, errno.ENOSPC))
     s.setup()
     writer = s.open_message()
     writer.write(b"data\r\n")
@@ -552,7 +557,7 @@ def test_commit_failure_that_is_not_an_oserror_is_raised_as_is(spool, monkeypatc
 
 
 def test_spool_works_after_a_failed_commit(spool, monkeypatch):
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(oserror(errno.ENOSPC)))
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (_ for _ in ()).throw(oserror(errno.ENOSPC)))
     writer = spool.open_message()
     writer.write(b"x\r\n")
     with pytest.raises(SpoolError):
@@ -721,12 +726,12 @@ def test_rewriting_the_entry_breaks_the_link_and_keeps_the_message(spool, how, s
 def test_rewrites_do_their_disk_work_off_the_hub(spool, monkeypatch, how):
     envelope = enqueue(spool)
     assert spool.claim(envelope.id)
-    run = spool.run = OffHub(monkeypatch)
+    run = spool.run = spool.commits._run = OffHub(monkeypatch)
     if how == "update":
         spool.update(envelope)
     else:
         spool.defer(envelope, time.time() + 60)
-    assert run.jobs[0] is Spool._rewrite and len(run.jobs) <= 2
+    assert len(run.jobs) == 3 and run.jobs[1:] == [GroupCommit._round] * 2  # write; flush, rename; flush
     assert run.on_hub == []
 
 
@@ -767,7 +772,7 @@ def test_failed_rewrite_keeps_the_old_entry(spool, monkeypatch):
     qid = envelope.id
     assert spool.claim(qid)
     changed = make_envelope(qid, attempts=5)
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(oserror(errno.ENOSPC)))
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (_ for _ in ()).throw(oserror(errno.ENOSPC)))
     with pytest.raises(OSError):
         spool.defer(changed, time.time() + 60)
     monkeypatch.undo()
@@ -796,15 +801,15 @@ def test_done_removes_entry_then_message(spool, monkeypatch, rewritten):
     if rewritten:
         spool.update(envelope)
     events = []
-    real_unlink, real_fsync_path = os.unlink, safeio.fsync_path
+    real_unlink, real_syncfs = os.unlink, groupcommit.syncfs
     monkeypatch.setattr(os, "unlink", lambda p: (events.append(("unlink", os.fspath(p))), real_unlink(p))[1])
-    monkeypatch.setattr(safeio, "fsync_path", lambda p: (events.append(("sync", os.fspath(p))), real_fsync_path(p))[1])
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (events.append(("flush",)), real_syncfs(fd))[1])
     spool.done(qid)
     monkeypatch.undo()
     # DESIGN: an entry never points at a lost message: the entry's removal is durable first
     assert events == [
         ("unlink", spool.entry_path(qid, "active")),
-        ("sync", os.path.dirname(spool.entry_path(qid, "active"))),
+        ("flush",),
         ("unlink", spool.message_path(qid)),
     ]
     assert files_under(spool.root) == []
@@ -918,43 +923,64 @@ def test_recover_ignores_names_that_are_not_ids(spool):
 
 # -- durability: what a crash leaves ------------------------------------------------------
 class CrashImage:
-    """Which directory entries of the spool would survive a crash right now.
+    """What a crash would leave of the spool right now, pessimistically.
 
-    POSIX promises a new, renamed or removed name only once its directory was fsynced, so
-    the pessimistic crash image of a directory is what it held when it was last fsynced.
-    Also checks, at every rename over a queue entry that is a second name of msg/<id>,
-    that the msg/ name is already durable: after the rename, the entry no longer keeps the
-    message alive, and a crash may keep the rename but not an unsynced msg/ name.
+    POSIX makes a new name, a rename or a file's content durable only once it is flushed;
+    the spool's only flush is the group commit's syncfs(), after which every name and every
+    file's content on the filesystem is. So the crash image is the spool as it was at the
+    last syncfs(). Also checks, at every name made in queue/ (a link or a rename), that what
+    it names is durable already (else a crash may keep the name and lose the content), and
+    at every rename over an entry that is a second name of msg/<id>, that the msg/ name is
+    durable (after the rename, the entry no longer keeps the message alive).
     """
 
     def __init__(self, spool: Spool, monkeypatch):
         self.spool = spool
-        self.msg_dir = os.path.dirname(spool.message_path("x"))
-        self.dirs = [self.msg_dir, *(os.path.dirname(spool.entry_path("x", s)) for s in STATES)]
-        self.durable = {d: set(os.listdir(d)) for d in self.dirs}
+        self.root = spool.root
+        self.queue = os.path.join(spool.root, "queue")
         self.problems: list[str] = []
-        real_fsync_path, real_rename = safeio.fsync_path, os.rename
+        self._snapshot()
+        real_syncfs, real_rename, real_link = groupcommit.syncfs, os.rename, os.link
 
-        def fsync_path(path):
-            p = os.fspath(path)
-            if p in self.durable:
-                self.durable[p] = set(os.listdir(p))
-            return real_fsync_path(path)
+        def syncfs(fd):
+            real_syncfs(fd)
+            self._snapshot()
+
+        def durable_content(path: str) -> bool:  # by inode: a rename keeps the content
+            return self.content.get(os.stat(path).st_ino) == read(path)
 
         def rename(src, dst):
-            dst = os.fspath(dst)
-            qid = os.path.basename(dst)
-            msg = spool.message_path(qid)
-            if (os.path.dirname(dst) in self.dirs and os.path.exists(dst) and os.path.exists(msg)
-                    and same_file(dst, msg) and qid not in self.durable[self.msg_dir]):
-                self.problems.append(f"{dst} replaced while msg/{qid} is not durable")
+            src, dst = os.fspath(src), os.fspath(dst)
+            if dst.startswith(self.queue):
+                if not durable_content(src):
+                    self.problems.append(f"{dst} named before its content was durable")
+                qid = os.path.basename(dst)
+                msg = spool.message_path(qid)
+                if os.path.exists(dst) and os.path.exists(msg) and same_file(dst, msg) and msg not in self.names:
+                    self.problems.append(f"{dst} replaced while msg/{qid} is not durable")
             return real_rename(src, dst)
 
-        monkeypatch.setattr(safeio, "fsync_path", fsync_path)
+        def link(src, dst, **kw):
+            src, dst = os.fspath(src), os.fspath(dst)
+            if dst.startswith(self.queue) and not (durable_content(src) and src in self.names):
+                self.problems.append(f"{dst} linked before {src} was durable")
+            return real_link(src, dst, **kw)
+
+        monkeypatch.setattr(groupcommit, "syncfs", syncfs)
         monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "link", link)
+
+    def _snapshot(self) -> None:
+        self.names, self.content = set(), {}
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.join(folder, name)
+                self.names.add(path)
+                self.content[os.stat(path).st_ino] = read(path)
 
     def has(self, path: str) -> bool:
-        return os.path.basename(path) in self.durable[os.path.dirname(path)]
+        """The name is in the crash image, with the content it has now."""
+        return path in self.names and self.content.get(os.stat(path).st_ino) == read(path)
 
 
 @pytest.mark.parametrize("size", [10, SPILL_SIZE * 2], ids=["small", "spilled"])
@@ -965,9 +991,8 @@ def test_committed_message_survives_a_crash(spool, monkeypatch, size, hold):
     qid = envelope.id
     entry = spool.entry_path(qid, "hold" if hold else "incoming")
     assert image.has(entry)  # acknowledged only once the entry is durable...
-    # ...and the message with it: under its msg/ name, or in the entry itself (recover()
-    # links a lost msg/ name back)
-    assert image.has(spool.message_path(qid)) or same_file(entry, spool.message_path(qid))
+    assert image.has(spool.message_path(qid))  # ...and the message with it
+    assert image.problems == []
 
 
 @pytest.mark.parametrize("how", ["defer", "update"])
@@ -1053,171 +1078,28 @@ def test_write_all_large(tmp_path):
     assert (tmp_path / "big").read_bytes() == data
 
 
-# -- GroupSync: group commit of directory fsyncs ------------------------------------------
-class Recorder:
-    """A `run` that yields to the hub while its job is 'in flight', as the threadpool does."""
-
-    def __init__(self, delay: float = 0.005, fail: set[int] = frozenset()):
-        self.log: list[tuple[str, int]] = []
-        self.fsyncs = 0  # jobs, i.e. rounds
-        self.delay = delay
-        self.fail = fail
-
-    def __call__(self, fn, *args):
-        n = self.fsyncs = self.fsyncs + 1
-        self.log.append(("start", n))
-        gevent.sleep(self.delay)
-        try:
-            if n in self.fail:
-                raise oserror(errno.EIO)
-            return fn(*args)
-        finally:
-            self.log.append(("end", n))
-
-
-def _callers(gs: safeio.GroupSync, rec: Recorder, delays: list[float]):
-    def caller(i, delay):
-        gevent.sleep(delay)
-        rec.log.append(("call", i))
-        try:
-            gs.sync()
-            outcome = "ok"
-        except OSError:
-            outcome = "error"
-        rec.log.append(("return", i))
-        return outcome
-
-    greenlets = [gevent.spawn(caller, i, d) for i, d in enumerate(delays)]
-    gevent.joinall(greenlets, timeout=10)
-    assert all(g.ready() for g in greenlets), "a sync() caller hung"
-    return [g.value for g in greenlets]
-
-
-def _covered(log, i) -> bool:
-    """Caller i returned only after an fsync that started after its call had finished."""
-    call, ret = log.index(("call", i)), log.index(("return", i))
-    starts = {n: k for k, (kind, n) in enumerate(log) if kind == "start"}
-    ends = {n: k for k, (kind, n) in enumerate(log) if kind == "end"}
-    return any(call < starts[n] and ends.get(n, len(log)) < ret for n in starts)
-
-
-def test_group_sync_shares_fsyncs(tmp_path):
-    rec = Recorder()
-    gs = safeio.GroupSync([tmp_path], rec)
-    outcomes = _callers(gs, rec, [0.0] * 50)
-    assert outcomes == ["ok"] * 50
-    assert 1 <= rec.fsyncs < 50
-    assert all(_covered(rec.log, i) for i in range(50))
-
-
-def test_group_sync_staggered_callers(tmp_path):
-    rec = Recorder(delay=0.004)
-    gs = safeio.GroupSync([tmp_path], rec)
-    delays = [i * 0.0007 for i in range(60)]  # arriving while fsyncs are in flight
-    assert _callers(gs, rec, delays) == ["ok"] * 60
-    assert rec.fsyncs < 60
-    assert all(_covered(rec.log, i) for i in range(60))
-
-
-def test_group_sync_error_reaches_every_waiter_of_the_round(tmp_path):
-    rec = Recorder(fail={1})
-    gs = safeio.GroupSync([tmp_path], rec)
-    assert _callers(gs, rec, [0.0] * 10) == ["error"] * 10
-    assert _callers(gs, rec, [0.0] * 10) == ["ok"] * 10  # the next round works again
-
-
-def test_group_sync_really_fsyncs(tmp_path):
-    gs = safeio.GroupSync([tmp_path], lambda fn, *a: fn(*a))
-    gs.sync()
-    with pytest.raises(FileNotFoundError):
-        safeio.GroupSync([tmp_path / "missing"], lambda fn, *a: fn(*a)).sync()
-    with pytest.raises(FileNotFoundError):  # any directory of the set failing fails the round
-        safeio.GroupSync([tmp_path, tmp_path / "missing"], lambda fn, *a: fn(*a)).sync()
-
-
-def test_group_sync_fsyncs_every_directory_in_one_job(tmp_path, monkeypatch):
-    dirs = [str(tmp_path / name) for name in ("a", "b", "c")]
-    for d in dirs:
-        os.mkdir(d)
-    synced = []
-    real = safeio.fsync_path
-    monkeypatch.setattr(safeio, "fsync_path", lambda p: (synced.append(p), real(p))[1])
-    rec = Recorder(delay=0.002)
-    gs = safeio.GroupSync(dirs, rec)
-    assert _callers(gs, rec, [0.0] * 20) == ["ok"] * 20
-    assert rec.fsyncs >= 1
-    assert synced == dirs * rec.fsyncs  # each round: every directory, in one job
-
-
-def test_group_sync_waiter_never_hangs_when_a_round_is_killed(tmp_path):
-    calls = []
-
-    def run(fn, *args):
-        calls.append(1)
-        gevent.sleep(0.02)
-        if len(calls) == 1:
-            raise gevent.GreenletExit()  # e.g. the round's greenlet being killed
-        return fn(*args)
-
-    gs = safeio.GroupSync([tmp_path], run)
-    first = gevent.spawn(gs.sync)
-    second = gevent.spawn_later(0.01, gs.sync)  # arrives while the first round is in flight
-    try:
-        gevent.joinall([first, second], timeout=1)
-        assert first.ready() and second.ready()
-        assert isinstance(first.exception, OSError)  # told, not silently "durable"
-    finally:
-        gevent.killall([first, second])
-
-
-def test_spool_keeps_one_group_sync_per_set_of_directories(spool):
-    a, b = os.path.dirname(spool.entry_path("x", "active")), os.path.dirname(spool.entry_path("x", "deferred"))
-    spool._sync(a, b)
-    first = spool._syncers[(a, b)]
-    spool._sync(a, b)
-    assert spool._syncers[(a, b)] is first
-    spool._sync(a)
-    assert set(spool._syncers) == {(a, b), (a,)}
-
-
-class CountingFsync:
-    """Counts directory fsyncs (only of `dirs`, if given)."""
-
-    def __init__(self, monkeypatch, dirs: tuple[str, ...] | None = None):
-        self.calls = 0
-        real = safeio.fsync_path
-
-        def fsync_path(path):
-            if dirs is None or os.fspath(path) in dirs:
-                self.calls += 1
-            return real(path)
-
-        monkeypatch.setattr(safeio, "fsync_path", fsync_path)
-
-
-def test_spool_syncs_are_grouped(tmp_path, monkeypatch):
-    # many commits at once share the directory fsyncs (DESIGN: group commit)
+# -- group commit: flushes shared by everything in flight ----------------------------------
+def test_spool_flushes_are_grouped(tmp_path, monkeypatch):
+    # many commits at once share the flushes (DESIGN: group commit)
     s = Spool(tmp_path / "spool", run=OffHub(monkeypatch, yields=True))
     s.setup()
-    fsyncs = CountingFsync(monkeypatch)
     jobs = [gevent.spawn(enqueue, s, b"x" * (SPILL_SIZE if i % 4 == 0 else 3)) for i in range(40)]
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert len(s.ids("incoming")) == 40
-    assert 1 <= fsyncs.calls < 20  # at least one directory fsync per commit without grouping
+    assert 2 <= s.commits.rounds < 20  # two a commit without grouping
 
 
-def test_concurrent_deferrals_share_sync_rounds(tmp_path, monkeypatch):
+def test_concurrent_deferrals_share_flush_rounds(tmp_path, monkeypatch):
     s = Spool(tmp_path / "spool", run=OffHub(monkeypatch, yields=True))
     s.setup()
     envelopes = [enqueue(s) for _ in range(20)]
     for env in envelopes:
         assert s.claim(env.id)
-    queue_dirs = tuple(os.path.dirname(s.entry_path("x", state)) for state in ("active", "deferred"))
-    fsyncs = CountingFsync(monkeypatch, queue_dirs)
+    before = s.commits.rounds
     jobs = [gevent.spawn(partial(s.defer, env, time.time() + 60)) for env in envelopes]
     gevent.joinall(jobs, timeout=10, raise_error=True)
     assert len(s.ids("deferred")) == 20
-    assert 1 <= fsyncs.calls < 20
+    assert 2 <= s.commits.rounds - before < 20
 
 
 # -- the operator's side: locate, delete, rewrite (geosmtp-queue) --------------------------
