@@ -23,6 +23,7 @@ from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
+from geosmtp.groupcommit import choose
 from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
 from geosmtp.relay.client import Timeouts
@@ -119,7 +120,8 @@ def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: C
     """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
     LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
     local = config.local
-    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run)
+    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run,
+                              flush=choose(config.server.spool_flush, local.maildir_root))
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
     lmtp: dict[str, LMTPDelivery] = {}

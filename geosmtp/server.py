@@ -25,7 +25,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from loguru import logger
 
-from geosmtp import lifeline, metrics, parts, privileges, replies, safeio
+from geosmtp import groupcommit, lifeline, metrics, parts, privileges, replies, safeio
 from geosmtp import proxy as proxy_protocol
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
@@ -126,7 +126,8 @@ class Server:
         hub = gevent.get_hub()
         hub.threadpool.maxsize = IO_THREADS
         run = safeio.threadpool_runner(hub.threadpool)
-        self.spool = Spool(config.server.spool_dir, run=run)
+        self.spool = Spool(config.server.spool_dir, run=run,
+                           flush=groupcommit.choose(config.server.spool_flush, config.server.spool_dir))
         delivers = role != "worker"  # a worker builds nothing of the delivery side
         self.parts = parts.build(config, delivers, run)
         self.queue = QueueManager(
@@ -172,6 +173,7 @@ class Server:
         # ports bound, spool lock held: nothing left that needs root, and nothing accepted yet
         privileges.drop(self.run_as)
         recovered = self.spool.recover()  # in the threadpool
+        self._tell_flush(cfg)
         if self.role == "master":
             self.listen_socks = socks
             self._start_workers()
@@ -179,6 +181,20 @@ class Server:
             self._accept(socks)
         self._serve_metrics()
         self.queue.start(recovered)
+
+    def _tell_flush(self, cfg) -> None:
+        """Which flush makes commits durable, and why (workers inherit the choice)."""
+        method = self.spool.commits.method
+        if method == "syncfs":
+            why = "set" if cfg.spool_flush == "syncfs" else "a filesystem of its own"
+            logger.info("spool {}: group commit by syncfs ({})", cfg.spool_dir, why)
+            if not groupcommit.reports_errors():
+                logger.warning("spool: this kernel's syncfs() does not report I/O errors (Linux 5.8 "
+                               "and later do): a failed write could go unnoticed; use spool_flush = \"fsync\"")
+        else:
+            why = "set" if cfg.spool_flush == "fsync" else \
+                "it shares its filesystem; a mount of its own allows syncfs, see README"
+            logger.info("spool {}: group commit by fsync ({})", cfg.spool_dir, why)
 
     def _accept(self, socks: dict[str, socket.socket]) -> None:
         """A StreamServer per listener on its bound socket: sessions from now on."""

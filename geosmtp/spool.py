@@ -40,7 +40,7 @@ from loguru import logger
 
 from geosmtp import safeio
 from geosmtp.envelope import Envelope
-from geosmtp.groupcommit import GroupCommit
+from geosmtp.groupcommit import GroupCommit, Method
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
@@ -193,13 +193,13 @@ class _Gone(Exception):
 
 
 class Spool:
-    def __init__(self, root: str | os.PathLike, run: Callable = _direct):
+    def __init__(self, root: str | os.PathLike, run: Callable = _direct, flush: Method = "syncfs"):
         self.root = os.fspath(root)
         self.run = run
         self._dirs = {state: os.path.join(self.root, "queue", state) for state in STATES}
         self._msg = os.path.join(self.root, "msg")
         self._tmp = os.path.join(self.root, "tmp")
-        self.commits = GroupCommit(self.root, run)  # the flushes every change waits for
+        self.commits = GroupCommit(self.root, run, flush)  # the flushes every change waits for
 
     # -- layout -----------------------------------------------------------------------------
     def entry_path(self, qid: str, state: str) -> str:
@@ -241,10 +241,16 @@ class Spool:
         qid = envelope.id
         line = envelope.to_line()
         entry = ""
+        files = [self.message_path(qid)]  # what the flush must cover (method "fsync")
         try:
             if check is None:
                 entry = self._entry_for(qid, hold)
-                publish = self.run(self._finish, writer, line, line, entry)
+                if writer.spilled:  # the file begins with a placeholder: its own entry file
+                    before, then = self._entry_file(qid, line, entry)
+                    before = partial(self._both, partial(writer.finish, line), before)
+                    files.append(self._tmp_path(qid))
+                else:
+                    before, then = partial(writer.finish, line), self._link(qid, entry)
             else:
                 padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
                 spilled = writer.spilled
@@ -253,11 +259,14 @@ class Spool:
                 published = envelope.to_line()
                 entry = self._entry_for(qid, hold)
                 if not spilled and len(published) <= len(padded):
-                    changed = published[:-1].ljust(len(padded) - 1) + b"\n" if published != line else None
-                    publish = self.run(self._in_place, writer, changed, entry)
+                    then = self._link(qid, entry)
+                    before = None
+                    if published != line:  # rewritten in place, the same length
+                        before = partial(writer.overwrite_first_line, published[:-1].ljust(len(padded) - 1) + b"\n")
                 else:
-                    publish = self.run(self._entry_file, qid, published, entry)
-            self.commits.flush(then=publish)
+                    before, then = self._entry_file(qid, published, entry)
+                    files.append(self._tmp_path(qid))
+            self.commits.flush(before, then, files, (os.path.dirname(entry),))
         except Exception as exc:  # nothing half-committed may stay behind
             tmp = self._tmp_path(qid)  # a spilled message's entry file, if it got that far
             for clean_up in (writer.abort, partial(safeio.unlink_quietly, tmp),
@@ -269,34 +278,26 @@ class Spool:
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise
-        # A kill (GreenletExit at shutdown) leaves the jobs to finish in their threads; the
+        # A kill (GreenletExit at shutdown) leaves the round to finish in its thread; the
         # files are then either committed (the client, with no 250, may send again: a
         # duplicate, never a loss) or removed by recover() at the next start.
 
     def _entry_for(self, qid: str, hold: bool) -> str:
         return self.entry_path(qid, "hold" if hold else "incoming")
 
-    def _finish(self, writer: MessageWriter, first_line: bytes, line: bytes, entry: str) -> Callable[[], None]:
-        """The message finished in msg/; what publishes it once flushed: a link to the
-        message file, or a spilled message's own entry file (the file begins with a
-        placeholder line) renamed into place."""
-        spilled = writer.spilled
-        writer.finish(first_line)
-        if spilled:
-            return self._entry_file(writer.id, line, entry)
-        return partial(safeio.link, self.message_path(writer.id), entry)
+    def _link(self, qid: str, entry: str) -> Callable[[], None]:
+        """The commit point of a message whose entry is the message file itself."""
+        return partial(safeio.link, self.message_path(qid), entry)
 
-    def _in_place(self, writer: MessageWriter, first_line: bytes | None, entry: str) -> Callable[[], None]:
-        """A checked message whose envelope fits its line: rewritten there if it changed."""
-        if first_line is not None:
-            writer.overwrite_first_line(first_line)
-        return partial(safeio.link, self.message_path(writer.id), entry)
-
-    def _entry_file(self, qid: str, line: bytes, entry: str) -> Callable[[], None]:
-        """An entry of its own, written in tmp/ now and renamed into place once flushed."""
+    def _entry_file(self, qid: str, line: bytes, entry: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """An entry of its own: written in tmp/ before the flush, renamed into place after."""
         tmp = self._tmp_path(qid)
-        safeio.write_unsynced(tmp, line)
-        return partial(os.rename, tmp, entry)
+        return partial(safeio.write_unsynced, tmp, line), partial(os.rename, tmp, entry)
+
+    @staticmethod
+    def _both(first: Callable[[], None], second: Callable[[], None]) -> None:
+        first()
+        second()
 
     def rewrite_message(self, writer: MessageWriter, edit: Callable[[BinaryIO, int], None]) -> None:
         """Replace a finished, unpublished message file (a check removing header fields):
@@ -345,9 +346,9 @@ class Spool:
             if then_to is not None:
                 safeio.move(path, self.entry_path(envelope.id, then_to))
 
+        dirs = [os.path.dirname(path)] + ([self._dirs[then_to]] if then_to else [])
         try:
-            self.run(prepare)
-            self.commits.flush(then=swap)
+            self.commits.flush(prepare, swap, (tmp,), dirs)
         except _Gone:
             return False
         except BaseException:
@@ -373,15 +374,16 @@ class Spool:
                 os.utime(path, (when, when))
             except FileNotFoundError:
                 return False
-        if not safeio.move(path, self.entry_path(qid, dst)):
+        moved = self.entry_path(qid, dst)
+        if not safeio.move(path, moved):
             return False
-        self.commits.flush()
+        self.commits.flush(files=(moved,) if when is not None else (), dirs=(self._dirs[src], self._dirs[dst]))
         return True
 
     def done(self, qid: str) -> None:
         """Delivery finished: the entry goes first, so no entry points at a lost message."""
         safeio.unlink_quietly(self.entry_path(qid, "active"))
-        self.commits.flush()
+        self.commits.flush(dirs=(self._dirs["active"],))
         safeio.unlink_quietly(self.message_path(qid))
 
     def _names(self, state: str) -> list[str]:
@@ -456,7 +458,7 @@ class Spool:
             os.unlink(self.entry_path(qid, state))
         except FileNotFoundError:
             return False
-        self.commits.flush()
+        self.commits.flush(dirs=(self._dirs[state],))
         safeio.unlink_quietly(self.message_path(qid))
         return True
 

@@ -1,19 +1,23 @@
 """Local delivery: write a spooled message into a user's Maildir.
 
 <maildir_root>/<domain>/<localpart>/{tmp,new,cur}, with LF line ends and Return-Path: and
-Delivered-To: on top. The file is written in tmp/, fsynced, renamed into new/, and new/ is
-fsynced. The name is derived from the queue id and the recipient, so a delivery repeated
-after a crash renames over its own earlier copy instead of adding a second one.
+Delivered-To: on top. The file is written in tmp/, flushed, renamed into new/, and that is
+flushed: by the group commit (geosmtp.groupcommit), whose flushes every delivery in flight
+shares, as the spool's commits do. The name is derived from the queue id and the
+recipient, so a delivery repeated after a crash renames over its own earlier copy instead
+of adding a second one.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from geosmtp import safeio
 from geosmtp.delivery.target import Message, OpenBody, Outcome
 from geosmtp.envelope import Envelope
+from geosmtp.groupcommit import GroupCommit, Method
 from geosmtp.replies import Reply
 
 COPY_CHUNK = 1024 * 1024
@@ -49,11 +53,14 @@ def copy_as_lf(src: BinaryIO, fd: int) -> None:
 
 
 class MaildirDelivery:
-    def __init__(self, root: str | os.PathLike, hostname: str, users: frozenset[str], run: Callable = _direct):
+    def __init__(self, root: str | os.PathLike, hostname: str, users: frozenset[str], run: Callable = _direct,
+                 flush: Method = "syncfs"):
         self.root = Path(root)
         self.hostname = hostname
         self.users = users
         self.run = run
+        # opened at the first flush, after the first delivery made the root
+        self.commits = GroupCommit(self.root, run, flush)
 
     def mailbox(self, address: str) -> Path:
         local, _, domain = address.lower().rpartition("@")
@@ -80,15 +87,22 @@ class MaildirDelivery:
         header = f"Return-Path: <{msg.sender}>\nDelivered-To: {address}\n".encode("utf-8")
         header += msg.prefix.replace(b"\r\n", b"\n")
         name = maildir_name(msg, slot, self.hostname)
+        box = self.mailbox(address)
+        tmp, final = box / "tmp" / name, box / "new" / name
         try:
-            self.run(self._write, self.mailbox(address), name, header, open_body, msg.redelivery)
+            if self.run(self._write, box, name, header, open_body, msg.redelivery):
+                self.commits.flush(then=partial(os.rename, tmp, final), files=(str(tmp),), dirs=(str(box / "new"),))
         except OSError as exc:
+            # a copy left in tmp/ goes; one renamed into new/ before its flush failed is
+            # replaced by the retry, which has the same name
+            safeio.unlink_quietly(tmp)
             return MAILBOX_FULL if exc.errno in safeio.FULL_ERRNOS else MAILBOX_ERROR
         return DELIVERED
 
     @staticmethod
     def _write(box: Path, name: str, header: bytes, open_body: Callable[[], BinaryIO],
-               redelivery: bool) -> None:
+               redelivery: bool) -> bool:
+        """The copy written in tmp/, unsynced; False when there is nothing to write."""
         if not (box / "new").is_dir():
             # every level 0700, files 0600 (as Postfix's local does): Dovecot copies these
             # modes to its index files, which hold subjects and senders
@@ -100,9 +114,17 @@ class MaildirDelivery:
             for folder in (box, box.parent, box.parent.parent):  # make the new folders durable
                 safeio.fsync_path(folder)
         if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(box / "cur")):
-            return  # delivered before the crash and already seen by the user's mail reader
-        with safeio.atomic_write(box / "tmp" / name, box / "new" / name) as fd:
+            return False  # delivered before the crash and already seen by the user's mail reader
+        tmp = box / "tmp" / name
+        safeio.unlink_quietly(tmp)  # a copy cut short by a crash
+        fd = safeio.create(tmp)
+        try:
             safeio.write_all(fd, header)
             with open_body() as body:
                 copy_as_lf(body, fd)
-        safeio.fsync_path(box / "new")
+        except BaseException:
+            os.close(fd)
+            safeio.unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        return True

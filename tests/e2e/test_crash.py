@@ -15,10 +15,11 @@ from tests.support.server import ServerProcess
 KILLS = 4
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigkill_loses_and_duplicates_nothing(tmp_path, workers):
-    # with workers = 2 the whole process group goes at once (the master and its workers)
-    srv = ServerProcess(tmp_path / "crash", {"server": {"workers": workers}, "log": {"level": "WARNING"}}).start()
+@pytest.mark.parametrize("workers, method", [(1, "fsync"), (2, "syncfs")])
+def test_sigkill_loses_and_duplicates_nothing(tmp_path, workers, method):
+    # with workers = 2 the master and its workers go at once; both flush methods
+    srv = ServerProcess(tmp_path / "crash", {"server": {"workers": workers, "spool_flush": method},
+                                             "log": {"level": "WARNING"}}).start()
     load = Load(lambda: srv.port).start()
     try:
         for _ in range(KILLS):

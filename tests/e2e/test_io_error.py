@@ -1,8 +1,9 @@
 """An I/O error in a group commit's flush: every message of that batch gets 451 4.3.0.
 
-The server runs with a small LD_PRELOAD shim (tests/support/failing_syncfs.c, built here
-with gcc) whose syncfs() does the real flush and then reports EIO while a flag file exists,
-as Linux does when the writeback of a file of the filesystem failed. Many clients send at
+The server runs with a small LD_PRELOAD shim (tests/support/failing_flush.c, built here
+with gcc) whose syncfs(), fsync() and fdatasync() do the real flush and then report EIO
+while a flag file exists, as Linux does when the writeback of a file failed. Both flush
+methods ([server] spool_flush) are tried. Many clients send at
 once, so their commits share flushes; none may get 250, nothing may stay in the spool, and
 once the "disk" is healthy again mail flows as before.
 """
@@ -17,15 +18,15 @@ import pytest
 from tests.support.server import ServerProcess
 from tests.support.smtp import RawClient
 
-SHIM = Path(__file__).parent.parent / "support" / "failing_syncfs.c"
+SHIM = Path(__file__).parent.parent / "support" / "failing_flush.c"
 CLIENTS = 12
 
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory) -> Path:
     gcc = shutil.which("gcc")
-    assert gcc, "gcc is needed to build the syncfs fault shim (Debian: apt-get install gcc)"
-    out = tmp_path_factory.mktemp("shim") / "failing_syncfs.so"
+    assert gcc, "gcc is needed to build the flush fault shim (Debian: apt-get install gcc)"
+    out = tmp_path_factory.mktemp("shim") / "failing_flush.so"
     subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", str(out), str(SHIM), "-ldl"], check=True)
     return out
 
@@ -60,16 +61,18 @@ def in_parallel(port: int, clients: int) -> list[tuple[int, str]]:
     return results
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_failed_flush_fails_its_whole_batch_with_451(tmp_path, shim, workers):
+@pytest.mark.parametrize("method, workers", [("syncfs", 1), ("syncfs", 2), ("fsync", 1), ("fsync", 2)])
+def test_a_failed_flush_fails_its_whole_batch_with_451(tmp_path, shim, method, workers):
     flag = tmp_path / "disk-broken"
-    srv = ServerProcess(tmp_path / "srv", {"server": {"workers": workers}, "log": {"level": "INFO"}})
+    srv = ServerProcess(tmp_path / "srv", {"server": {"workers": workers, "spool_flush": method},
+                                           "log": {"level": "INFO"}})
     srv.env = {**os.environ, "LD_PRELOAD": str(shim), "FAIL_SYNCFS_FLAG": str(flag)}
     srv.start()
     try:
         flag.touch()
         results = in_parallel(srv.port, CLIENTS)
         assert results == [(451, "4.3.0")] * CLIENTS  # none got 250
+        assert f"group commit by {method}" in srv.log()
         assert "flush of" in srv.log() and "Input/output error" in srv.log()
         for folder in ("msg", "tmp", "queue/incoming", "queue/active", "queue/hold"):
             assert os.listdir(srv.spool / folder) == [], folder

@@ -15,6 +15,17 @@ from geosmtp import groupcommit
 from geosmtp.groupcommit import GroupCommit, reports_errors
 
 
+REAL_SYNCFS = groupcommit.syncfs
+
+
+@pytest.fixture(autouse=True)
+def quick_syncfs(monkeypatch):
+    """The rounds' logic is under test, not the disk: a syncfs() that returns at once (on a
+    filesystem other processes keep busy, a real one can take seconds). The tests of the
+    real call put it back."""
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: os.fstat(fd) and None)
+
+
 def oserror(err: int) -> OSError:
     return OSError(err, os.strerror(err))
 
@@ -122,11 +133,65 @@ def test_a_failed_flush_fails_every_caller_of_its_round_and_runs_no_then(tmp_pat
     assert _callers(gc, rec, [0.0] * 10) == ["ok"] * 10  # the next round works again
 
 
-def test_a_failure_of_the_second_flush_fails_the_callers_after_their_then(tmp_path):
-    rec = Recorder(fail=frozenset({2}))
+def failing_syncfs(monkeypatch, nth: int) -> list:
+    calls = []
+    real = groupcommit.syncfs
+
+    def syncfs(fd):
+        calls.append(fd)
+        real(fd)
+        if len(calls) == nth:
+            raise oserror(errno.EIO)
+
+    monkeypatch.setattr(groupcommit, "syncfs", syncfs)
+    return calls
+
+
+def test_a_failure_of_the_second_flush_fails_the_callers_after_their_then(tmp_path, monkeypatch):
+    rec = Recorder()
+    failing_syncfs(monkeypatch, 2)
     gc = GroupCommit(tmp_path, rec)
     assert _callers(gc, rec, [0.0] * 5, then=True) == ["error"] * 5
     assert sum(kind == "then" for kind, _ in rec.log) == 5
+
+
+def test_a_lone_commit_is_one_job_with_two_flushes(tmp_path, monkeypatch):
+    calls = failing_syncfs(monkeypatch, 0)
+    order = []
+    gc = GroupCommit(tmp_path, Recorder())
+    real = groupcommit.syncfs
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (order.append("flush"), real(fd))[1])
+    gc.flush(before=lambda: order.append("before"), then=lambda: order.append("then"))
+    assert order == ["before", "flush", "then", "flush"] and gc.rounds == 1 and len(calls) == 2
+
+
+def test_with_company_the_second_flush_is_the_next_rounds(tmp_path, monkeypatch):
+    order = []
+    real = groupcommit.syncfs
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: (order.append("flush"), real(fd))[1])
+    gc = GroupCommit(tmp_path, Recorder(delay=0.01))
+    first = gevent.spawn(gc.flush, before=lambda: order.append("b1"), then=lambda: order.append("t1"))
+    gevent.sleep(0.002)  # the first round is in flight: the second caller waits for the next
+    second = gevent.spawn(gc.flush, before=lambda: order.append("b2"), then=lambda: order.append("t2"))
+    gevent.joinall([first, second], timeout=5, raise_error=True)
+    # round 1: b1, flush, t1 (someone waits: no second flush); round 2: b2, flush (t1's
+    # second and b2's first), t2, flush (alone now)
+    assert order == ["b1", "flush", "t1", "b2", "flush", "t2", "flush"]
+    assert gc.rounds == 2
+
+
+def test_a_failed_before_is_its_callers_alone_and_skips_its_then(tmp_path):
+    gc = GroupCommit(tmp_path, Recorder())
+    ran = []
+
+    def failing():
+        raise OSError(errno.ENOSPC, "full")
+
+    bad = gevent.spawn(gc.flush, before=failing, then=lambda: ran.append("bad"))
+    good = [gevent.spawn(gc.flush, before=lambda: None, then=lambda i=i: ran.append(i)) for i in range(3)]
+    gevent.joinall([bad, *good], timeout=5)
+    assert isinstance(bad.exception, OSError) and bad.exception.errno == errno.ENOSPC
+    assert all(g.successful() for g in good) and sorted(ran) == [0, 1, 2]
 
 
 def test_an_exception_of_then_is_its_callers_alone(tmp_path):
@@ -143,10 +208,11 @@ def test_an_exception_of_then_is_its_callers_alone(tmp_path):
 
 
 def test_real_syncfs_and_its_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(groupcommit, "syncfs", REAL_SYNCFS)
     gc = GroupCommit(tmp_path, lambda fn, *a: fn(*a))
     gc.flush()
-    gc.flush(then=lambda: (tmp_path / "x").write_bytes(b"x"))
-    assert gc.rounds == 3
+    gc.flush(before=lambda: (tmp_path / "x").write_bytes(b"x"), then=lambda: os.link(tmp_path / "x", tmp_path / "y"))
+    assert gc.rounds == 2 and os.path.samefile(tmp_path / "x", tmp_path / "y")
     with pytest.raises(OSError) as info:
         groupcommit.syncfs(-1)
     assert info.value.errno == errno.EBADF
@@ -196,3 +262,49 @@ def test_a_waiter_never_hangs_when_a_round_is_killed(tmp_path):
 ])
 def test_reports_errors_from_linux_5_8(release, reports):
     assert reports_errors(release) is reports
+
+
+def test_the_fsync_method_flushes_what_the_callers_name_each_once(tmp_path, monkeypatch):
+    synced = []
+    real = groupcommit.fsync_path
+    monkeypatch.setattr(groupcommit, "fsync_path", lambda p, data_only=False: (synced.append((p, data_only)), real(p, data_only))[1])
+    monkeypatch.setattr(groupcommit, "syncfs", lambda fd: pytest.fail("syncfs with the fsync method"))
+    msg, queue = tmp_path / "msg", tmp_path / "queue"
+    msg.mkdir()
+    queue.mkdir()
+    gc = GroupCommit(tmp_path, Recorder(), "fsync")
+
+    def commit(i):
+        path = str(msg / str(i))
+        gc.flush(before=lambda: open(path, "wb").write(b"x"), then=lambda: os.link(path, queue / str(i)),
+                 files=(path,), dirs=(str(queue),))
+
+    jobs = [gevent.spawn(commit, i) for i in range(5)]
+    gevent.joinall(jobs, timeout=5, raise_error=True)
+    # one round: each file (with its mtime), msg/ once, then (nobody else waiting) queue/ once
+    assert synced == [(str(msg / str(i)), False) for i in range(5)] + [(str(msg), True), (str(queue), True)]
+
+
+def test_the_fsync_methods_stand_in_carries_the_directories_to_the_next_round(tmp_path, monkeypatch):
+    synced = []
+    real = groupcommit.fsync_path
+    monkeypatch.setattr(groupcommit, "fsync_path", lambda p, data_only=False: (synced.append(p), real(p, data_only))[1])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    gc = GroupCommit(tmp_path, Recorder(delay=0.01), "fsync")
+    first = gevent.spawn(gc.flush, then=lambda: None, dirs=(str(tmp_path / "a"),))
+    gevent.sleep(0.002)
+    second = gevent.spawn(gc.flush, dirs=(str(tmp_path / "b"),))  # waits: no flush of a in round 1
+    gevent.joinall([first, second], timeout=5, raise_error=True)
+    assert synced == [str(tmp_path / "b"), str(tmp_path / "a")] or synced == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert gc.rounds == 2
+
+
+def test_auto_is_syncfs_only_on_a_filesystem_of_its_own(tmp_path):
+    assert groupcommit.choose("auto", tmp_path) == "fsync"  # a folder of a shared filesystem
+    assert groupcommit.choose("auto", tmp_path / "not-made-yet") == "fsync"
+    assert groupcommit.choose("auto", "/proc") == "syncfs"  # a mount point
+    assert groupcommit.choose("syncfs", tmp_path) == "syncfs"
+    assert groupcommit.choose("fsync", "/proc") == "fsync"
+    with pytest.raises(ValueError):
+        GroupCommit(tmp_path, Recorder(), "sometimes")
