@@ -60,7 +60,7 @@ CONFIG_TEMPLATE = """\
 hostname = "geosmtp-bench.test"
 spool_dir = "{spool}"
 workers = {workers}                  # 1: one process; N: N SMTP processes and a queue master
-
+{spool_flush}
 [[listener]]
 name = "smtp"
 address = "127.0.0.1:{port}"
@@ -280,7 +280,8 @@ class GeoServer:
         with open(self.config, "w") as f:
             f.write(CONFIG_TEMPLATE.format(spool=self.spool, port=self.port, mail=os.path.join(scratch, "mail"),
                                            queue_concurrency=a.queue_concurrency, log_level=a.log_level,
-                                           hold="true" if a.hold else "false", workers=workers))
+                                           hold="true" if a.hold else "false", workers=workers,
+                                           spool_flush=f'spool_flush = "{a.spool_flush}"\n' if a.spool_flush else ""))
         self.cmd = [geosmtp_command(a), "start", "-c", self.config]
         self.proc = None
         self._log = None
@@ -658,6 +659,8 @@ def main():
     ap.add_argument("--workers", default="1",
                     help="[server] workers; a list (1,2) runs one server per value, interleaved cell by cell")
     ap.add_argument("--queue-concurrency", type=int, default=20, help="[queue] concurrency (default 20)")
+    ap.add_argument("--spool-flush", choices=("auto", "syncfs", "fsync"),
+                    help="[server] spool_flush (default: not set, i.e. auto: fsync, the scratch dir being no mount point)")
     ap.add_argument("--log-level", default="WARNING", help="[log] level (default WARNING)")
     ap.add_argument("--hold", action="store_true",
                     help="accept into queue/hold/ (like the postfix-hold anchor): no delivery attempt")

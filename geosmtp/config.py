@@ -90,11 +90,10 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     hostname: str = Field(default_factory=socket.getfqdn)
     spool_dir: Path = Path("./var/spool")
-    # How a commit is made durable (geosmtp.groupcommit): "syncfs" flushes the spool's whole
-    # filesystem once for every commit in flight (fast, but it also waits for whatever else
-    # writes to that filesystem); "fsync" flushes each message file and directory touched;
-    # "auto" is syncfs when spool_dir is a mount point (a filesystem of its own), else fsync
-    spool_flush: Literal["auto", "syncfs", "fsync"] = "auto"
+    # How a commit is made durable (geosmtp.groupcommit), spool and Maildirs: "syncfs"
+    # flushes the whole filesystem once for every commit in flight (fast, but it also waits
+    # for whatever else was written there); "fsync" flushes each file and directory touched
+    spool_flush: Literal["syncfs", "fsync"] = "syncfs"
     # started as root: bind the ports, open the spool, then become this user (and group;
     # default: the user's own) before accepting anything (geosmtp.privileges)
     user: str | None = None

@@ -65,15 +65,14 @@ def reports_errors(release: str | None = None) -> bool:
 
 class _Slot:
     """One caller's part of a round: its work before the flush and after it, what either
-    raised (that caller's failure alone), and for the "fsync" method what they touched:
-    the files `before` wrote and the directories `then` (or the caller) changed."""
+    raised (that caller's failure alone), and for the "fsync" method the directories to
+    flush after `then` (or in the first flush, without one)."""
 
-    __slots__ = ("before", "then", "error", "files", "dirs")
+    __slots__ = ("before", "then", "error", "dirs")
 
     def __init__(self, before: Callable[[], None] | None, then: Callable[[], None] | None,
-                 files: Sequence[str] = (), dirs: Sequence[str] = ()):
-        self.before, self.then, self.error = before, then, None
-        self.files, self.dirs = files, dirs
+                 dirs: Sequence[str] = ()):
+        self.before, self.then, self.error, self.dirs = before, then, None, dirs
 
 
 class _Round:
@@ -88,20 +87,6 @@ class _Round:
 
 
 Method = Literal["syncfs", "fsync"]
-
-
-def own_filesystem(path: str | os.PathLike) -> bool:
-    """Whether `path` is the root of a filesystem (a mount point): then, presumably, the
-    spool's alone, and a syncfs() flushes only what the spool wrote."""
-    return os.path.ismount(os.path.realpath(path))
-
-
-def choose(setting: str, path: str | os.PathLike) -> Method:
-    """The flush method for `[server] spool_flush`: "auto" is syncfs on a filesystem of the
-    spool's own, fsync elsewhere (a syncfs there would wait for every neighbour's data)."""
-    if setting != "auto":
-        return setting  # type: ignore[return-value]
-    return "syncfs" if own_filesystem(path) else "fsync"
 
 
 class GroupCommit:
@@ -136,9 +121,15 @@ class GroupCommit:
         failed `before` skips its `then`); OSError when a flush failed.
 
         `files` and `dirs` are for the "fsync" method (syncfs covers everything): the files
-        `before` wrote (flushed with their directories), and the directories whose names
-        `then`, or the caller before calling, made or removed."""
-        slot = _Slot(before, then, files, dirs)
+        `before` wrote, and the directories whose names must be durable when flush returns
+        (those `then`, or the caller before calling, changed). With that method `before`
+        and the fsync of its files run in a job of the caller's own, beside the others':
+        the disk takes concurrent flushes together, where one after the other in the
+        round's job they would each wait for the last."""
+        if self.method == "fsync" and (before is not None or files):
+            self._run(self._write_and_sync, before, files)
+            before = None
+        slot = _Slot(before, then, dirs)
         current = self._next
         current.slots.append(slot)
         if not self._running:
@@ -181,14 +172,17 @@ class GroupCommit:
         for slot in slots:
             if slot.error is not None:
                 continue
-            if first:
-                for path in slot.files:
-                    fsync_path(path)
-                    dirs[os.path.dirname(path)] = None
-            if first != (slot.then is not None):
+            if first != (slot.then is not None):  # a then's names: the flush after it
                 dirs.update(dict.fromkeys(slot.dirs))
         for path in dirs:
             fsync_path(path, data_only=True)
+
+    @staticmethod
+    def _write_and_sync(before: Callable[[], None] | None, files: Sequence[str]) -> None:
+        if before is not None:
+            before()
+        for path in files:
+            fsync_path(path)
 
     def _round(self, slots: list[_Slot]) -> bool:
         """One round's job; True when it flushed a second time for its thens."""
@@ -219,7 +213,7 @@ class GroupCommit:
                         # the next round is theirs too, and must run even if nobody else
                         # comes: a stand-in caller there, with the directories they changed
                         current.follow = self._next
-                        self._next.slots.append(_Slot(None, None, dirs=[d for s in named for d in s.dirs]))
+                        self._next.slots.append(_Slot(None, None, [d for s in named for d in s.dirs]))
                     current.done.set(None)
                 self.rounds += 1
         except BaseException as exc:

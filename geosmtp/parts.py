@@ -23,7 +23,6 @@ from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
-from geosmtp.groupcommit import choose
 from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
 from geosmtp.relay.client import Timeouts
@@ -121,7 +120,7 @@ def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: C
     LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
     local = config.local
     maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run,
-                              flush=choose(config.server.spool_flush, local.maildir_root))
+                              flush=config.server.spool_flush)
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
     lmtp: dict[str, LMTPDelivery] = {}

@@ -127,7 +127,7 @@ class Server:
         hub.threadpool.maxsize = IO_THREADS
         run = safeio.threadpool_runner(hub.threadpool)
         self.spool = Spool(config.server.spool_dir, run=run,
-                           flush=groupcommit.choose(config.server.spool_flush, config.server.spool_dir))
+                           flush=config.server.spool_flush)
         delivers = role != "worker"  # a worker builds nothing of the delivery side
         self.parts = parts.build(config, delivers, run)
         self.queue = QueueManager(
@@ -183,18 +183,11 @@ class Server:
         self.queue.start(recovered)
 
     def _tell_flush(self, cfg) -> None:
-        """Which flush makes commits durable, and why (workers inherit the choice)."""
-        method = self.spool.commits.method
-        if method == "syncfs":
-            why = "set" if cfg.spool_flush == "syncfs" else "a filesystem of its own"
-            logger.info("spool {}: group commit by syncfs ({})", cfg.spool_dir, why)
-            if not groupcommit.reports_errors():
-                logger.warning("spool: this kernel's syncfs() does not report I/O errors (Linux 5.8 "
-                               "and later do): a failed write could go unnoticed; use spool_flush = \"fsync\"")
-        else:
-            why = "set" if cfg.spool_flush == "fsync" else \
-                "it shares its filesystem; a mount of its own allows syncfs, see README"
-            logger.info("spool {}: group commit by fsync ({})", cfg.spool_dir, why)
+        """Which flush makes commits durable (README "The spool's filesystem")."""
+        logger.info("spool {}: group commit by {}", cfg.spool_dir, self.spool.commits.method)
+        if self.spool.commits.method == "syncfs" and not groupcommit.reports_errors():
+            logger.warning("spool: this kernel's syncfs() does not report I/O errors (Linux 5.8 and "
+                           "later do): a failed write could go unnoticed; set spool_flush = \"fsync\"")
 
     def _accept(self, socks: dict[str, socket.socket]) -> None:
         """A StreamServer per listener on its bound socket: sessions from now on."""

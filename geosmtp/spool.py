@@ -38,7 +38,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from loguru import logger
 
-from geosmtp import safeio
+from geosmtp import groupcommit, safeio
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
 
@@ -241,7 +241,10 @@ class Spool:
         qid = envelope.id
         line = envelope.to_line()
         entry = ""
-        files = [self.message_path(qid)]  # what the flush must cover (method "fsync")
+        # what the flush covers with the "fsync" method: the files written, and the
+        # directories whose names must be durable (the msg/ name of a message whose entry
+        # is the file itself may wait: recover() puts a lost one back from the entry)
+        files, dirs = [self.message_path(qid)], []
         try:
             if check is None:
                 entry = self._entry_for(qid, hold)
@@ -249,6 +252,7 @@ class Spool:
                     before, then = self._entry_file(qid, line, entry)
                     before = partial(self._both, partial(writer.finish, line), before)
                     files.append(self._tmp_path(qid))
+                    dirs.append(self._msg)
                 else:
                     before, then = partial(writer.finish, line), self._link(qid, entry)
             else:
@@ -266,7 +270,8 @@ class Spool:
                 else:
                     before, then = self._entry_file(qid, published, entry)
                     files.append(self._tmp_path(qid))
-            self.commits.flush(before, then, files, (os.path.dirname(entry),))
+                    dirs.append(self._msg)
+            self.commits.flush(before, then, files, [os.path.dirname(entry), *dirs])
         except Exception as exc:  # nothing half-committed may stay behind
             tmp = self._tmp_path(qid)  # a spilled message's entry file, if it got that far
             for clean_up in (writer.abort, partial(safeio.unlink_quietly, tmp),
@@ -334,8 +339,15 @@ class Spool:
         tmp = self._tmp_path(envelope.id)
 
         def prepare() -> None:
-            if not os.path.exists(path):
-                raise _Gone()
+            try:
+                linked = os.stat(path).st_nlink > 1
+            except FileNotFoundError:
+                raise _Gone() from None
+            if linked and self.commits.method == "fsync":
+                # the entry is still the message file, whose msg/ name that method left
+                # unsynced: make it durable before the rename drops this name (a syncfs
+                # before the rename covers it)
+                groupcommit.fsync_path(self._msg, data_only=True)
             safeio.write_unsynced(tmp, envelope.to_line(), mtime)
 
         def swap() -> None:
