@@ -15,8 +15,8 @@ For each (size, DKIM) cell:
      "status=sent" lines). msgs/s is taken between the first and the last delivery (the
      log's millisecond stamps), so the server's start-up is outside it; CPU is the
      server's (utime+stime, /proc) less what a start-up on an empty spool costs.
-With DKIM, two figures more: what signing adds to a message's CPU (the median run's CPU
-less the median run's without DKIM, same size), and what geosmtp.dkim's sign() costs alone,
+With DKIM, two figures more: what signing adds to a message's CPU (the median of the runs'
+CPU figures less the median without DKIM, same size), and what geosmtp.dkim's sign() costs alone,
 in this process, on the message as the spool holds it, with the RSA (or Ed25519) operation
 alone beside it: where a signature's CPU goes.
 """
