@@ -38,7 +38,8 @@ class Keys:
     def __init__(self, directory):
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ed = ed25519.Ed25519PrivateKey.generate()
-        self.rsa_pem = self.rsa.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        self.rsa_pem = self.rsa.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.TraditionalOpenSSL,
                                               serialization.NoEncryption())
         self.ed_seed = self.ed.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                              serialization.NoEncryption())
@@ -227,7 +228,8 @@ class _Records(BaseResolver):
         name = str(request.q.qname).lower()
         if request.q.qtype == QTYPE.TXT and name in self.records:
             value = self.records[name].encode()
-            reply.add_answer(RR(name, QTYPE.TXT, ttl=60, rdata=TXT([value[i:i + 255] for i in range(0, len(value), 255)])))
+            strings = [value[i:i + 255] for i in range(0, len(value), 255)]
+            reply.add_answer(RR(name, QTYPE.TXT, ttl=60, rdata=TXT(strings)))
         return reply
 
 
@@ -237,11 +239,12 @@ def port53_dns(tmp_path):
     records: dict[str, str] = {}
     quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", False)
     rng = random.Random()
-    servers = []
+    servers: list[DNSServer] = []
     for _ in range(20):
         address = f"127.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}"
         try:
-            servers = [DNSServer(_Records(records), address=address, port=53, logger=quiet, tcp=tcp) for tcp in (False, True)]
+            for tcp in (False, True):
+                servers.append(DNSServer(_Records(records), address=address, port=53, logger=quiet, tcp=tcp))
             break
         except OSError:  # taken (another test's): another address
             for s in servers:
