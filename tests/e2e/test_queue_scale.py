@@ -54,7 +54,7 @@ def test_a_two_second_retry_is_tried_two_seconds_later(tmp_path, dns, net):
         [msg] = mx.wait_for_messages(1, timeout=10)
         assert len(tried) == 2
         waited = tried[1] - tried[0]
-        assert 1.8 <= waited <= 3.0, waited
+        assert 1.8 <= waited <= 3.5, waited  # the next scan would have been 30 s later
         assert msg.rcpt_tos == [f"bob@{domain}"]
     finally:
         srv.stop()
@@ -86,7 +86,7 @@ def test_a_defer_earlier_than_the_next_due_entry_rearms_the_sleep(tmp_path, dns,
         [msg] = fast_mx.wait_for_messages(1, timeout=10)
         assert len(fast_tries) == 3
         waited = fast_tries[2] - fast_tries[1]
-        assert 1.8 <= waited <= 3.0, waited
+        assert 1.8 <= waited <= 3.5, waited  # not about 20 s: the slow message's retry
         assert slow_id in srv.queue_files("deferred")  # its own time has not come
         assert len(slow_mx.transactions) == 1
     finally:
@@ -105,9 +105,11 @@ def send_many(port: int, rcpts: list[str]) -> list[str]:
 def test_a_dead_destination_holds_only_its_share_of_the_pool(tmp_path, dns, net):
     """300 messages for a destination that accepts connections and never answers, then mail
     for another destination: at most destination_concurrency (5) deliveries wait on the
-    dead one, the others are not claimed (they stay in deferred/), and the live mail is
-    delivered at once. Once the dead destination answers again, all 300 arrive."""
-    dead, dead_mx = remote_domain(net, hang_at="greeting", hang_timeout=6.0)
+    dead one (of a pool of 30; before, the dead one took all 30 and the live mail waited
+    for their timeouts), the others are not claimed (they stay in deferred/ or incoming/),
+    and the live mail is delivered at once. Once the dead destination answers again, all
+    300 arrive."""
+    dead, dead_mx = remote_domain(net, hang_at="greeting", hang_timeout=10.0)
     live, live_mx = remote_domain(net)
     overrides = relay_config(dns, net.port, command_timeout=30, per_destination=10)
     overrides["queue"] = {"scan_interval": 1, "retry_schedule": [1], "concurrency": 30,
@@ -117,14 +119,13 @@ def test_a_dead_destination_holds_only_its_share_of_the_pool(tmp_path, dns, net)
         dead_ids = send_many(srv.port, [f"u{i}@{dead}" for i in range(300)])
         srv.wait_for(lambda: dead_mx.connections >= 5, timeout=10)
         began = time.monotonic()
-        live_ids = send_many(srv.port, [f"u{i}@{live}" for i in range(20)])
-        live_mx.wait_for_messages(20, timeout=5)
+        send_many(srv.port, [f"u{i}@{live}" for i in range(20)])
+        live_mx.wait_for_messages(20, timeout=8)
         took = time.monotonic() - began
-        assert took < 3.0, took  # the dead ones hang for 6 s: the live mail did not wait for them
+        assert took < 6.0, took  # the dead ones hang for 10 s: the live mail did not wait for them
         assert dead_mx.connections == 5  # no more than its limit, and none closed yet
         active = srv.queue_files("active")
         assert len(set(active) & set(dead_ids)) <= 5
-        assert not set(active) & set(live_ids) or len(active) <= 25
         waiting = set(srv.queue_files("deferred")) | set(srv.queue_files("incoming"))
         assert len(waiting & set(dead_ids)) >= 290  # not claimed: where geosmtp-queue sees them
         # the destination comes back: every parked message is delivered, none is lost
