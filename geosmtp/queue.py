@@ -310,6 +310,7 @@ class QueueManager:
             return False
         if not self.spool.run(self._put_back, qid, time.time()):
             return True  # deleted meanwhile: nothing to deliver
+        self.destinations.remember(qid, routes)
         self.destinations.park(qid, "deferred", full)
         log.debug("queue: waits for {} ({} in delivery)", full, self.destinations.in_delivery(full))
         return True
@@ -334,7 +335,6 @@ class QueueManager:
         if taken[0] is None:
             routes = self.routes_of(envelope)
             if self._wait_for_room(qid, routes, log):
-                self.destinations.remember(qid, routes)
                 return
             self.destinations.take(routes)
             taken[0] = routes
