@@ -507,7 +507,13 @@ class DKIMConfig(_Section):
 
 
 class QueueConfig(_Section):
-    concurrency: int = Field(20, ge=1, le=1000)
+    # deliveries in flight (Postfix's default_process_limit is 100)
+    concurrency: int = Field(100, ge=1, le=1000)
+    # of which at most this many for one destination (an MX domain, the smarthost, an LMTP
+    # server; Postfix's default_destination_concurrency_limit): a slow or dead destination
+    # never takes the whole pool. Counted in messages; [relay] per_destination bounds the
+    # connections. A Maildir has no limit. Above concurrency it is concurrency.
+    destination_concurrency: int = Field(20, ge=1, le=1000)
     # RFC 5321 4.5.4.1: retry at least 30 minutes apart, give up after 4-5 days. Postfix starts
     # at 5 minutes and doubles; the last interval repeats.
     retry_schedule: list[Duration] = [300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0, 14400.0]

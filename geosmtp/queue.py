@@ -10,7 +10,15 @@ it, so it keeps the next attempt of every entry in memory (a Schedule), built by
 thread at start-up and updated at every defer. geosmtp-queue only takes entries out of
 deferred/ (a stale item's claim then fails and it is dropped), or puts one back that the
 schedule still has. What else could put an entry there unseen (a person's mv, a restored
-backup) is found by the same walk, repeated in a thread every WALK_EVERY scans.
+backup) is found by the same walk, repeated in a thread every WALK_EVERY scans (less often
+for a queue so big that its walk would cost more than WALK_SHARE of the time).
+
+The queue manager sleeps until the schedule's next entry is due, or scan_interval at most:
+a retry two seconds away is tried two seconds later, and an idle server with 100,000
+deferred entries does nothing until one of them is due. A defer earlier than that wakes it,
+and so do a new message, geosmtp-queue (SIGUSR1) and a delivery ending for a destination
+that entries wait for (Destinations: at most destination_concurrency messages in delivery
+for one destination).
 """
 from __future__ import annotations
 
@@ -27,9 +35,10 @@ import gevent.lock
 import gevent.pool
 from loguru import logger
 
-from geosmtp import bounce, metrics
+from geosmtp import bounce, metrics, safeio
 from geosmtp.config import QueueConfig
 from geosmtp.delivery.target import NO_ROUTE, Message, OpenBody, Outcome, Router, Target
+from geosmtp.destinations import Destinations, Routes
 from geosmtp.dkim import Signer
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
 from geosmtp.replies import Reply
@@ -41,6 +50,8 @@ SIGNING_AT_ONCE = 2  # DKIM signatures in progress (memory: a whole message each
 MAX_HOPS = 100  # Received: fields; RFC 5321 6.3: a large threshold, "normally at least 100"
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 WALK_EVERY = 10  # scans between two walks of deferred/ (the safety net; see above)
+WALK_SHARE = 0.1  # at most this share of the time spent walking deferred/ (1,000,000 entries: 6 s a walk)
+UNBOUNDED = ("maildir",)  # target kinds without a destination limit: our own disk, nobody to wait for
 GIVE_WAY = 200  # due entries looked at between two turns given to the hub (claims and drops)
 MERGE_SLICE = 2000  # entries of a walk added to the schedule between two turns of the hub
 TURN = 0.001  # seconds of one turn given to the hub
@@ -51,6 +62,29 @@ def give_way() -> None:
     would not: it runs the other ready greenlets and can come back before any I/O is polled
     (gevent's docs say so; measured: 180 ms without a timer firing over 50 of them)."""
     gevent.sleep(TURN)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc), for the start-up log line."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            stat = fh.read()
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+    started = int(stat[stat.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return max(uptime - started, 0.0)
+
+
+class _Either:
+    """Membership in either of two containers, without copying them."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, item) -> bool:
+        return item in self.first or item in self.second
 
 
 def next_delay(schedule: Sequence[float], attempts: int) -> float:
@@ -94,7 +128,12 @@ class QueueManager:
         self._loops: list[gevent.Greenlet] = []
         self.schedule = Schedule()  # next attempt of each deferred/ entry
         self.walks = 0  # walks of deferred/ done
+        self.walk_seconds = 0.0  # how long the last one took (in its thread)
         self._delivering: set[str] = set()  # claimed, in active/, their attempt under way
+        # messages in delivery per destination, and entries waiting for a slot of theirs
+        self.destinations = Destinations(min(settings.destination_concurrency, settings.concurrency))
+        self._waiting_ids = _Either(self._delivering, self.destinations)  # what a walk must not schedule
+        self._armed_until = 0.0  # when the sleeping loop wakes by itself (a defer before it wakes it)
 
     def start(self, recovered: Sequence[str] = ()) -> None:
         self._recovered = set(recovered)
@@ -110,6 +149,7 @@ class QueueManager:
         """A reload's new parts, taken whole: attempts that start from now on use them (a
         changed concurrency takes a restart)."""
         self.router, self.signer, self.may_sign, self.settings = router, signer, may_sign, settings
+        self.destinations.limit = min(settings.destination_concurrency, settings.concurrency)
 
     def stop(self, timeout: float = 10.0) -> None:
         gevent.killall(self._loops)
@@ -120,7 +160,7 @@ class QueueManager:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait(self.settings.scan_interval)
+            self._wakeup.wait(self._pause())
             self._wakeup.clear()
             try:
                 self.run_once()
@@ -128,12 +168,32 @@ class QueueManager:
                 logger.exception("queue: scan failed")
                 gevent.sleep(1)
 
+    def _pause(self) -> float:
+        """Seconds to sleep: until the schedule's next entry is due, scan_interval at most."""
+        now = time.time()
+        pause = self.settings.scan_interval
+        next_due = self.schedule.next_due()
+        if next_due is not None:
+            pause = min(pause, max(next_due - now, 0.0))
+        self._armed_until = now + pause
+        return pause
+
+    def _schedule(self, qid: str, when: float) -> None:
+        """`qid` waits in deferred/ until `when`; the sleeping loop is woken if it would
+        sleep past that."""
+        self.schedule.add(qid, when)
+        if when < self._armed_until:
+            self._armed_until = when
+            self._wakeup.set()
+
     def run_once(self, now: float | None = None) -> int:
-        """Claim every due entry (all of incoming/, oldest first, then the deferred entries
-        whose time has come, earliest first) and start its delivery; the number started."""
+        """Start every entry that may go: the parked ones whose destination has room again,
+        then all of incoming/, oldest first, then the deferred entries whose time has come,
+        earliest first; the number started."""
         now = time.time() if now is None else now
+        waited = self.destinations.ready()
         incoming = self.spool.run(self.spool.ids, "incoming")
-        due = chain(((qid, "incoming") for qid in incoming),
+        due = chain(waited, ((qid, "incoming") for qid in incoming),
                     ((qid, "deferred") for qid in self.schedule.due(now)))
         started = 0
         for i, (qid, state) in enumerate(due, 1):
@@ -144,13 +204,35 @@ class QueueManager:
         return started
 
     def _start(self, qid: str, state: str) -> bool:
+        """Claim the entry and start its delivery, unless a destination it is known to go to
+        is at its limit: then it waits, in memory, without being claimed."""
         if state == "incoming":
             self.schedule.discard(qid)  # flushed from deferred/: its time there is over
-        self.pool.wait_available()  # gives way to the hub when the pool is full
-        if not self.spool.claim(qid, state):
+        if qid in self.destinations:  # parked already (an operator's flush moved it)
+            self.destinations.moved(qid, state)
             return False
+        routes = self.destinations.known(qid)
+        if routes is not None and self._parked(qid, state, routes):
+            return False
+        self.pool.wait_available()  # gives way to the hub when the pool is full
+        # the wait may have let other entries take the last slot of a destination
+        if routes is not None and self._parked(qid, state, routes):
+            return False
+        if not self.spool.claim(qid, state):
+            self.destinations.forget(qid)  # deleted or held meanwhile
+            return False
+        if routes is not None:
+            self.destinations.take(routes)
         self._delivering.add(qid)
-        self.pool.spawn(self.deliver, qid)
+        self.pool.spawn(self.deliver, qid, routes)
+        return True
+
+    def _parked(self, qid: str, state: str, routes: Routes) -> bool:
+        """Park the entry if one of its destinations is at its limit; True if so."""
+        full = self.destinations.full(routes)
+        if full is None:
+            return False
+        self.destinations.park(qid, state, full)
         return True
 
     # -- the schedule of deferred/ ----------------------------------------------------------
@@ -160,7 +242,7 @@ class QueueManager:
                 self.walk_deferred()
             except Exception:
                 logger.exception("queue: walk of deferred/ failed")
-            gevent.sleep(WALK_EVERY * self.settings.scan_interval)
+            gevent.sleep(max(WALK_EVERY * self.settings.scan_interval, self.walk_seconds / WALK_SHARE))
 
     def walk_deferred(self) -> int:
         """Schedule every deferred/ entry the schedule does not know: all of them at start-up,
@@ -175,39 +257,87 @@ class QueueManager:
         for _ in range(0, len(found), MERGE_SLICE):
             # an entry in delivery may have been seen in deferred/ before it was claimed:
             # its attempt schedules it again, if it must
-            added += self.schedule.add_missing(islice(pairs, MERGE_SLICE), busy=self._delivering)
+            added += self.schedule.add_missing(islice(pairs, MERGE_SLICE), busy=self._waiting_ids)
             give_way()
         self.walks += 1
+        self.walk_seconds = walked
         if first:
-            logger.info("queue: {} deferred entries scheduled (walk {:.2f}s, in all {:.2f}s)",
-                        added, walked, time.monotonic() - began)
+            logger.info("queue: {} deferred entries scheduled (walk {:.2f}s, in all {:.2f}s); "
+                        "start-up {:.2f}s, recovery included", added, walked, time.monotonic() - began,
+                        process_age())
         elif added:
             logger.info("queue: {} deferred entries found that the schedule did not know", added)
         if added:
             self._wakeup.set()  # some may be due already
         return added
 
-    def deliver(self, qid: str) -> None:
+    def deliver(self, qid: str, routes: Routes | None = None) -> None:
+        """One attempt of a claimed entry. `routes`: its destinations, if known before the
+        claim (their slots are taken); else they are found in its envelope."""
+        taken = [routes]
         try:
-            self._deliver(qid)
+            self._deliver(qid, taken)
         except Exception:  # a bug must not strand the entry in active/ until the next restart
             logger.bind(sid=qid).exception("queue: delivery failed")
             try:
                 when = time.time() + self.settings.retry_schedule[0]
                 if self.spool.move(qid, "active", "deferred", when=when):
-                    self.schedule.add(qid, when)
+                    self._schedule(qid, when)
             except OSError:
                 logger.bind(sid=qid).exception("queue: cannot defer; it stays in active/")
         finally:
             self._delivering.discard(qid)
+            if taken[0] and self.destinations.give_back(taken[0]):
+                self._wakeup.set()  # entries wait for one of these destinations
 
-    def _deliver(self, qid: str) -> None:
+    def routes_of(self, envelope: Envelope) -> Routes:
+        """The bounded destinations of the envelope's pending recipients ("relay:example.com")."""
+        found = []
+        for rcpt in envelope.recipients:
+            if rcpt.status == PENDING:
+                domain = rcpt.address.rpartition("@")[2]
+                target = self.router.target(domain)
+                if target is not None and target.kind not in UNBOUNDED:
+                    found.append(f"{target.kind}:{target.destination(domain)}")
+        return self.destinations.routes(found)
+
+    def _wait_for_room(self, qid: str, routes: Routes, log) -> bool:
+        """An entry seen for the first time whose destination turns out to be at its limit:
+        back to deferred/, due now, and parked until that destination has room. True if so.
+        The rename needs no fsync: after a crash either name is fine (both are delivered)."""
+        full = self.destinations.full(routes)
+        if full is None:
+            return False
+        if not self.spool.run(self._put_back, qid, time.time()):
+            return True  # deleted meanwhile: nothing to deliver
+        self.destinations.remember(qid, routes)
+        self.destinations.park(qid, "deferred", full)
+        log.debug("queue: waits for {} ({} in delivery)", full, self.destinations.in_delivery(full))
+        return True
+
+    def _put_back(self, qid: str, when: float) -> bool:
+        active = self.spool.entry_path(qid, "active")
+        try:
+            os.utime(active, (when, when))
+        except FileNotFoundError:
+            return False
+        return safeio.move(active, self.spool.entry_path(qid, "deferred"))
+
+    def _deliver(self, qid: str, taken: list) -> None:
         """One attempt: load, hand every pending recipient to its target, record the
-        outcomes, tell the sender what failed, then defer or remove the entry."""
+        outcomes, tell the sender what failed, then defer or remove the entry. `taken[0]`:
+        the destinations whose slots this attempt holds (set here when they were not known)."""
         log = logger.bind(sid=qid)
+        self.destinations.forget(qid)
         envelope = self._load(qid, log)
         if envelope is None:
             return
+        if taken[0] is None:
+            routes = self.routes_of(envelope)
+            if self._wait_for_room(qid, routes, log):
+                return
+            self.destinations.take(routes)
+            taken[0] = routes
         now = time.time()
         self._begin(envelope, now, log)
         failed: list[Recipient] = []
@@ -263,7 +393,9 @@ class QueueManager:
             self._notify_sender(envelope, envelope.pending(), bounce.DELAYED, log)
             envelope.extra["warned"] = now
         if envelope.pending():
-            self._defer(envelope, now + next_delay(self.settings.retry_schedule, envelope.attempts), log)
+            # counted from the attempt's end: a retry 1 s after an attempt that hung for 2 s
+            # (now that the queue manager wakes when it is due) would come straight after it
+            self._defer(envelope, time.time() + next_delay(self.settings.retry_schedule, envelope.attempts), log)
         else:
             self.spool.done(envelope.id)
             log.info("removed")
@@ -303,7 +435,8 @@ class QueueManager:
 
     def _defer(self, envelope: Envelope, when: float, log) -> None:
         if self.spool.defer(envelope, when):
-            self.schedule.add(envelope.id, when)
+            self.destinations.remember(envelope.id, self.routes_of(envelope))
+            self._schedule(envelope.id, when)
         else:
             log.warning("queue: entry removed during delivery; not deferred")
 

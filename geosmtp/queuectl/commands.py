@@ -42,23 +42,34 @@ class Ctl:
         if not outcome.ok:
             self.failed += 1
         self.queued += outcome.queued
+        sys.stdout.flush()  # what emit() buffered comes first
         click.echo(as_text.result(outcome), err=not outcome.ok)
 
     def finish(self) -> None:
         if self.queued:
             wake_server(self.spool_dir)
-        sys.exit(EXIT_FAILED if self.failed else EXIT_OK)
+        leave(EXIT_FAILED if self.failed else EXIT_OK)
+
+
+def leave(status: int) -> None:
+    """Flush what emit() buffered (here, where a closed pipe is caught) and exit."""
+    sys.stdout.flush()
+    sys.exit(status)
 
 
 def emit(pieces: Iterable[str | bytes]) -> None:
-    """Lines as text; bytes (a message) as they are."""
+    """Lines as text; bytes (a message) as they are. Text goes through stdout's own buffer,
+    flushed when it fills (and at exit): click.echo flushes every line, a third of the
+    time of a `list` of 100,000 entries."""
+    out = sys.stdout
     for piece in pieces:
         if isinstance(piece, bytes):
-            sys.stdout.flush()
-            sys.stdout.buffer.write(piece)
-            sys.stdout.buffer.flush()
+            out.flush()
+            out.buffer.write(piece)
+            out.buffer.flush()
         else:
-            click.echo(piece)
+            out.write(piece)
+            out.write("\n")
 
 
 class Group(click.Group):
@@ -152,7 +163,8 @@ def duration(ctx, param, value):
 @click.pass_obj
 def list_entries(ctl: Ctl, state, domain, sender, older_than, younger_than, as_json_) -> None:
     """The queue, one message at a time: id, state, arrival, age, size, sender; each
-    recipient with its status and last reply; next attempt.
+    recipient with its status and last reply; next attempt. State by state, each in the
+    order its directory gives (streamed: a million entries take no more memory than ten).
 
     Entries whose envelope cannot be read are listed (by id) unless a filter on sender,
     domain or age is given."""
@@ -164,8 +176,8 @@ def list_entries(ctl: Ctl, state, domain, sender, older_than, younger_than, as_j
         count += 1
         emit([as_json.line(as_json.entry(entry, now))] if as_json_ else as_text.list_entry(entry, now))
     if not as_json_:
-        click.echo(as_text.list_end(count))
-    sys.exit(EXIT_OK)
+        emit([as_text.list_end(count)])
+    leave(EXIT_OK)
 
 
 @main.command()
@@ -197,7 +209,7 @@ def summary(ctl: Ctl, state, as_json_) -> None:
     to two domains counts once in each; TOTAL once), by time since arrival."""
     found = entries.shape(ctl.spool, state or (s for s in STATES if s != "corrupt"), time.time())
     emit([as_json.line(as_json.summary(found))] if as_json_ else as_text.summary(found))
-    sys.exit(EXIT_OK)
+    leave(EXIT_OK)
 
 
 # -- changes --------------------------------------------------------------------------------
