@@ -249,10 +249,8 @@ class Spool:
             if check is None:
                 entry = self._entry_for(qid, hold)
                 if writer.spilled:  # the file begins with a placeholder: its own entry file
-                    before, then = self._entry_file(qid, line, entry)
+                    before, then = self._entry_file(qid, line, entry, files, dirs)
                     before = partial(self._both, partial(writer.finish, line), before)
-                    files.append(self._tmp_path(qid))
-                    dirs.append(self._msg)
                 else:
                     before, then = partial(writer.finish, line), self._link(qid, entry)
             else:
@@ -268,24 +266,26 @@ class Spool:
                     if published != line:  # rewritten in place, the same length
                         before = partial(writer.overwrite_first_line, published[:-1].ljust(len(padded) - 1) + b"\n")
                 else:
-                    before, then = self._entry_file(qid, published, entry)
-                    files.append(self._tmp_path(qid))
-                    dirs.append(self._msg)
+                    before, then = self._entry_file(qid, published, entry, files, dirs)
             self.commits.flush(before, then, files, [os.path.dirname(entry), *dirs])
         except Exception as exc:  # nothing half-committed may stay behind
-            tmp = self._tmp_path(qid)  # a spilled message's entry file, if it got that far
-            for clean_up in (writer.abort, partial(safeio.unlink_quietly, tmp),
-                             lambda: safeio.unlink_quietly(entry) if entry else None):
-                try:
-                    clean_up()
-                except OSError:  # a failing clean-up must not hide why the commit failed
-                    pass
+            self._discard(writer, entry)
             if isinstance(exc, OSError):
                 raise _storage_error(exc) from None
             raise
         # A kill (GreenletExit at shutdown) leaves the round to finish in its thread; the
         # files are then either committed (the client, with no 250, may send again: a
         # duplicate, never a loss) or removed by recover() at the next start.
+
+    def _discard(self, writer: MessageWriter, entry: str) -> None:
+        """What a failed commit left: the message, a spilled message's entry file in tmp/
+        if it got that far, the entry if it was made."""
+        for clean_up in (writer.abort, partial(safeio.unlink_quietly, self._tmp_path(writer.id)),
+                         lambda: safeio.unlink_quietly(entry) if entry else None):
+            try:
+                clean_up()
+            except OSError:  # a failing clean-up must not hide why the commit failed
+                pass
 
     def _entry_for(self, qid: str, hold: bool) -> str:
         return self.entry_path(qid, "hold" if hold else "incoming")
@@ -294,9 +294,14 @@ class Spool:
         """The commit point of a message whose entry is the message file itself."""
         return partial(safeio.link, self.message_path(qid), entry)
 
-    def _entry_file(self, qid: str, line: bytes, entry: str) -> tuple[Callable[[], None], Callable[[], None]]:
-        """An entry of its own: written in tmp/ before the flush, renamed into place after."""
+    def _entry_file(self, qid: str, line: bytes, entry: str, files: list[str],
+                    dirs: list[str]) -> tuple[Callable[[], None], Callable[[], None]]:
+        """An entry of its own: written in tmp/ before the flush, renamed into place after.
+        Adds what the "fsync" method must then flush: that file, and msg/ (the message
+        file no longer has the entry's name to be found by)."""
         tmp = self._tmp_path(qid)
+        files.append(tmp)
+        dirs.append(self._msg)
         return partial(safeio.write_unsynced, tmp, line), partial(os.rename, tmp, entry)
 
     @staticmethod
