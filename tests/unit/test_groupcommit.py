@@ -77,8 +77,9 @@ def _callers(gc: GroupCommit, rec: Recorder, delays: list[float], then: bool = F
         return outcome
 
     greenlets = [gevent.spawn(caller, i, d) for i, d in enumerate(delays)]
-    gevent.joinall(greenlets, timeout=10)
-    assert all(g.ready() for g in greenlets), "a flush() caller hung"
+    gevent.joinall(greenlets, timeout=30)
+    assert all(g.ready() for g in greenlets), \
+        f"a flush() caller hung: {sum(not g.ready() for g in greenlets)} of {len(greenlets)}, log tail {rec.log[-6:]}"
     return [g.value for g in greenlets]
 
 
