@@ -114,7 +114,7 @@ def main(ctx: click.Context, config_path: str) -> None:
                    "run with this configuration?)", err=True)
         sys.exit(EXIT_USAGE)
     changes.give_new_files_to_spool_owner(spool_dir)
-    ctx.obj = Ctl(Spool(spool_dir), spool_dir)
+    ctx.obj = Ctl(Spool(spool_dir, flush=config.server.spool_flush), spool_dir)
 
 
 def read_ids(ids: Iterable[str]) -> Iterator[str]:
