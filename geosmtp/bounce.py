@@ -62,6 +62,9 @@ def header_section(fh: BinaryIO, limit: int = HEADER_LIMIT) -> bytes:
     of result, and only whole lines: a line that would cross `limit` and everything after it
     is left out. LF-only lines come back with CRLF; a last line without an end gets one.
     """
+    fast = _crlf_header_section(fh, limit)
+    if fast is not None:
+        return fast
     out: list[bytes] = []
     size = 0
     while size < limit:
@@ -85,6 +88,27 @@ def header_section(fh: BinaryIO, limit: int = HEADER_LIMIT) -> bytes:
         if not content:
             break  # the empty line that ends the header section
     return b"".join(out)
+
+
+_PROBE = 8192  # octets read at once for the fast path: the header section of most mail
+
+
+def _crlf_header_section(fh: BinaryIO, limit: int) -> bytes | None:
+    """header_section() in one read for the usual case, a CRLF header section that ends
+    within the first _PROBE octets and `limit`, with no bare LF; None (fh where it was)
+    for the line-by-line reading of anything else."""
+    if not fh.seekable():
+        return None
+    start = fh.tell()
+    chunk = fh.read(min(_PROBE, limit))
+    blank = chunk.find(b"\r\n\r\n")
+    end = 2 if chunk.startswith(b"\r\n") else blank + 4 if blank >= 0 else 0
+    section = chunk[:end]
+    if not end or section.count(b"\n") != section.count(b"\r\n"):
+        fh.seek(start)
+        return None
+    fh.seek(start + end)
+    return section
 
 
 def status_of(reply: str | None, default: str) -> str:

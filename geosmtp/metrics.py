@@ -22,6 +22,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from geosmtp.spool import SPILL_SIZE, id_time
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+_CHILDREN: dict = {}
+
+
+def child(metric, *values: str):
+    """metric.labels(*values), kept: labels() takes a lock and builds a key each time, on
+    paths taken several times a message (a reply, a connection). For labels of bounded
+    sets only (verbs, reply classes, listener names, enhanced codes)."""
+    key = (metric, values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return found
+
 
 CONNECTIONS = Counter("geosmtp_connections", "Connections accepted", ["listener"])
 REFUSED = Counter("geosmtp_connections_refused", "Connections turned away (421)", ["listener", "reason"])

@@ -414,7 +414,7 @@ class Server:
         lim = self.config.limits
         load = self.loads[listener.name]
         conn = Connection(sock, settings.limits.command_timeout)  # it times every send and read
-        metrics.CONNECTIONS.labels(listener.name).inc()
+        metrics.child(metrics.CONNECTIONS, listener.name).inc()
         proxy = None
         try:
             if listener.proxy_protocol:
@@ -431,7 +431,7 @@ class Server:
                 self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
                 return
             self.per_ip[key] += 1
-            sessions = metrics.SESSIONS.labels(listener.name)
+            sessions = metrics.child(metrics.SESSIONS, listener.name)
             sessions.inc()
             session = Session(conn, ip, settings, self.services, proxy=proxy, load=load)
             me = gevent.getcurrent()

@@ -373,9 +373,9 @@ class Session:
 
     def send(self, reply: Reply) -> bool:
         """Queue one reply for the client; True when the connection must close after it."""
-        metrics.COMMANDS.labels(self.verb, _REPLY_CLASS[reply.code // 100]).inc()
+        metrics.child(metrics.COMMANDS, self.verb, _REPLY_CLASS[reply.code // 100]).inc()
         if reply.code >= 400 and self.verb in ("MAIL", "RCPT", "DATA"):
-            metrics.REJECTED.labels(self.verb, reply.enhanced or "-").inc()
+            metrics.child(metrics.REJECTED, self.verb, reply.enhanced or "-").inc()
         if reply.code >= 500:  # the client's mistakes; 4xx are ours or temporary
             self.errors += 1
             if self.errors >= self.limits.max_errors and not reply.close:
@@ -749,7 +749,7 @@ class Session:
         """What follows a 250 for a message: counts, rate limits, the log line, the queue."""
         s = self.settings
         self.messages += 1
-        metrics.ACCEPTED.labels(s.listener).inc()
+        metrics.child(metrics.ACCEPTED, s.listener).inc()
         metrics.RECEIVED_BYTES.inc(envelope.size)
         limiter = self.services.limiter
         if s.messages_per_hour_per_ip:

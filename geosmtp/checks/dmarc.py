@@ -22,6 +22,7 @@ from __future__ import annotations
 import email.utils
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import dns.exception
@@ -260,11 +261,16 @@ def align(walker: TreeWalker, author: str, found, spf: str | None, aspf: str, dk
 def normal_domain(dns_, text: str) -> str | None:
     """A domain as DMARC compares it: A-labels (RFC 9989 5.3.1), lower case, no final dot;
     None when it is not a host name."""
+    return _normal_domain(dns_.name, text)
+
+
+@lru_cache(maxsize=4096)  # the same few domains in every message
+def _normal_domain(to_name, text: str) -> str | None:
     text = text.strip().rstrip(".")
     if not text or text.startswith("["):
         return None
     try:
-        name = dns_.name(text).to_text(omit_final_dot=True).lower()
+        name = to_name(text).to_text(omit_final_dot=True).lower()
     except Exception:  # BadName; dnspython's IDNA errors are not all DNSException
         return None
     return name if len(name) <= 253 and _HOSTNAME.fullmatch(name) else None
@@ -273,26 +279,29 @@ def normal_domain(dns_, text: str) -> str | None:
 _QUOTED_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"?|\((?:\\.|[^()\\])*\)?')
 
 
-def ambiguous_from(from_values: list[str]) -> bool:
+def from_addresses(from_values: list[str]) -> list[tuple[str, str]] | None:
+    """The From: fields' (name, address) pairs; None when the parser gives up on them."""
+    try:
+        return email.utils.getaddresses(from_values)
+    except Exception:  # a parser bug on hostile input
+        return None
+
+
+def ambiguous_from(from_values: list[str], addresses: list[tuple[str, str]] | None = None) -> bool:
     """A From: whose author a reader and a parser could tell apart: the "@"s written outside
     quoted strings and comments are not each one whole address with a local part
     ("alice@victim.example@attacker.example": a mail reader shows the first domain, a parser
     may take the last, or none). RFC 7489 6.6.1 (kept by RFC 9989) lets a receiver refuse it."""
-    try:
-        addresses = [addr for _name, addr in email.utils.getaddresses(from_values)]
-    except Exception:
+    pairs = from_addresses(from_values) if addresses is None else addresses
+    if pairs is None:
         return True
     written = sum(_QUOTED_OR_COMMENT.sub("", v).count("@") for v in from_values)
-    whole = [a for a in addresses if a.count("@") == 1 and not a.startswith("@")]
-    return written != len(whole) or any(a.count("@") > 1 for a in addresses)
+    whole = [a for _, a in pairs if a.count("@") == 1 and not a.startswith("@")]
+    return written != len(whole) or any(a.count("@") > 1 for _, a in pairs)
 
 
-def author_domains(dns_, from_values: list[str]) -> list[str]:
+def author_domains(dns_, addresses: list[tuple[str, str]]) -> list[str]:
     """The distinct domains of the From: addresses, in order."""
-    try:
-        addresses = email.utils.getaddresses(from_values)
-    except Exception:  # a parser bug on hostile input: no usable address
-        return []
     out: dict[str, None] = {}
     for _name, addr in addresses:
         if "@" in addr:
@@ -344,13 +353,14 @@ class DMARCCheck(Check):
     def data(self, facts: Facts) -> Verdict:
         dns_ = self.context.dns
         from_values = [f.value for f in facts.fields() if f.name.lower() == "from"]
-        if ambiguous_from(from_values):
+        addresses = from_addresses(from_values)
+        if ambiguous_from(from_values, addresses):
             outcome = Outcome("", "permerror", reason="From: cannot be parsed reliably")
             kw = {"results": {"dmarc": outcome.fact()}, "auth": [outcome.auth()]}
             if self.options.get("enforce", True):
                 return Verdict.reject("From: header field cannot be parsed reliably", 550, "5.7.1", **kw)
             return Verdict.accept(**kw)
-        domains = author_domains(dns_, from_values)
+        domains = author_domains(dns_, addresses)
         if not domains:
             why = "no From header field" if not from_values else "no domain in From"
             outcome = Outcome("", "permerror", reason=why)

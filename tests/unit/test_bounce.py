@@ -593,3 +593,22 @@ def test_header_section_limit(lines, blank, body, eol, limit):
         assert_crlf_only(got)
     if limit >= len(data) * 2:
         assert got == b"".join(expected_lines)
+
+
+class _Unseekable(io.BytesIO):
+    """A stream header_section reads line by line (its one-read path needs to seek)."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+@settings(max_examples=500)
+@given(pieces=st.lists(st.sampled_from([b"a", b": ", b"\r\n", b"\n", b"\r", b" ", b"\r\n\r\n", b"X-Y"]), max_size=40),
+       limit=st.sampled_from([0, 3, 10, 40, 64 * 1024]), lead=st.binary(max_size=3))
+def test_header_section_in_one_read_is_the_line_by_line_one(pieces, limit, lead):
+    """Both ways give the same octets and leave the stream at the same place."""
+    data = lead + b"".join(pieces) + b"tail"
+    fast, slow = io.BytesIO(data), _Unseekable(data)
+    fast.read(len(lead)), slow.read(len(lead))
+    assert header_section(fast, limit) == header_section(slow, limit)
+    assert fast.read() == slow.read()
