@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from geosmtp.checks.dns import BadName, TempError
 from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
+from geosmtp.memo import short_text_memo
 
 POLICIES = ("none", "quarantine", "reject")  # in order of strictness
 MAX_LABELS = 8  # 4.10: at most this many queries per walk
@@ -65,6 +66,7 @@ class Record:
     usable: bool = True
 
 
+@short_text_memo()  # Records are frozen: the same few policies come with every message
 def parse_record(text: str) -> Record | None:
     """The record, or None when the text is not a DMARC record (v=DMARC1 is not first)."""
     if not _VERSION.match(text):

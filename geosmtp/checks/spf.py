@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from geosmtp.checks.dns import BadName
 from geosmtp.checks.dns import TempError as DNSTempError
 from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
+from geosmtp.memo import short_text_memo
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 MAX_DNS_TERMS = 10  # 4.6.4: include, a, mx, ptr, exists, redirect
@@ -189,6 +190,7 @@ def _parse_directive(term: str) -> Term:
     raise _perm(f"unknown mechanism {kind[:30]!r}")
 
 
+@short_text_memo()  # Records are frozen: the same few senders' records come with every message
 def parse_record(text: str) -> Record:
     """The whole record checked before any term is tried (4.6): terms are separated by
     spaces (4.6.1), redirect= and exp= may appear once (6), unknown modifiers are ignored
