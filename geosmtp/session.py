@@ -258,9 +258,10 @@ class Session:
         if tx is not None:
             more.setdefault("sender", str(tx.sender) if tx.sender else "")
             more.setdefault("recipients", tuple(tx.originals))
+        more.setdefault("results", self.checks.view(phase))  # what earlier checks recorded
         return Facts(phase=phase, listener=s.listener, mode=s.mode, ip=self.ip, trusted=self.trusted,
                      hostname=s.hostname, ptr=self.checks.ptr, helo=self.helo, tls=self.tls,
-                     auth_user=self.auth_user, session=self.id, **more)  # results: the engine gives them
+                     auth_user=self.auth_user, session=self.id, **more)
 
     def checked(self, phase: str, **more) -> Reply | None:
         """The inbound checks' refusal at this phase, or None (also when none run here)."""
@@ -715,7 +716,7 @@ class Session:
         kept = writer.kept
         opener = partial(io.BytesIO, kept) if kept is not None else partial(self.spool.open_body, envelope.id)
         facts = self.check_facts("data", tx=tx, queue_id=envelope.id, message_path=path, size=envelope.size,
-                                 open_message=opener)
+                                 open_message=opener, results=self.checks.view("data", learnt))
         outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, writer), self.log)
         if outcome.refusal is not None:
             self.log.info("message refused at end of data: {}", outcome.refusal)

@@ -128,6 +128,7 @@ class SessionChecks:
         self.engine = engine
         self.connection = _Learnt()
         self.tx = _Learnt()
+        self._view: tuple = (None, None)  # (the transaction, its results view)
 
     @property
     def ptr(self) -> str | None:
@@ -142,8 +143,17 @@ class SessionChecks:
 
     def results(self, tx: "_Learnt | None" = None) -> MappingProxyType:
         """What the connection's and the transaction's checks recorded, as a live read-only
-        view: later checks of a phase see what earlier ones add, with no copy per verdict."""
-        return MappingProxyType(ChainMap((tx or self.tx).results, self.connection.results))
+        view: later checks of a phase see what earlier ones add, with no copy per verdict.
+        The same view for the same transaction, so that Facts made with it need no copy."""
+        tx = tx or self.tx
+        if self._view[0] is not tx:
+            self._view = (tx, MappingProxyType(ChainMap(tx.results, self.connection.results)))
+        return self._view[1]
+
+    def view(self, phase: str, learnt: "_Learnt | None" = None) -> MappingProxyType:
+        """The results a run of `phase` shows its checks (give it to Facts: run() then uses
+        the facts as they are)."""
+        return self.results(None if learnt is self.connection or phase in CONNECTION_PHASES else learnt)
 
     def run(self, facts: Facts, log=logger, learnt: "_Learnt | None" = None) -> Reply | None:
         """Run the checks of facts.phase; the refusal to send, or None to go on. What they
@@ -153,7 +163,9 @@ class SessionChecks:
         if learnt is None:
             learnt = self.connection if phase in CONNECTION_PHASES else self.tx
         # what every earlier check recorded, and what these record as they go
-        facts = replace(facts, results=self.results(None if learnt is self.connection else learnt))
+        view = self.results(None if learnt is self.connection else learnt)
+        if facts.results is not view:
+            facts = replace(facts, results=view)
         for spec in self.engine.by_phase[phase]:
             if spec.skip_trusted and (facts.trusted or facts.auth_user):
                 continue
