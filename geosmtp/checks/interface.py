@@ -66,9 +66,12 @@ class Verdict:
 
     def __post_init__(self) -> None:
         for name in ("headers", "auth", "remove_headers", "edits"):  # a list is fine to give; kept as a tuple
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if type(value) is not tuple:
+                object.__setattr__(self, name, tuple(value))
         # the reason goes into log lines and the envelope: one line of text, whoever wrote it
-        object.__setattr__(self, "reason", safe_text(self.reason))
+        if self.reason:
+            object.__setattr__(self, "reason", safe_text(self.reason))
         if self.action not in ACTIONS:
             raise ValueError(f"unknown verdict action {self.action!r}")
         if self.reply is not None:
@@ -84,6 +87,8 @@ class Verdict:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"header field {name} is not UTF-8 text") from None
+        if not self.edits:
+            return
         from geosmtp.checks.edits import EDITS
         for edit in self.edits:
             if not isinstance(edit, EDITS):
