@@ -659,8 +659,8 @@ def main():
     ap.add_argument("--workers", default="1",
                     help="[server] workers; a list (1,2) runs one server per value, interleaved cell by cell")
     ap.add_argument("--queue-concurrency", type=int, default=20, help="[queue] concurrency (default 20)")
-    ap.add_argument("--spool-flush", choices=("auto", "syncfs", "fsync"),
-                    help="[server] spool_flush (default: not set, i.e. auto: fsync, the scratch dir being no mount point)")
+    ap.add_argument("--spool-flush", choices=("syncfs", "fsync"),
+                    help="[server] spool_flush (default: not set, i.e. the server's default, syncfs)")
     ap.add_argument("--log-level", default="WARNING", help="[log] level (default WARNING)")
     ap.add_argument("--hold", action="store_true",
                     help="accept into queue/hold/ (like the postfix-hold anchor): no delivery attempt")
