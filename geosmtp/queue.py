@@ -524,10 +524,10 @@ class QueueManager:
                 with self.spool.open_body(envelope.id) as fh:
                     return self.signer.sign(added + fh.read(), envelope.sender)
             try:
-                # dkimpy wants the whole message in memory and is CPU-bound: a few at a time
+                # the whole message in memory, hashed and signed: a few at a time
                 with self._signing:
                     signature = self.spool.run(sign)
-            except Exception as exc:  # a message dkimpy cannot parse still goes, unsigned
+            except Exception as exc:  # a header section we will not sign still goes, unsigned
                 log.warning("dkim: not signed: {}", exc)
         envelope.extra["prefix"] = signature.decode("utf-8")
         return signature + added
