@@ -1,8 +1,8 @@
 """The "dkim" check: every DKIM-Signature of the message verified (RFC 6376), at end of DATA.
 
 The message is read by geosmtp.dkimcanon (the octets dkimpy would hash, tested side by
-side), hashed with hashlib, and the signature checked by OpenSSL (`cryptography`); dkimpy
-still parses the tag lists and key records. This module decides what each outcome means in
+side), its tags by geosmtp.dkimtags, hashed with hashlib, and the signature checked by
+OpenSSL (`cryptography`); dkimpy still reads the key records (once per record). This module decides what each outcome means in
 Authentication-Results terms (RFC 8601 2.7.1) and keeps hostile input bounded:
 
     pass       the signature verified
@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import dkim
-import dkim.util
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pydantic import BaseModel, ConfigDict, Field
 
-from geosmtp import dkimcanon, dkimcrypto
+from geosmtp import dkimcanon, dkimcrypto, dkimtags
 from geosmtp.checks import headers as hdr
 from geosmtp.checks.dns import BadName, TempError
 from geosmtp.checks.interface import AuthResult, Check, Facts, Verdict, safe_text
@@ -194,8 +193,8 @@ def prepare(message: bytes, complete: bool, max_signatures: int) -> tuple[Parsed
 def _read_signature(index: int, value: bytes, max_signatures: int) -> Signature:
     sig = Signature(index)
     try:
-        tags = dkim.util.parse_tag_value(value)
-    except Exception as exc:  # InvalidTagValueList and its kin
+        tags = dkimtags.parse(value)
+    except Exception as exc:  # dkimtags.TagError, or a bug on odd input
         sig.domain, sig.selector = _loose_ids(value)
         sig.decide("neutral", f"signature syntax: {_said(exc)}")
         return sig
@@ -207,8 +206,8 @@ def _read_signature(index: int, value: bytes, max_signatures: int) -> Signature:
         sig.decide("policy", f"more than {max_signatures} signatures: not verified")
         return sig
     try:
-        dkim.validate_signature_fields(tags)
-    except Exception as exc:  # ValidationError; a KeyError or UnicodeError on odd input
+        dkimtags.check_signature(tags)
+    except Exception as exc:  # dkimtags.TagError; a KeyError or UnicodeError on odd input
         sig.decide("neutral", f"signature: {_said(exc)}")
         return sig
     if tags[b"a"].lower() == b"rsa-sha1":
@@ -270,14 +269,14 @@ def _verify_one(parsed: Parsed, sig: Signature, record: tuple) -> tuple[str, str
     if len(c) != 2 or not all(x in (b"simple", b"relaxed") for x in c):
         return "neutral", "signature: unknown canonicalisation in c="
     length = int(tags[b"l"]) if b"l" in tags else None
-    bh = base64.b64decode(_WSP.sub(b"", tags[b"bh"]))
+    bh = base64.b64decode(b"".join(tags[b"bh"].split()))
     if parsed.body_hash(c[1], length) != bh:
         return "fail", "body hash did not verify"
     names = [x.lower() for x in _H_SEP.split(tags[b"h"])]
     if b"from" in names:  # a From added above the signed one must break it, as dkimpy has it
         names.append(b"from")
     digest = parsed.header_hash(c[0], names, sig.index)
-    signature = base64.b64decode(_WSP.sub(b"", tags[b"b"]))
+    signature = base64.b64decode(b"".join(tags[b"b"].split()))
     _, ktag, _, _, public, bits = record
     if ktag == b"ed25519":
         try:
@@ -322,7 +321,7 @@ def _key_record(record: bytes) -> tuple:
     """(problem or "", key type, the hashes h= allows or None, the t= flags, the public key,
     its size in bits) of a key record."""
     try:
-        key = dkim.util.parse_tag_value(record)
+        key = dkimtags.parse(record)
     except Exception:
         return ("key record syntax", *_NO_KEY)
     if b"p" not in key:
