@@ -15,6 +15,11 @@ failure the process leaves Redis alone for RETRY_AFTER seconds (calls fail at on
 outage costs no session a timeout per command), then tries again: when Redis is back it is
 used again, without a restart. What a failure means is each use's decision (limits: the
 [redis] on_redis_error; greylisting: its check's on_error; the DNS cache: a miss).
+
+Redis.later(use, script, keys, args) is for writes nobody waits for (an event counted
+after its 250, a connection that closed): they are sent together, one pipeline every
+BATCH_DELAY seconds, so a busy process pays one round trip for many of them; they reach
+Redis at most that much later.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from redis.sentinel import Sentinel
 from geosmtp import metrics
 
 RETRY_AFTER = 1.0  # seconds a process leaves Redis alone after a failure
+BATCH_DELAY = 0.005  # writes nobody waits for go out together this often
+BATCH_MAX = 500  # ... or as soon as this many wait
 LOG_EVERY = 60.0  # at most one "Redis is down" line a minute
 
 
@@ -55,6 +62,8 @@ class RedisStore:
         self._down_until = 0.0
         self._logged_at = -LOG_EVERY
         self._down = False
+        self._later: list[tuple[str, object, list, list]] = []
+        self._flusher: gevent.Greenlet | None = None
 
     def key(self, kind: str, text: str) -> str:
         """A key for `text` of any length or content: a hash, so hostile input (addresses,
@@ -87,6 +96,44 @@ class RedisStore:
             logger.info("redis {}: answering again", self.where)
         return result
 
+    def later(self, use: str, script, keys: list, args: list) -> None:
+        """Run `script` soon, with the next batch (module docstring); failures are counted
+        and logged as call()'s are, and the writes of a failed batch are lost."""
+        self._later.append((use, script, keys, args))
+        if len(self._later) >= BATCH_MAX:
+            self.flush()
+        elif self._flusher is None:
+            self._flusher = gevent.spawn_later(BATCH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Send the waiting writes now, in one pipeline."""
+        batch, self._later = self._later, []
+        if self._flusher is not None and self._flusher is not gevent.getcurrent():
+            self._flusher.kill(block=False)
+        self._flusher = None
+        if not batch:
+            return
+
+        def send():
+            pipe = self.client.pipeline(transaction=False)
+            for _, script, keys, args in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = pipe.execute(raise_on_error=False)
+            again = [item for item, result in zip(batch, results) if isinstance(result, redis.exceptions.NoScriptError)]
+            if again:  # a Redis that restarted empty: load the scripts, run those once more
+                pipe = self.client.pipeline(transaction=False)
+                for _, script, keys, args in again:
+                    pipe.eval(script.script, len(keys), *keys, *args)
+                results = pipe.execute(raise_on_error=False)
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
+
+        try:
+            self.call(batch[0][0], send)
+        except RedisDown:
+            pass
+
     def _failed(self, use: str, exc: Exception) -> None:
         now = self.clock()
         self._down_until = now + RETRY_AFTER
@@ -98,6 +145,7 @@ class RedisStore:
                            self.where, use, type(exc).__name__, exc, RETRY_AFTER)
 
     def close(self) -> None:
+        self.flush()
         self.client.close()
 
 

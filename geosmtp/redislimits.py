@@ -105,10 +105,10 @@ class RedisLimiter:
             return REFUSE if self.on_error == "defer" else 0.0
 
     def add(self, key: str, window: float) -> None:
-        try:
-            self._run(key, window, add=True)
-        except RedisDown:
-            pass  # counted in geosmtp_redis_errors; the event is lost
+        # with the next batch (RedisStore.later): the 250 does not wait for it; a failure is
+        # counted in geosmtp_redis_errors and the event lost
+        self.store.later("limits", self._script, [self.store.key("rate", f"{window:g} {key}")],
+                         [f"{window:g}", "1"])
 
 
 class RedisConnections:
@@ -145,10 +145,9 @@ class RedisConnections:
 
     def leave(self, key: str) -> None:
         self.local.leave(key)
-        try:
-            self.store.call("connections", self._leave, keys=[self._hash(key)], args=[self.id])
-        except RedisDown:
-            pass  # the next renewal writes the right count
+        # with the next batch; lost if Redis is down, and then the next renewal writes the
+        # right count
+        self.store.later("connections", self._leave, [self._hash(key)], [self.id])
 
     # -- the lease --------------------------------------------------------------------------
     def renew(self) -> None:

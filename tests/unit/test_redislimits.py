@@ -51,6 +51,7 @@ def test_counts_as_the_memory_limiter_does(store):
             lim.add("ip:192.0.2.1", HOUR)
         lim.add("ip:192.0.2.2", HOUR)
         lim.add("ip:192.0.2.1", 60.0)
+    store.flush()  # adds go out in batches (RedisStore.later)
     for key, window in [("ip:192.0.2.1", HOUR), ("ip:192.0.2.2", HOUR), ("ip:192.0.2.1", 60.0), ("user:x", HOUR)]:
         # the same fixed windows (the first of an hour has no previous one): the same counts
         assert redis_limiter.count(key, window) == pytest.approx(memory.count(key, window)), key
@@ -65,6 +66,7 @@ def test_the_previous_window_fades_on_redis_time(store):
     time.sleep(math.ceil(now) - now + 0.05)  # just after a window starts
     for _ in range(10):
         lim.add("k", 1.0)
+    store.flush()
     assert lim.count("k", 1.0) == pytest.approx(10)
     time.sleep(1.0)  # the next window, ~5 % in
     faded = lim.count("k", 1.0)
@@ -79,6 +81,7 @@ def test_keys_are_hashed_and_expire(store):
     lim = RedisLimiter(store)
     for i in range(50):
         lim.add(f"user:{'x' * 500}{i}\r\n\0@example.test", 60.0)
+    store.flush()
     keys = store.client.keys(store.prefix + "*")
     assert len(keys) == 50
     assert {len(k) for k in keys} == {len(store.prefix) + len("rate:") + 32}
@@ -91,25 +94,45 @@ def test_keys_are_hashed_and_expire(store):
 def test_the_script_is_loaded_again_after_noscript(store):
     lim = RedisLimiter(store)
     lim.add("k", HOUR)
+    store.flush()
     store.client.script_flush()  # as a restarted or failed-over Redis has no scripts
-    lim.add("k", HOUR)
-    assert lim.count("k", HOUR) == 2
+    lim.add("k", HOUR)  # in a batch
+    store.flush()
+    store.client.script_flush()
+    assert lim.count("k", HOUR) == 2  # alone
+
+
+def test_writes_nobody_waits_for_go_out_together(store):
+    """add() and leave() wait for the next batch: one round trip for all of them, sent
+    BATCH_DELAY later by a greenlet (or at once when BATCH_MAX wait)."""
+    lim = RedisLimiter(store)
+    for _ in range(20):
+        lim.add("k", HOUR)
+    assert lim.count("k", HOUR) == 0  # not yet sent
+    gevent.sleep(redisclient.BATCH_DELAY * 4)
+    assert lim.count("k", HOUR) == 20
+    for _ in range(redisclient.BATCH_MAX):
+        lim.add("k", HOUR)
+    assert lim.count("k", HOUR) == 20 + redisclient.BATCH_MAX
 
 
 def test_redis_down_allows_or_defers_counts_and_logs_once(server, store):
     allow, defer = RedisLimiter(store, "allow"), RedisLimiter(store, "defer")
     allow.add("k", HOUR)
+    store.flush()
     before = errors("limits")
     server.kill()
     started = time.monotonic()
     assert allow.count("k", HOUR) == 0
     assert defer.count("k", HOUR) == math.inf  # as over any limit: the session answers 4xx
-    defer.add("k", HOUR)  # dropped, never raised
+    defer.add("k", HOUR)
+    store.flush()  # dropped, never raised
     assert time.monotonic() - started < 0.5  # refused at once, then not tried for a second
     assert errors("limits") - before == 3
     server.start()  # empty: no persistence
     time.sleep(redisclient.RETRY_AFTER + 0.1)
     allow.add("k", HOUR)
+    store.flush()
     assert allow.count("k", HOUR) == 1  # back, without a new client
 
 
@@ -136,6 +159,7 @@ def test_connections_are_counted_across_processes(store):
     assert not b.enter("192.0.2.1", 3) and not a.enter("192.0.2.1", 3)
     assert b.enter("192.0.2.9", 3)  # another client
     a.leave("192.0.2.1")
+    store.flush()
     assert b.enter("192.0.2.1", 3)
     assert a.local.open == {"192.0.2.1": 1} and b.local.open == {"192.0.2.1": 2, "192.0.2.9": 1}
 
@@ -240,6 +264,7 @@ def test_password_and_sentinel(tmp_path):
         try:
             lim = RedisLimiter(s, "defer")
             lim.add("k", HOUR)
+            s.flush()
             assert lim.count("k", HOUR) == 1
         finally:
             s.close()
@@ -261,7 +286,9 @@ def test_the_blocking_pool_under_gevent(server):
         def work():
             for _ in range(10):
                 lim.add("k", 60.0)
+                assert lim.count("k", 60.0) < 1000  # 400 of these wait for their answer
         gevent.joinall([gevent.spawn(work) for _ in range(40)], raise_error=True, timeout=20)
+        store.flush()
         print(lim.count("k", 60.0), len(store.client.connection_pool._connections))
     """)
     if server.proc.poll() is not None:
