@@ -53,10 +53,10 @@ def fleet(tmp_path_factory):
                 "log": {"level": "INFO"},
             })
             node.probe_prefix = LOCAL_HEADER
-            nodes.append(node.start())
+            nodes.append(node.start(timeout=60))  # 6 processes on a shared 2-core machine
         for node in nodes:  # start() returns when the first worker answers: wait for both
             node.wait_for(lambda: len(children(node.proc.pid)) == 2 and node.log().count(
-                f"listening on 127.0.0.1:{node.port}") == 2, timeout=15)
+                f"listening on 127.0.0.1:{node.port}") == 2, timeout=60)
         balancer = HAProxy(root / "haproxy", [node.port for node in nodes]).start()
         yield balancer, nodes, redis, dns, mx
     finally:
