@@ -77,6 +77,7 @@ hold = true
 [limits]
 max_connections = 20000
 max_connections_per_ip = 20000
+{limits}
 
 [local]
 domains = ["bench.test"]
@@ -120,7 +121,7 @@ def signed_message(size: int, pem: bytes) -> bytes:
 
 
 class Server:
-    def __init__(self, name: str, scratch: str, dns_port: int, checks: str, workers: int):
+    def __init__(self, name: str, scratch: str, dns_port: int, checks: str, workers: int, limits: str = ""):
         self.name = name
         root = os.path.join(scratch, name)
         os.makedirs(root)
@@ -130,7 +131,8 @@ class Server:
         self.config = os.path.join(root, "geosmtp.toml")
         with open(self.config, "w") as fh:
             fh.write(CONFIG.format(spool=self.spool, workers=workers, port=self.port, rcpt=RCPT,
-                                   mail=os.path.join(root, "mail"), dns_port=dns_port, checks=checks))
+                                   mail=os.path.join(root, "mail"), dns_port=dns_port, checks=checks,
+                                   limits=limits))
         self.log = open(os.path.join(root, "geosmtp.log"), "ab")
         exe = os.path.join(REPO, ".venv", "bin", "geosmtp")
         self.proc = subprocess.Popen([exe, "start", "-c", self.config], cwd=root, stdin=subprocess.DEVNULL,

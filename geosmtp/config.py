@@ -554,6 +554,52 @@ class MetricsConfig(_Section):
         return v
 
 
+def _redis_url(v: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(v)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be redis://[:password@]host:port/db, rediss://... (TLS) or unix:///path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("names no host")
+    return v
+
+
+class RedisConfig(_Section):
+    """[redis]: what several nodes (and the workers of one) share. Present: the rate and
+    connection limits, greylisting and the MX/A/AAAA cache use it (each can be turned off)."""
+
+    url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel: ask these "host:port" for the address of `sentinel_master` (url then
+    # gives only the password, the database number and the scheme: rediss:// for TLS)
+    sentinel: list[str] = []
+    sentinel_master: str = "geosmtp"
+    tls: bool = False  # as rediss://: TLS to Redis, the certificate checked against ca_file
+    ca_file: Path | None = None  # default: the system's trust anchors
+    connect_timeout: Duration = 0.5
+    timeout: Duration = 0.5  # every command: a slower answer counts as Redis being down
+    pool_size: int = Field(32, ge=1, le=1000)  # connections per process; calls wait for a free one
+    key_prefix: str = "geosmtp:"
+    limits: bool = True  # messages and AUTH failures per hour, connections per client, fleet-wide
+    greylist: bool = True  # greylist triplets (a check with store_file keeps its file)
+    dns_cache: bool = True  # MX, A and AAAA answers, for their TTL
+    # Redis down or slower than timeout, for the limits: "allow" lets the client through
+    # (uncounted, as without limits); "defer" answers as if over the limit (4xx). Logged
+    # at most once a minute, counted in geosmtp_redis_errors. Greylisting applies its
+    # check's on_error; the DNS cache asks DNS.
+    on_redis_error: Literal["allow", "defer"] = "allow"
+    # a node's share of the connection counts lives this long without the node renewing it
+    # (every third of it): a node that dies stops counting against its clients within this
+    connection_lease: Duration = 30.0
+
+    @field_validator("sentinel")
+    @classmethod
+    def _sentinels(cls, v: list[str]) -> list[str]:
+        for item in v:
+            split_hostport(item)
+        return v
+
+
 class CheckConfig(BaseModel):
     """One [[check]] table: the keys every check has, and its own (validated by the check
     type's Options model; a python check's go in `options`)."""
@@ -601,6 +647,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     dkim: DKIMConfig = DKIMConfig()
     metrics: MetricsConfig = MetricsConfig()
+    redis: RedisConfig | None = None  # absent: every count and cache in this process
     check: list[CheckConfig] = []  # [[check]], run in this order
 
     def checks_of(self, listener: "ListenerConfig") -> list[CheckConfig]:

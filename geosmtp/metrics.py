@@ -50,6 +50,8 @@ TLS = Counter("geosmtp_tls_sessions", "TLS handshakes completed, by protocol ver
 TLS_FAILURES = Counter("geosmtp_tls_handshake_failures", "TLS handshakes that failed")
 AUTH_FAILURES = Counter("geosmtp_auth_failures", "Failed AUTH attempts")
 RATE_LIMITED = Counter("geosmtp_rate_limited", "Requests refused by a rate limit", ["limit"])
+REDIS_ERRORS = Counter("geosmtp_redis_errors", "Calls to Redis that failed, or were not tried in the second "
+                       "after a failure, by use (limits, connections, greylist, dns_cache)", ["use"])
 DELIVERIES = Counter("geosmtp_delivery_attempts", "Delivery attempts per recipient",
                      ["result", "destination"])  # result: sent|deferred|bounced; local|remote
 STRESS = Gauge("geosmtp_stress", "1 while a listener's open sessions are past the stress threshold "

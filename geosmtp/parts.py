@@ -5,6 +5,9 @@ build() reads files (certificates, keys, users, the smarthost password) and make
 contexts: a reload runs it in the threadpool. Each part is built in its turn, and a part
 that cannot be built is named (BuildError.part) so the refusal says which it was. A worker
 builds none of the delivery side: it never delivers.
+
+The Redis client ([redis]) is made once per process by the Server (build_redis) and lent
+to build(): a reload keeps it (changing [redis] takes a restart).
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
 from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
+from geosmtp.ratelimit import ConnectionCounter, Limiter, LocalConnections, MemoryLimiter
+from geosmtp.redisclient import RedisStore, connect
+from geosmtp.redislimits import RedisConnections, RedisLimiter
+from geosmtp.relay.dnscache import SharedCache
 from geosmtp.relay.client import Timeouts
 from geosmtp.relay.mx import MXResolver, make_resolver
 from geosmtp.relay.pool import Relay, RelaySettings
@@ -55,9 +62,9 @@ class Parts:
     checks: dict[str, Engine]  # per listener (only those with checks)
 
 
-def build(config: Config, delivers: bool, run: Callable) -> Parts:
+def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | None = None) -> Parts:
     """Every part; raises BuildError naming the first that fails. `run` is the threadpool
-    runner the Maildir target writes through."""
+    runner the Maildir target writes through; `redis` the process's client, if [redis]."""
     def part(name, make):
         try:
             return make()
@@ -67,10 +74,10 @@ def build(config: Config, delivers: bool, run: Callable) -> Parts:
     directory = local_directory(config)
     tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
     users = part("users file", lambda: UserStore.load(config.auth.users_file) if config.auth.users_file else None)
-    checks = build_checks(config, run)
+    checks = build_checks(config, run, redis)
     relay = signer = router = None
     if delivers:
-        relay = part("relay", lambda: build_relay(config))
+        relay = part("relay", lambda: build_relay(config, redis))
         signer = part("DKIM keys", lambda: build_signer(config))
         router = part("local delivery", lambda: build_router(config, directory, relay, run))
     return Parts(
@@ -81,7 +88,27 @@ def build(config: Config, delivers: bool, run: Callable) -> Parts:
     )
 
 
-def build_checks(config: Config, run: Callable) -> dict[str, Engine]:
+def build_redis(config: Config) -> RedisStore | None:
+    """This process's Redis client, or None without [redis]."""
+    r = config.redis
+    if r is None:
+        return None
+    return connect(r.url, sentinel=[split_hostport(s) for s in r.sentinel], sentinel_master=r.sentinel_master,
+                   tls=r.tls, ca_file=str(r.ca_file) if r.ca_file else None, connect_timeout=r.connect_timeout,
+                   timeout=r.timeout, pool_size=r.pool_size, prefix=r.key_prefix)
+
+
+def build_limits(config: Config, redis: RedisStore | None) -> tuple[Limiter, ConnectionCounter]:
+    """The rate limiter and the connection counter: Redis's when [redis] limits, else this
+    process's own."""
+    if redis is None or not config.redis.limits:
+        return MemoryLimiter(), LocalConnections()
+    r = config.redis
+    return (RedisLimiter(redis, r.on_redis_error),
+            RedisConnections(redis, r.connection_lease, r.on_redis_error))
+
+
+def build_checks(config: Config, run: Callable, redis: RedisStore | None = None) -> dict[str, Engine]:
     """The [[check]] tables as engines, per listener, each check made once (a check named by
     two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout."""
     if not config.check:
@@ -93,7 +120,8 @@ def build_checks(config: Config, run: Callable) -> dict[str, Engine]:
     # it would hand back a negative answer with its whole TTL again (RFC 2308's TTL is not aged)
     resolver.cache = None
     context = CheckContext(hostname=config.server.hostname, dns=DNS(resolver),
-                           run=run, local_domains=frozenset(d.lower() for d in config.local.domains))
+                           run=run, local_domains=frozenset(d.lower() for d in config.local.domains),
+                           redis=redis, redis_greylist=config.redis is not None and config.redis.greylist)
     made: dict[str, CheckSpec] = {}
     for c in config.check:
         try:
@@ -187,8 +215,9 @@ def session_settings(config: Config, listener: ListenerConfig) -> SessionSetting
     )
 
 
-def build_relay(config: Config) -> Relay:
-    """The outbound side: resolver, TLS policy and connection pools, from [relay]."""
+def build_relay(config: Config, redis: RedisStore | None = None) -> Relay:
+    """The outbound side: resolver (its cache shared through Redis with [redis] dns_cache),
+    TLS policy and connection pools, from [relay]."""
     r = config.relay
     servers = [split_hostport(server) for server in r.dns_servers] if r.dns_servers else None
     auth = None
@@ -207,7 +236,10 @@ def build_relay(config: Config) -> Relay:
         idle_time=r.idle_time,
     )
     own_names = frozenset({config.server.hostname, settings.helo_name})
-    return Relay(MXResolver(make_resolver(servers, r.dns_timeout), own_names), settings)
+    resolver = make_resolver(servers, r.dns_timeout)
+    if redis is not None and config.redis.dns_cache:
+        resolver.cache = SharedCache(redis)
+    return Relay(MXResolver(resolver, own_names), settings)
 
 
 def build_signer(config: Config) -> Signer:

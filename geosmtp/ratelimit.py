@@ -1,22 +1,71 @@
-"""Counting events per key over a time window (messages per hour per IP, AUTH failures...).
+"""Counting events per key over a time window (messages per hour per IP, AUTH failures...),
+and open connections per client.
 
-The Limiter interface is small so that a shared store (Redis) can replace the in-memory
-default when several nodes must share counts. The default approximates a sliding window
+The Limiter and ConnectionCounter interfaces are small so that a shared store (Redis:
+geosmtp.redislimits) can replace the in-memory defaults when several processes or nodes
+must share counts. The default approximates a sliding window
 with two fixed windows (the previous one weighted by how much of it still overlaps), which
 needs two integers per key and no timestamps per event.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable, Protocol
 
 
 class Limiter(Protocol):
+    """Both calls return promptly (a shared store's calls are under its timeout). A store
+    that cannot answer says so through count(): 0 lets the client through, infinity
+    refuses it as over the limit (a 4xx), as its configuration says; add() then drops the
+    event."""
+
     def count(self, key: str, window: float) -> float:
         """Events for key within the last `window` seconds (approximately)."""
 
     def add(self, key: str, window: float) -> None:
         """Record one event for key."""
+
+
+class ConnectionCounter(Protocol):
+    """Open connections per client key. enter() and leave() pair up: a connection that
+    entered leaves exactly once, when it closes."""
+
+    def enter(self, key: str, limit: int) -> bool:
+        """One more connection for key, unless `limit` are open already (False, nothing counted)."""
+
+    def leave(self, key: str) -> None:
+        """A connection that entered has closed."""
+
+    def start(self) -> None:
+        """The process accepts connections from now on (a shared counter starts its upkeep)."""
+
+    def close(self) -> None:
+        """The process has stopped accepting and its sessions are over."""
+
+
+class LocalConnections:
+    """The connections of this process (`open`: key -> count, only keys with some open)."""
+
+    def __init__(self):
+        self.open: Counter[str] = Counter()
+
+    def enter(self, key: str, limit: int) -> bool:
+        if self.open[key] >= limit:
+            return False
+        self.open[key] += 1
+        return True
+
+    def leave(self, key: str) -> None:
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MemoryLimiter:

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import replace
 from functools import partial
 
@@ -32,7 +31,7 @@ from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
 from geosmtp.policy import is_trusted
 from geosmtp.queue import QueueManager
-from geosmtp.ratelimit import MemoryLimiter
+from geosmtp.redisclient import RedisStore
 from geosmtp.session import Draining, Services, Session, SessionSettings, client_key
 from geosmtp.spool import Spool, held_lock, lock_spool
 from geosmtp.stress import Load
@@ -93,6 +92,8 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
         out.append("queue.concurrency")
     if old.metrics != new.metrics or old.log != new.log:
         out.append("[metrics] or [log]")
+    if old.redis != new.redis:
+        out.append("[redis]")
     return out
 
 
@@ -129,7 +130,10 @@ class Server:
         self.spool = Spool(config.server.spool_dir, run=run,
                            flush=config.server.spool_flush)
         delivers = role != "worker"  # a worker builds nothing of the delivery side
-        self.parts = parts.build(config, delivers, run)
+        # this process's own Redis client: a worker is exec'd, never a fork sharing sockets
+        self.redis: RedisStore | None = parts.build_redis(config)
+        self.parts = parts.build(config, delivers, run, self.redis)
+        limiter, self.connections = parts.build_limits(config, self.redis)
         self.queue = QueueManager(
             self.spool, self.parts.router, config.queue, signer=self.parts.signer,
             may_sign=parts.signing_rule(config), hostname=config.server.hostname,
@@ -142,7 +146,7 @@ class Server:
             users=self.parts.users,
             senders=self.parts.senders,
             checks=self.parts.checks,
-            limiter=MemoryLimiter(),
+            limiter=limiter,
             run=run,
         )
         self.sessions = gevent.pool.Group()
@@ -151,7 +155,6 @@ class Server:
         self._stopping = False
         # open sessions and stress per listener, in this process (workers count their own)
         self.loads = {item.name: Load(item.name) for item in config.listener}
-        self.per_ip: Counter[str] = Counter()  # by client_key: an IPv6 client by its /64
         self.servers: list[StreamServer] = []
         self.stopped = gevent.event.Event()
 
@@ -191,6 +194,12 @@ class Server:
 
     def _accept(self, socks: dict[str, socket.socket]) -> None:
         """A StreamServer per listener on its bound socket: sessions from now on."""
+        self.connections.start()
+        if self.redis is not None:
+            r = self.config.redis
+            shared = [what for what, on in (("limits", r.limits), ("greylist", r.greylist),
+                                            ("dns cache", r.dns_cache)) if on]
+            logger.info("redis {}: shared {}", self.redis.where, ", ".join(shared) or "nothing")
         for listener in self.config.listener:
             server = StreamServer(socks[listener.name], partial(self.handle, listener.name), spawn=self.sessions.spawn)
             server.start()
@@ -324,7 +333,7 @@ class Server:
                 logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
                 return
         try:  # files read, keys parsed, TLS contexts made: off the hub (35-90 ms each)
-            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run)
+            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run, self.redis)
         except parts.BuildError as exc:
             logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
                          "configuration): {}", exc.part, exc.error)
@@ -393,6 +402,9 @@ class Server:
                 self.parts.router.close()
             if self.http is not None:
                 self.http.stop(timeout=1)
+            self.connections.close()
+            if self.redis is not None:
+                self.redis.close()
             logger.info("stopped")
         except BaseException:  # never leave a half-stopped process running
             logger.exception("error while stopping")
@@ -421,16 +433,16 @@ class Server:
                 proxy, ip = ip, self._proxied_client(listener, conn, ip)
                 if ip is None:
                     return
-            key = client_key(ip)
-            if self.per_ip[key] >= lim.max_connections_per_ip:
+            key = client_key(ip)  # an IPv6 client by its /64
+            if not self.connections.enter(key, lim.max_connections_per_ip):
                 metrics.REFUSED.labels(listener.name, "max_connections_per_ip").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_FROM_YOU, ip)
                 return
             if not load.make_room(lim.max_connections):  # full: the longest idle goes, if any may
+                self.connections.leave(key)
                 metrics.REFUSED.labels(listener.name, "max_connections").inc()
                 self._refuse(conn, settings, replies.TOO_MANY_CONNECTIONS, ip)
                 return
-            self.per_ip[key] += 1
             sessions = metrics.child(metrics.SESSIONS, listener.name)
             sessions.inc()
             session = Session(conn, ip, settings, self.services, proxy=proxy, load=load)
@@ -443,9 +455,7 @@ class Server:
                 del self.live[me]
                 load.leave(me, lim.max_connections, lim.stress_threshold)
                 sessions.dec()
-                self.per_ip[key] -= 1
-                if not self.per_ip[key]:
-                    del self.per_ip[key]
+                self.connections.leave(key)
         finally:
             conn.close()  # the TLS socket, if the session started TLS
 

@@ -22,7 +22,9 @@ memory store is for one process: bounded, expiring, and evicting not-yet-passed 
 before passed ones so a flood of new triplets cannot make us forget our regular
 correspondents. With `store_file` the triplets live in an SQLite file instead, shared by
 the processes of one machine (`workers > 1`: a retry may reach any of them) and kept
-across restarts.
+across restarts. With [redis] configured (and its `greylist` not turned off) they live in
+Redis, shared by every node: a retry may come through any of them. Redis down: the store
+raises and the check's on_error applies (defer by default).
 """
 from __future__ import annotations
 
@@ -167,6 +169,25 @@ class FileGreylistStore:
         self.run(self._put, key, entry, lifetime)
 
 
+class RedisGreylistStore:
+    """A GreylistStore in Redis (geosmtp.redisclient.RedisStore): one string per triplet,
+    "first_seen passed", under a hashed key that Redis expires after `lifetime`."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, key: str) -> GreyEntry | None:
+        raw = self.store.call("greylist", self.store.client.get, self.store.key("grey", key))
+        if raw is None:
+            return None
+        first, _, passed = raw.decode("ascii").partition(" ")
+        return GreyEntry(float(first), float(passed) if passed else None)
+
+    def put(self, key: str, entry: GreyEntry, lifetime: float) -> None:
+        value = f"{entry.first_seen!r} {'' if entry.passed is None else repr(entry.passed)}".rstrip()
+        self.store.call("greylist", self.store.client.set, self.store.key("grey", key), value,
+                        ex=max(1, math.ceil(lifetime)))
+
 
 def _domains(v: list[str]) -> list[str]:
     out = []
@@ -195,6 +216,7 @@ class Options(BaseModel):
     dnswl: bool = True  # a client on a dnsbl check's allow list is not greylisted
     max_entries: int = Field(100_000, ge=1)  # triplets the memory store keeps (not the file)
     store_file: str | None = None  # an SQLite file shared by this machine's processes (workers > 1)
+    # (without store_file, and with [redis] configured: Redis, shared by every node)
 
     @field_validator("networks")
     @classmethod
@@ -231,8 +253,12 @@ class GreylistCheck(Check):
         self.clock = clock
         if store is None:
             path = options.get("store_file")
-            store = (FileGreylistStore(path, context.run, clock) if path
-                     else MemoryGreylistStore(options["max_entries"], clock))
+            if path:
+                store = FileGreylistStore(path, context.run, clock)
+            elif context.redis is not None and context.redis_greylist:
+                store = RedisGreylistStore(context.redis)
+            else:
+                store = MemoryGreylistStore(options["max_entries"], clock)
         self.store = store
         self.networks = [ipaddress.ip_network(n) for n in options["networks"]]
         self.delay = options["delay"]

@@ -196,12 +196,14 @@ class Facts:
 @dataclass(frozen=True)
 class CheckContext:
     """What the server lends a check it builds: our name, DNS on our resolver settings,
-    the threadpool for CPU or disk work, and the local domains."""
+    the threadpool for CPU or disk work, the local domains, and Redis when [redis] is set."""
 
     hostname: str
     dns: Any  # geosmtp.checks.dns.DNS
     run: Callable = lambda fn, *args: fn(*args)
     local_domains: frozenset[str] = frozenset()
+    redis: Any = None  # geosmtp.redisclient.RedisStore: state several nodes share
+    redis_greylist: bool = True  # [redis] greylist: greylisting keeps its triplets there
 
 
 class Check:

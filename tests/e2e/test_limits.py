@@ -8,7 +8,8 @@ import time
 import pytest
 
 from geosmtp import replies
-from tests.e2e.test_proxy_protocol import BALANCER, _start_with_local, header, proxied
+from tests.e2e.test_proxy_protocol import BALANCER, header, proxied
+from tests.support.haproxy import LOCAL_HEADER
 from tests.support.e2e import (
     abort, code, connect, expect, known_ids, nothing_more, queue_id, rss_kib, send_marker, send_message,
     spool_tmp, start_data, wait_closed, wait_delivered,
@@ -326,7 +327,7 @@ def behind_balancer(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("per-ip-v6"), {
         "limits": {"max_connections_per_ip": 2},
         "listeners": {"smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}}})
-    srv.start = _start_with_local(srv)
+    srv.probe_prefix = LOCAL_HEADER
     srv.start()
     yield srv
     srv.stop()

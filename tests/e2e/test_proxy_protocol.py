@@ -4,12 +4,9 @@ rate limits, logs and Received:; untrusted sources and bad headers are closed; S
 implicit TLS work behind the header; a real HAProxy is used when one is installed."""
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
@@ -21,6 +18,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 from geosmtp import replies
 from tests.support.certs import ServerCert, client_context
 from tests.support.e2e import expect, queue_id, send_message
+from tests.support.haproxy import HAPROXY, LOCAL_HEADER, server_state
 from tests.support.server import ServerProcess, free_port
 from tests.support.smtp import RawClient
 from tests.unit.test_proxy import near_headers
@@ -48,29 +46,10 @@ def srv(tmp_path):
         "smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"], "proxy_timeout": "1s"},
         "submission": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}}})
     # ServerProcess.start() probes with a plain connection: give it a LOCAL header's worth
-    s.start = _start_with_local(s)
+    s.probe_prefix = LOCAL_HEADER
     s.start()
     yield s
     s.stop()
-
-
-def _start_with_local(s: ServerProcess):
-    def start(timeout: float = 15.0):
-        with open(s.log_path, "ab") as log:
-            s.proc = subprocess.Popen([sys.executable, "-m", "geosmtp", "start", "-c", str(s.config_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=s.root)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", s.port), timeout=1) as sock:
-                    sock.sendall(ProxyProtocolV2().pack(ProxyResultLocal()))
-                    if sock.recv(100).startswith(b"220"):
-                        sock.sendall(b"QUIT\r\n")
-                        return s
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"server did not start:\n{s.log()}")
-    return start
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -129,7 +108,7 @@ def tls_srv(tmp_path):
         "listeners": {
             "smtp": {"tls": "starttls", "proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]},
             "submission": {"tls": "implicit", "proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}}})
-    s.start = _start_with_local(s)
+    s.probe_prefix = LOCAL_HEADER
     s.start()
     s.cert = cert
     yield s
@@ -158,29 +137,6 @@ def test_implicit_tls_behind_the_header(tls_srv):
     assert "connect from [192.0.2.10]" in tls_srv.log()
 
 
-HAPROXY = shutil.which("haproxy", path="/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin")
-
-
-def haproxy_server_state(stats: str) -> int | None:
-    """srv_op_state of the one backend server (0 down, 2 up), asked on HAProxy's stats socket."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
-            s.connect(stats)
-            s.sendall(b"show servers state geo\n")
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-    except OSError:
-        return None
-    lines = [line.split() for line in out.decode().splitlines() if line.strip()]
-    names = next((line[1:] for line in lines if line[0] == "#"), None)
-    rows = [line for line in lines if line[0] != "#" and len(line) > 5]
-    if not names or not rows:
-        return None
-    return int(rows[0][names.index("srv_op_state")])
-
-
 def test_mail_and_drain_through_a_real_haproxy(tmp_path):
     """Our shipped haproxy.cfg's shape: send-proxy-v2 to the listener, health from /readyz.
     Mail from 127.0.0.3 arrives with 127.0.0.3 as its client; on SIGTERM HAProxy takes the
@@ -190,7 +146,7 @@ def test_mail_and_drain_through_a_real_haproxy(tmp_path):
     s = ServerProcess(tmp_path / "geo", {
         "listeners": {"smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"]}},
         "metrics": {"address": f"127.0.0.1:{mport}"}, "server": {"drain_delay": "4s"}})
-    s.start = _start_with_local(s)
+    s.probe_prefix = LOCAL_HEADER
     s.start()
     stats = str(tmp_path / "haproxy.sock")
     cfg = tmp_path / "haproxy.cfg"
@@ -212,7 +168,7 @@ backend geo
 """)
     proc = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        s.wait_for(lambda: haproxy_server_state(stats) == 2, timeout=10)  # /readyz said 200
+        s.wait_for(lambda: server_state(stats) == 2, timeout=10)  # /readyz said 200
         with RawClient(front, timeout=10, source="127.0.0.3") as c:
             assert c.reply()[0] == 220
             assert c.cmd("EHLO client.test")[0] == 250
@@ -224,7 +180,7 @@ backend geo
         s.wait_for(lambda: "connect from [127.0.0.3] via [127.0.0.1]" in s.log())
 
         s.proc.send_signal(signal.SIGTERM)
-        s.wait_for(lambda: haproxy_server_state(stats) == 0, timeout=3)  # taken out by /readyz...
+        s.wait_for(lambda: server_state(stats) == 0, timeout=3)  # taken out by /readyz...
         assert s.proc.poll() is None  # ...while geosmtp still listens (drain_delay 4 s)
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as direct:
             direct.sendall(ProxyProtocolV2().pack(ProxyResultLocal()))
@@ -240,7 +196,7 @@ backend geo
 def garbage_srv(tmp_path_factory):
     s = ServerProcess(tmp_path_factory.mktemp("garbage"), {"listeners": {
         "smtp": {"proxy_protocol": True, "proxy_trusted": [f"{BALANCER}/32"], "proxy_timeout": "1s"}}})
-    s.start = _start_with_local(s)
+    s.probe_prefix = LOCAL_HEADER
     s.start()
     yield s
     s.stop()

@@ -84,6 +84,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.python = sys.executable  # the interpreter, and its environment (None: ours)
         self.env: dict | None = None
+        # sent first by start()'s probe: a PROXY LOCAL header for a listener behind a balancer
+        self.probe_prefix = b""
 
     @property
     def spool(self) -> Path:
@@ -121,6 +123,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(self.probe_prefix)
                     if s.recv(100).startswith(b"220"):
                         s.sendall(b"QUIT\r\n")
                         return self

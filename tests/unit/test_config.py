@@ -362,3 +362,18 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(tmp_path / "nope.toml")
     assert info.value.problems[0].startswith("cannot read")
+
+
+# -- [redis] --------------------------------------------------------------------------------
+def test_redis_section():
+    assert validate(minimal()).redis is None  # absent: every count in its own process
+    r = validate(minimal(redis={"url": "rediss://:pw@10.0.0.20:6380/1", "sentinel": ["10.0.0.21:26379"],
+                                "timeout": 0.2})).redis
+    assert (r.url, r.sentinel, r.timeout, r.on_redis_error) == ("rediss://:pw@10.0.0.20:6380/1",
+                                                               ["10.0.0.21:26379"], 0.2, "allow")
+    assert r.limits and r.greylist and r.dns_cache and r.connection_lease == 30
+    assert keys(minimal(redis={"url": "http://x/"})) == ["redis.url"]
+    assert keys(minimal(redis={"url": "redis:///0"})) == ["redis.url"]
+    assert keys(minimal(redis={"sentinel": ["10.0.0.21"]})) == ["redis.sentinel"]
+    assert keys(minimal(redis={"on_redis_error": "reject"})) == ["redis.on_redis_error"]
+    assert keys(minimal(redis={"urls": "redis://x"})) == ["redis.urls"]
