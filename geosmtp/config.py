@@ -591,6 +591,11 @@ class RedisConfig(_Section):
     # a node's share of the connection counts lives this long without the node renewing it
     # (every third of it): a node that dies stops counting against its clients within this
     connection_lease: Duration = 30.0
+    # each process answers the limits from its own view of the shared counts, asking Redis
+    # again for a key when its view is older than this (its own events counted at once, the
+    # other processes' within this): a burst reaching P processes at once can pass a limit
+    # by what the other P - 1 admit within it. 0: every check waits for Redis (exact)
+    refresh: Duration = Field(0.5, ge=0, le=60)
 
     @field_validator("sentinel")
     @classmethod

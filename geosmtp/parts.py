@@ -28,7 +28,7 @@ from geosmtp.delivery.target import Router
 from geosmtp.dkim import Signer, load_key
 from geosmtp.limits import Limits
 from geosmtp.policy import LocalDirectory, is_trusted
-from geosmtp.ratelimit import ConnectionCounter, Limiter, LocalConnections, MemoryLimiter
+from geosmtp.ratelimit import HOUR, ConnectionCounter, Limiter, LocalConnections, MemoryLimiter, ip_messages
 from geosmtp.redisclient import RedisStore, connect
 from geosmtp.redislimits import RedisConnections, RedisLimiter
 from geosmtp.relay.dnscache import SharedCache
@@ -104,8 +104,10 @@ def build_limits(config: Config, redis: RedisStore | None) -> tuple[Limiter, Con
     if redis is None or not config.redis.limits:
         return MemoryLimiter(), LocalConnections()
     r = config.redis
-    return (RedisLimiter(redis, r.on_redis_error),
-            RedisConnections(redis, r.connection_lease, r.on_redis_error))
+    limiter = RedisLimiter(redis, r.on_redis_error, r.refresh)
+    # a new client's messages per hour are read with its entering: one round trip, not two
+    return limiter, RedisConnections(redis, r.connection_lease, r.on_redis_error, r.refresh,
+                                     prefetch=lambda key: (limiter, ip_messages(key), HOUR))
 
 
 def build_checks(config: Config, run: Callable, redis: RedisStore | None = None) -> dict[str, Engine]:

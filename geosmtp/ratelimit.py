@@ -14,6 +14,14 @@ from collections import Counter
 from typing import Callable, Protocol
 
 
+HOUR = 3600.0
+
+
+def ip_messages(client_key: str) -> str:
+    """The limiter key of a client's messages per hour (its connections' key is `client_key`)."""
+    return f"ip:{client_key}"
+
+
 class Limiter(Protocol):
     """Both calls return promptly (a shared store's calls are under its timeout). A store
     that cannot answer says so through count(): 0 lets the client through, infinity

@@ -16,16 +16,18 @@ outage costs no session a timeout per command), then tries again: when Redis is 
 used again, without a restart. What a failure means is each use's decision (limits: the
 [redis] on_redis_error; greylisting: its check's on_error; the DNS cache: a miss).
 
-Redis.later(use, script, keys, args) is for writes nobody waits for (an event counted
-after its 250, a connection that closed): they are sent together, one pipeline every
-BATCH_DELAY seconds, so a busy process pays one round trip for many of them; they reach
-Redis at most that much later.
+Redis.dirty(writer) is for writes nobody waits for (events counted after their 250,
+connections opened or closed): a writer (redislimits' views) keeps what it has to write,
+coalesced per key, and says it has some; every BATCH_DELAY seconds (or as soon as
+BATCH_MAX events wait) the store asks each writer for its commands and sends them all in
+one pipeline, so a busy process pays one round trip for many, and each command's answer
+(or the failure) goes back to the writer: the views learn the shared counts from it.
 """
 from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable
+from typing import Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent.lock
@@ -47,6 +49,18 @@ class RedisDown(Exception):
     """Redis did not answer (refused, timed out, or an error reply); the text says how."""
 
 
+# one write of a batch: the script, its keys and args, and what to call with its answer
+# (the reply, or an Exception when it failed)
+Command = tuple[object, list, list, Callable[[object], None]]
+
+
+class Writer(Protocol):
+    use: str  # names the writer in geosmtp_redis_errors
+
+    def drain(self) -> list[Command]:
+        """What to write now (what is waiting is then in flight, no longer waiting)."""
+
+
 class RedisStore:
     """A process's Redis: keys under one prefix, scripts, and calls under the outage rule."""
 
@@ -62,7 +76,8 @@ class RedisStore:
         self._down_until = 0.0
         self._logged_at = -LOG_EVERY
         self._down = False
-        self._later: list[tuple[str, object, list, list]] = []
+        self._writers: dict[int, Writer] = {}
+        self._waiting = 0  # events noted by dirty() since the last flush
         self._flusher: gevent.Greenlet | None = None
 
     def key(self, kind: str, text: str) -> str:
@@ -96,43 +111,53 @@ class RedisStore:
             logger.info("redis {}: answering again", self.where)
         return result
 
-    def later(self, use: str, script, keys: list, args: list) -> None:
-        """Run `script` soon, with the next batch (module docstring); failures are counted
-        and logged as call()'s are, and the writes of a failed batch are lost."""
-        self._later.append((use, script, keys, args))
-        if len(self._later) >= BATCH_MAX:
+    def dirty(self, writer: Writer) -> None:
+        """`writer` has one more event to write: its commands go with the next batch
+        (module docstring)."""
+        self._writers[id(writer)] = writer
+        self._waiting += 1
+        if self._waiting >= BATCH_MAX:
             self.flush()
         elif self._flusher is None:
             self._flusher = gevent.spawn_later(BATCH_DELAY, self.flush)
 
     def flush(self) -> None:
-        """Send the waiting writes now, in one pipeline."""
-        batch, self._later = self._later, []
+        """Send the waiting writes now, in one pipeline; each answer goes to its writer."""
+        writers, self._writers, self._waiting = list(self._writers.values()), {}, 0
         if self._flusher is not None and self._flusher is not gevent.getcurrent():
             self._flusher.kill(block=False)
         self._flusher = None
+        batch = [command for writer in writers for command in writer.drain()]
         if not batch:
             return
+        answered = []
 
         def send():
             pipe = self.client.pipeline(transaction=False)
-            for _, script, keys, args in batch:
+            for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             results = pipe.execute(raise_on_error=False)
-            again = [item for item, result in zip(batch, results) if isinstance(result, redis.exceptions.NoScriptError)]
+            again = [n for n, result in enumerate(results) if isinstance(result, redis.exceptions.NoScriptError)]
             if again:  # a Redis that restarted empty: load the scripts, run those once more
                 pipe = self.client.pipeline(transaction=False)
-                for _, script, keys, args in again:
+                for n in again:
+                    script, keys, args, _ = batch[n]
                     pipe.eval(script.script, len(keys), *keys, *args)
-                results = pipe.execute(raise_on_error=False)
+                for n, result in zip(again, pipe.execute(raise_on_error=False)):
+                    results[n] = result
+            answered.append(True)
+            for (*_, done), result in zip(batch, results):
+                done(result)
             failed = next((r for r in results if isinstance(r, Exception)), None)
             if failed is not None:
                 raise failed
 
         try:
-            self.call(batch[0][0], send)
-        except RedisDown:
-            pass
+            self.call(writers[0].use, send)
+        except RedisDown as exc:
+            if not answered:
+                for *_, done in batch:
+                    done(exc)
 
     def _failed(self, use: str, exc: Exception) -> None:
         now = self.clock()

@@ -34,7 +34,7 @@ from geosmtp.connection import (
     ReadTimeout,
 )
 from geosmtp.limits import DataClock, Limits
-from geosmtp.ratelimit import Limiter, MemoryLimiter
+from geosmtp.ratelimit import HOUR, Limiter, MemoryLimiter, ip_messages
 from geosmtp.stress import Evicted, Load
 from geosmtp.tls import ServerTLS
 from geosmtp.envelope import ClientInfo, Envelope, Recipient
@@ -54,7 +54,6 @@ from geosmtp.spool import Spool, SpoolError
 
 COMMAND_LINE_LIMIT = 512  # RFC 5321 4.5.3.1.4, including CRLF
 SASL_LINE_LIMIT = 12288 + 2  # RFC 4954 4: AUTH responses may be up to 12288 octets
-HOUR = 3600.0
 _rng = random.Random()  # session ids for logs: unique enough, and no system call each
 
 
@@ -606,7 +605,7 @@ class Session:
 
     def _rate_limited(self) -> Reply | None:
         s, limiter = self.settings, self.services.limiter
-        if s.messages_per_hour_per_ip and limiter.count(f"ip:{self.rate_key}", HOUR) >= s.messages_per_hour_per_ip:
+        if s.messages_per_hour_per_ip and limiter.count(ip_messages(self.rate_key), HOUR) >= s.messages_per_hour_per_ip:
             return replies.RATE_LIMITED
         if (self.auth_user and s.messages_per_hour_per_user
                 and limiter.count(f"user:{self.auth_user}", HOUR) >= s.messages_per_hour_per_user):
@@ -754,7 +753,7 @@ class Session:
         metrics.RECEIVED_BYTES.inc(envelope.size)
         limiter = self.services.limiter
         if s.messages_per_hour_per_ip:
-            limiter.add(f"ip:{self.rate_key}", HOUR)
+            limiter.add(ip_messages(self.rate_key), HOUR)
         if self.auth_user and s.messages_per_hour_per_user:
             limiter.add(f"user:{self.auth_user}", HOUR)
         quarantine = envelope.extra.get("quarantine")
