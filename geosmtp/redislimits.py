@@ -117,12 +117,14 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
 return {1, others, mine + 1, rate}
 """
 
-# KEYS[1] the client's hash; ARGV[1] our id, ARGV[2] our connections now, ARGV[3] the
-# lease, ARGV[4] the lease key prefix. Returns the others' connections.
+# KEYS[1] the client's hash, KEYS[2] our lease; ARGV[1] our id, ARGV[2] our connections
+# now, ARGV[3] the lease, ARGV[4] the lease key prefix. Returns the others' connections.
+# The lease is set too: a Redis that restarted empty counts ours again at once.
 SYNC_SCRIPT = LUA_FUNCTIONS + """
 if tonumber(ARGV[2]) > 0 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
@@ -304,7 +306,7 @@ class RedisConnections:
 
     def drain(self) -> list:
         dirty, self.view.dirty = self.view.dirty, {}
-        return [(self._sync, [self._hash(key)], [self.id, self.local.open[key], self.lease, self._lease_prefix],
+        return [(self._sync, [self._hash(key), self._lease_key], [self.id, self.local.open[key], self.lease, self._lease_prefix],
                  self._synced(entry)) for key, entry in dirty.items()]
 
     def _synced(self, entry: _Clients) -> Callable:

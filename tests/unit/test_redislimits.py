@@ -297,3 +297,161 @@ def test_the_blocking_pool_under_gevent(server):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["400.0", "2"]
+
+
+# -- the view ([redis] refresh) -------------------------------------------------------------
+REFRESH = 0.3
+
+
+def scripts_run(store) -> int:
+    """Scripts Redis ran since the last CONFIG RESETSTAT: every command of the limits is one,
+    so this counts the commands sent (and the commands inside them count apart)."""
+    stats = store.client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def reset_stats(store) -> None:
+    store.flush()
+    store.client.config_resetstat()
+
+
+def test_a_view_counts_its_own_events_at_once_and_the_others_within_refresh(store):
+    a, b = RedisLimiter(store, refresh=REFRESH), RedisLimiter(store, refresh=REFRESH)  # two processes
+    for _ in range(3):
+        a.add("ip:192.0.2.1", HOUR)
+    assert a.count("ip:192.0.2.1", HOUR) == 3  # its own at once (not yet sent: they go with this)
+    assert b.count("ip:192.0.2.1", HOUR) == 3  # b asks: a cold key
+    a.add("ip:192.0.2.1", HOUR)
+    a.add("ip:192.0.2.1", HOUR)
+    store.flush()
+    b.add("ip:192.0.2.1", HOUR)
+    assert b.count("ip:192.0.2.1", HOUR) == 4  # its view, plus its own event
+    asked = time.monotonic()
+    while b.count("ip:192.0.2.1", HOUR) == 4:  # until b asks again: within REFRESH
+        assert time.monotonic() - asked < REFRESH + 0.2
+        time.sleep(0.02)
+    assert b.count("ip:192.0.2.1", HOUR) == 6
+    store.flush()
+    assert RedisLimiter(store).count("ip:192.0.2.1", HOUR) == 6  # Redis has every event once
+
+
+def test_a_write_refreshes_the_view_of_its_key(store):
+    """What a batch writes comes back as the shared count: a key a process writes stays as
+    fresh as its batches."""
+    a, b = RedisLimiter(store, refresh=60), RedisLimiter(store, refresh=60)
+    assert a.count("k", HOUR) == 0
+    for _ in range(4):
+        b.add("k", HOUR)
+    store.flush()
+    assert a.count("k", HOUR) == 0  # fresh for a minute
+    a.add("k", HOUR)
+    store.flush()
+    assert a.count("k", HOUR) == 5
+
+
+def test_a_new_client_costs_one_round_trip(store):
+    """Entering a client unknown to the view reads its messages-per-hour count with it (one
+    EVALSHA); within refresh the next connections and counts of that client ask nothing,
+    and what they change goes out in one batch."""
+    limiter = RedisLimiter(store, refresh=60)
+    conns = RedisConnections(store, refresh=60, prefetch=lambda key: (limiter, f"ip:{key}", HOUR))
+    limiter.add("ip:192.0.2.1", HOUR)
+    store.flush()
+    assert conns.enter("198.51.100.1", 5)
+    conns.leave("198.51.100.1")
+    store.flush()  # every script loaded: EVALSHA alone from now on
+    reset_stats(store)
+    assert conns.enter("192.0.2.1", 5)
+    assert limiter.count("ip:192.0.2.1", HOUR) == 1  # prefetched
+    assert scripts_run(store) == 1
+    for _ in range(3):
+        assert conns.enter("192.0.2.1", 5)
+        assert limiter.count("ip:192.0.2.1", HOUR) >= 1
+        limiter.add("ip:192.0.2.1", HOUR)
+        conns.leave("192.0.2.1")
+    assert scripts_run(store) == 1  # nothing waited for
+    store.flush()
+    assert scripts_run(store) == 3  # one write per key: the client, its count
+    assert RedisLimiter(store).count("ip:192.0.2.1", HOUR) == 4
+    assert store.client.hget(conns._hash("192.0.2.1"), conns.id) == b"1"
+
+
+def test_views_are_bounded(store):
+    limiter = RedisLimiter(store, refresh=60, max_keys=50)
+    conns = RedisConnections(store, refresh=60, max_keys=50)
+    for i in range(300):
+        limiter.add(f"user:{i}", HOUR)
+        assert limiter.count(f"user:{i}", HOUR) == 1
+        assert conns.enter(f"192.0.2.{i % 250}", 5)
+    assert len(limiter.view.entries) == len(conns.view.entries) == 50
+    store.flush()  # events of forgotten keys are still written
+    assert {limiter.count(f"user:{i}", HOUR) for i in range(300)} == {1}
+    assert len(limiter.view.dirty) == len(conns.view.dirty) == 0
+
+
+def test_connection_views_share_the_limit_within_refresh(store):
+    a, b = RedisConnections(store, refresh=REFRESH), RedisConnections(store, refresh=REFRESH)
+    assert a.enter("192.0.2.1", 3) and a.enter("192.0.2.1", 3)
+    store.flush()  # a's second (from its view) written
+    assert b.enter("192.0.2.1", 3)  # b asks Redis: a holds 2
+    assert not b.enter("192.0.2.1", 3)  # from its view
+    a.leave("192.0.2.1")
+    store.flush()
+    left = time.monotonic()
+    while not b.enter("192.0.2.1", 3):  # b hears of it within REFRESH
+        assert time.monotonic() - left < REFRESH + 0.2
+        time.sleep(0.02)
+    assert not a.enter("192.0.2.1", 3) or not b.enter("192.0.2.1", 3)
+    store.flush()
+    held = {k: int(v) for k, v in store.client.hgetall(a._hash("192.0.2.1")).items()}
+    assert sorted(held.values()) == sorted([a.local.open["192.0.2.1"], b.local.open["192.0.2.1"]])
+
+
+def test_views_when_redis_is_down_and_back(server, store):
+    limiter = RedisLimiter(store, "allow", refresh=REFRESH)
+    deferring = RedisLimiter(store, "defer", refresh=REFRESH)
+    conns = RedisConnections(store, refresh=REFRESH)
+    limiter.add("k", HOUR)
+    assert limiter.count("k", HOUR) == 1 and deferring.count("k", HOUR) == 1
+    assert conns.enter("192.0.2.1", 3)
+    server.kill()
+    assert limiter.count("k", HOUR) == 1  # the view, while fresh
+    limiter.add("k", HOUR)
+    assert conns.enter("192.0.2.1", 3)  # the view too; its write fails
+    store.flush()
+    time.sleep(REFRESH + 0.05)
+    assert limiter.count("k", HOUR) == 0  # old: Redis is asked, and "allow" applies
+    assert deferring.count("k", HOUR) == math.inf
+    assert conns.enter("192.0.2.1", 3)  # counted here only
+    server.start()  # empty
+    time.sleep(redisclient.RETRY_AFTER + 0.1)
+    limiter.add("k", HOUR)
+    assert limiter.count("k", HOUR) == 1  # back: the event before the restart went with it
+    assert not conns.enter("192.0.2.1", 3)  # this process's own count holds
+    conns.leave("192.0.2.1")
+    store.flush()  # the write says all this process holds
+    assert store.client.hget(conns._hash("192.0.2.1"), conns.id) == b"2"
+    other = RedisConnections(store)
+    assert other.enter("192.0.2.1", 3) and not other.enter("192.0.2.1", 3)
+
+
+def test_clients_entering_at_once_under_gevent(server):
+    """Twelve greenlets enter one client unknown to the view at once (each waits for
+    Redis, all sending the same count of ours): exactly the limit gets in."""
+    script = textwrap.dedent(f"""
+        from gevent import monkey; monkey.patch_all()
+        import gevent
+        from geosmtp.redisclient import connect
+        from geosmtp.redislimits import RedisConnections
+        store = connect({server.url!r}, pool_size=12, timeout=2, prefix="burst:")
+        conns = RedisConnections(store, refresh=60)
+        got = gevent.joinall([gevent.spawn(conns.enter, "192.0.2.1", 3) for _ in range(12)], timeout=20)
+        store.flush()
+        print(sum(g.value for g in got), conns.local.open["192.0.2.1"],
+              int(store.client.hget(conns._hash("192.0.2.1"), conns.id)))
+    """)
+    if server.proc.poll() is not None:
+        server.start()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "3", "3"]
