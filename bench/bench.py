@@ -335,12 +335,14 @@ def smtp_source_cmd(port, size, conc, n):
             "-f", "sender@bench.test", "-t", "rcpt@bench.test", f"127.0.0.1:{port}"]
 
 
-def python_loadgen_cmd(port, size, conc, n, timeout, message=None, sender=None):
+def python_loadgen_cmd(port, size, conc, n, timeout, message=None, sender=None, sources=0):
     """The built-in load generator; `message` (a file: the DATA payload as is, CRLF lines)
-    and `sender` replace the generated message and sender@bench.test (bench/checks.py)."""
+    and `sender` replace the generated message and sender@bench.test (bench/checks.py);
+    `sources` > 0: the connections come from that many loopback addresses in turn."""
     cmd = [sys.executable, os.path.abspath(__file__), "_loadgen", "--port", str(port), "--size", str(size),
            "--conc", str(conc), "-n", str(n), "--io-timeout", str(min(timeout, 60))]
-    return cmd + (["--message", message] if message else []) + (["--sender", sender] if sender else [])
+    return (cmd + (["--message", message] if message else []) + (["--sender", sender] if sender else [])
+            + (["--sources", str(sources)] if sources else []))
 
 
 def build_message(size):
@@ -378,6 +380,8 @@ def loadgen_main(argv):
     ap.add_argument("--io-timeout", type=float, default=60)
     ap.add_argument("--message", help="send this file's octets as the message (dot-free, CRLF)")
     ap.add_argument("--sender", default="sender@bench.test")
+    ap.add_argument("--sources", type=int, default=0,
+                    help="connect from this many addresses of 127.1.0.0/16 in turn (default: 127.0.0.1 only)")
     a = ap.parse_args(argv)
     raise_nofile()
     if a.message:
@@ -390,10 +394,11 @@ def loadgen_main(argv):
     state = dict(next=0, ok=0, fail=0, errors=[])
     addr = ("127.0.0.1", a.port)
 
-    def one():
+    def one(k):
         stage = "connect"
+        source = (f"127.1.{k % a.sources // 250}.{k % a.sources % 250 + 1}", 0) if a.sources else None
         try:
-            with socket.create_connection(addr, timeout=a.io_timeout) as s:
+            with socket.create_connection(addr, timeout=a.io_timeout, source_address=source) as s:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 f = s.makefile("rb")
                 for stage, send, want in (("banner", None, 220),
@@ -422,8 +427,9 @@ def loadgen_main(argv):
             with lock:
                 if state["next"] >= a.n:
                     return
+                k = state["next"]
                 state["next"] += 1
-            err = one()
+            err = one(k)
             if err:
                 with lock:
                     state["fail"] += 1

@@ -168,12 +168,13 @@ class Server:
         self.log.close()
 
 
-def run_once(srv: Server, message_file: str, size: int, conc: int, n: int, timeout: float) -> dict:
+def run_once(srv: Server, message_file: str, size: int, conc: int, n: int, timeout: float, sources: int = 0) -> dict:
     srv.clear()
     before = srv.held()
     tree = bench.proc_tree(srv.proc.pid)
     cpu0 = bench.cpu_seconds(tree)
-    cmd = bench.python_loadgen_cmd(srv.port, size, conc, n, timeout, message=message_file, sender=SENDER)
+    cmd = bench.python_loadgen_cmd(srv.port, size, conc, n, timeout, message=message_file, sender=SENDER,
+                                   sources=sources)
     started = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, timeout=timeout + 30)
     wall = time.monotonic() - started

@@ -5,9 +5,13 @@ server counting in its own memory, in one invocation (issue 17's benchmark; Linu
 Two geosmtp servers from bench/checks.py's config (one MX listener, `hold = true`, one
 local mailbox, no checks), both with a per-IP limit (`messages_per_hour_per_ip`, high
 enough never to refuse) and the per-IP connection limit: "memory" counts in the process,
-"redis" has a [redis] section, so every connection is entered and left in Redis and every
-message is counted at MAIL and added after its 250 there (4 round trips a message, one
-message per connection). Redis is a real redis-server started here on loopback
+"redis" has a [redis] section (refresh as given, 0.5 s by default), so every connection is
+entered and left in Redis and every message is counted at MAIL and added after its 250
+there, one message per connection: a client new to the process's view costs one waited
+round trip (its entering, which reads its message count too), a known one none, and the
+writes go out in 5 ms batches. All connections come from 127.0.0.1 (one hot client) unless
+--sources N spreads them over N addresses (127.1.0.0/16, in turn: with N >= -n every
+connection is a new client). Redis is a real redis-server started here on loopback
 (tests/support/redis.py). The load is bench.py's Python load generator, 1 KB messages at
 c=20 by default; runs alternate between the two servers so drift on a shared machine hits
 both, and a run counts only messages found in queue/hold/.
@@ -19,6 +23,8 @@ is printed: the machine is shared, say what else ran.
 
     .venv/bin/python bench/redis_limits.py                 # 1 KB, c=20, 3 runs of 3000 each
     .venv/bin/python bench/redis_limits.py --reps 5 -n 5000 --workers 2
+    .venv/bin/python bench/redis_limits.py --sources 3000       # every client new: the cold path
+    .venv/bin/python bench/redis_limits.py --refresh 0          # every check waits (exact)
 """
 from __future__ import annotations
 
@@ -60,6 +66,8 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=3000, help="messages per run (default 3000)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--sources", type=int, default=0, help="client addresses (default: 127.0.0.1 alone)")
+    ap.add_argument("--refresh", default="0.5s", help="[redis] refresh (default 0.5s)")
     ap.add_argument("--json", help="write the runs here")
     a = ap.parse_args()
 
@@ -69,21 +77,21 @@ def main() -> int:
     redis = RedisServer(Path(scratch) / "redis-server").start()
     servers: list[checks.Server] = []
     try:
-        section = f'[redis]\nurl = "{redis.url}"\n'
+        section = f'[redis]\nurl = "{redis.url}"\nrefresh = "{a.refresh}"\n'
         servers = [checks.Server("memory", scratch, dns.port, "", a.workers, LIMITS),
                    checks.Server("redis", scratch, dns.port, section, a.workers, LIMITS)]
         message_file = os.path.join(scratch, "message.eml")
         with open(message_file, "wb") as fh:
             fh.write(plain_message(a.size))
         for srv in servers:
-            warm = checks.run_once(srv, message_file, a.size, 1, 1, a.timeout)
+            warm = checks.run_once(srv, message_file, a.size, 1, 1, a.timeout, a.sources)
             if not warm["ok"]:
                 sys.exit(f"{srv.name}: the warm-up message was not accepted: {warm['errors']}")
         runs = []
         for rep in range(a.reps):
             for srv in servers:
                 redis_cpu = bench.cpu_seconds([redis.proc.pid])
-                r = checks.run_once(srv, message_file, a.size, a.conc, a.n, a.timeout)
+                r = checks.run_once(srv, message_file, a.size, a.conc, a.n, a.timeout, a.sources)
                 r["redis_cpu_ms_per_msg"] = round((bench.cpu_seconds([redis.proc.pid]) - redis_cpu) / a.n * 1000, 4)
                 runs.append(r)
                 print(f"{srv.name:7} run {rep + 1}: {r['msgs_per_s']:8.1f} msgs/s  {r['cpu_s_per_1000']:6.2f} "
@@ -100,7 +108,8 @@ def main() -> int:
         ratio = red["msgs_per_s"] / mem["msgs_per_s"]
         latency = (a.conc / red["msgs_per_s"] - a.conc / mem["msgs_per_s"]) * 1000
         print()
-        print(f"{a.size} B, c={a.conc}, workers={a.workers}, median of {a.reps} runs of {a.n}")
+        print(f"{a.size} B, c={a.conc}, workers={a.workers}, refresh={a.refresh}, "
+              f"{a.sources or 1} client address(es), median of {a.reps} runs of {a.n}")
         print()
         print("| limits | msgs/s | geosmtp CPU ms/msg | redis-server CPU ms/msg |")
         print("|---|---|---|---|")

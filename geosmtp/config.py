@@ -80,6 +80,17 @@ def is_hostname(name: str) -> bool:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _duration_or_zero(value: object) -> float:
+    """A duration, or 0 (`0`, `"0s"`) where zero means "never wait" (turns a cache off)."""
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)) and re.fullmatch(
+            r"\s*0+(?:\.0+)?\s*[smhd]?\s*", str(value)):
+        return 0.0
+    return parse_duration(value)
+
+
+DurationOrZero = Annotated[float, BeforeValidator(_duration_or_zero)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
@@ -595,7 +606,7 @@ class RedisConfig(_Section):
     # again for a key when its view is older than this (its own events counted at once, the
     # other processes' within this): a burst reaching P processes at once can pass a limit
     # by what the other P - 1 admit within it. 0: every check waits for Redis (exact)
-    refresh: Duration = Field(0.5, ge=0, le=60)
+    refresh: DurationOrZero = Field(0.5, le=60)
 
     @field_validator("sentinel")
     @classmethod

@@ -377,3 +377,7 @@ def test_redis_section():
     assert keys(minimal(redis={"sentinel": ["10.0.0.21"]})) == ["redis.sentinel"]
     assert keys(minimal(redis={"on_redis_error": "reject"})) == ["redis.on_redis_error"]
     assert keys(minimal(redis={"urls": "redis://x"})) == ["redis.urls"]
+    # the view's refresh: 0.5 s by default, 0 (every check waits for Redis) allowed
+    assert validate(minimal(redis={})).redis.refresh == 0.5
+    assert [validate(minimal(redis={"refresh": v})).redis.refresh for v in (0, "0s", "0.25s")] == [0, 0, 0.25]
+    assert keys(minimal(redis={"refresh": "-1s"})) == keys(minimal(redis={"refresh": "2h"})) == ["redis.refresh"]
