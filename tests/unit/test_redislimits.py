@@ -455,3 +455,12 @@ def test_clients_entering_at_once_under_gevent(server):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "3", "3"]
+
+
+def test_redis_py_uses_hiredis():
+    """requirements.txt pins hiredis: redis-py packs and parses in C (half a call's CPU)."""
+    import redis.utils
+
+    assert redis.utils.HIREDIS_AVAILABLE
+    store = connect("redis://127.0.0.1:1/0")
+    assert type(store.client.connection_pool.make_connection()._command_packer).__name__ == "HiredisRespSerializer"
