@@ -7,7 +7,8 @@ Every answer, "no such address" too, is kept for cache_ttl seconds (geosmtp.dire
 in each process: a row added to the database is used everywhere within that time, with no
 reload. A lookup that fails raises DirectoryUnavailable, is counted
 (geosmtp_directory_errors) and logged at most once a minute while the database stays away,
-and once more when it answers again.
+and once more when it answers again. While it is away, one lookup a second asks it again
+(and may wait its timeout); the others fail at once instead of each waiting as long.
 
 Tables (every address and domain with its ASCII letters in lower case, as geosmtp's own
 commands write them: lookups compare exactly):
@@ -75,9 +76,13 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+RETRY_AFTER = 1.0  # seconds between lookups that ask a database which did not answer
+
+
 class Health:
     """What the log and the metric say about a backend that fails: each failure counted,
-    a warning at the first and then at most once per `every` seconds, a line when it is back."""
+    a warning at the first and then at most once per `every` seconds, a line when it is back.
+    It also says when a backend that failed is asked again (probe())."""
 
     def __init__(self, backend: str, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.backend = backend
@@ -86,11 +91,24 @@ class Health:
         self.failures = 0  # since it last answered
         self.reported = 0.0
         self.down = False
+        self.retry_at = 0.0
+
+    def probe(self) -> bool:
+        """Whether to ask the backend now: always while it answers; when it does not, once
+        per RETRY_AFTER seconds (this call takes the turn)."""
+        if not self.down:
+            return True
+        now = self.clock()
+        if now < self.retry_at:
+            return False
+        self.retry_at = now + RETRY_AFTER
+        return True
 
     def failed(self, error: Exception) -> None:
         metrics.DIRECTORY_ERRORS.labels(self.backend).inc()
         self.failures += 1
         now = self.clock()
+        self.retry_at = now + RETRY_AFTER
         if not self.down or now - self.reported >= self.every:
             self.reported = now
             logger.warning("directory: {} lookup failed ({}): RCPT and MAIL answer 451, AUTH 454 until it "
@@ -116,6 +134,9 @@ class SQLDirectory(Directory):
     def _cached(self, kind: str, key: str, fetch: Callable[[str], object]):
         value = self.cache.get((kind, key))
         if value is MISS:
+            if not self.health.probe():
+                metrics.DIRECTORY_ERRORS.labels(self.engine.name).inc()
+                raise DirectoryUnavailable(f"{self.engine.name} did not answer; asked again soon")
             try:
                 value = fetch(key)
             except DirectoryUnavailable as exc:
