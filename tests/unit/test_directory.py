@@ -307,3 +307,31 @@ def test_urls_are_described_without_password():
     assert describe_url("postgresql://geo:s3cret@db.test:6432/mail") == "postgresql db.test:6432/mail as geo"
     assert "s3cret" not in describe_url("host=db.test password=s3cret dbname=mail")
     assert "s3cret" not in describe_url("postgresql://geo:s3cret@[bad")
+
+
+# -- the delivery side: a directory down defers, never bounces --------------------------------
+def unavailable(_key: str) -> bool:
+    raise DirectoryUnavailable("down")
+
+
+def test_router_defers_what_it_cannot_place():
+    from geosmtp.delivery.target import DIRECTORY_DOWN, Message, Router
+
+    local = object()
+    router = Router(local, unavailable, remote=object())
+    target = router.target("example.test")
+    assert target.kind == "directory"
+    outcomes = target.deliver(target.destination("example.test"), Message("", ("a@example.test", "b@x.test")), None)
+    assert [o.reply for o in outcomes] == [DIRECTORY_DOWN, DIRECTORY_DOWN]
+    assert (DIRECTORY_DOWN.code, DIRECTORY_DOWN.enhanced) == (451, "4.3.0")
+    assert Router(local, {"example.test"}.__contains__).target("Example.Test") is local
+
+
+def test_maildir_defers_when_it_cannot_ask_for_the_mailbox(tmp_path):
+    from geosmtp.delivery.local import MaildirDelivery
+    from geosmtp.delivery.target import DIRECTORY_DOWN, Message
+
+    maildir = MaildirDelivery(tmp_path / "mail", "mx.example.test", unavailable)
+    msg = Message("x@remote.test", ("alice@example.test",), id="Q1", created=1.0, slots=(0,))
+    assert [o.reply for o in maildir.deliver("maildir", msg, None)] == [DIRECTORY_DOWN]
+    assert not (tmp_path / "mail").exists()
