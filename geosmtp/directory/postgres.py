@@ -12,7 +12,8 @@ lookups fail until the database is back). Every lookup is bounded by `timeout`: 
 a pooled connection, the statement on the server (statement_timeout) and, around both, a
 gevent timeout for a server that stops answering altogether. A failed connection is retried
 by the pool within `timeout` and then again at the next lookup, so a database that comes
-back is used again without a restart.
+back is used again without a restart; the connections it had before are found dead at
+their next use and replaced.
 """
 from __future__ import annotations
 
@@ -75,8 +76,6 @@ class PostgresEngine:
         pool = ConnectionPool(
             self.url, kwargs=kwargs, min_size=1, max_size=self.pool_size, open=False,
             timeout=self.timeout, configure=self._configure,
-            # a connection left from before a database restart is found dead before it is used
-            check=ConnectionPool.check_connection,
             # give up a failing reconnection soon: the next lookup starts a new one at once
             # (the default backs off for minutes, past the database's return)
             reconnect_timeout=self.timeout, name="geosmtp-directory",
@@ -95,6 +94,16 @@ class PostgresEngine:
         pool = self._pool or self._open()
         try:
             with gevent.Timeout(self.timeout, _Deadline):
+                # a pooled connection is not checked before use (a round trip per lookup):
+                # one the database closed since (a restart) fails at once, is dropped by
+                # the pool, and the next is tried
+                for _ in range(self.pool_size):
+                    with pool.connection(timeout=self.timeout) as conn:
+                        try:
+                            return work(conn)
+                        except psycopg.OperationalError:
+                            if not conn.broken:
+                                raise
                 with pool.connection(timeout=self.timeout) as conn:
                     return work(conn)
         except _Deadline:

@@ -255,6 +255,21 @@ def test_postgres_down_is_unavailable_then_back(postgres):
     d.close()
 
 
+def test_connections_from_before_a_restart_are_replaced_unseen(postgres):
+    """The database restarts between two lookups: the pooled connections it cut fail at
+    their next use and the lookup goes on with a new one (no error reaches the caller)."""
+    engine = empty_postgres(postgres)
+    fill(engine)
+    d = SQLDirectory(engine, cache_ttl=0)
+    assert d.is_mailbox("alice@example.test")
+    postgres.stop()
+    postgres.start()
+    before = errors("postgresql")
+    assert d.is_mailbox("alice@example.test") and d.password_hash("alice@example.test") == HASH
+    assert errors("postgresql") == before
+    d.close()
+
+
 def test_a_silent_postgres_times_out():
     """A server that accepts and never answers: the lookup gives up within its timeout."""
     with socket.socket() as listener:
