@@ -17,6 +17,7 @@ medians, the ratio to toml and the milliseconds added per message (1000/rate - 1
 
     .venv/bin/python bench/directory_rcpt.py                     # 3 reps of 3000 messages
     .venv/bin/python bench/directory_rcpt.py --reps 5 --workers 2
+    GEOSMTP_TEST_PORTS=8000:400 .venv/bin/python bench/directory_rcpt.py   # ports beside another run
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ sys.path[:0] = [HERE, REPO]
 
 import bench  # noqa: E402  (load generator, /proc readers)
 import checks  # noqa: E402  (run_once: one timed, verified run)
+from tests.support.ports import free_port  # noqa: E402  (GEOSMTP_TEST_PORTS: beside other runs)
 from tests.support.postgres import Postgres  # noqa: E402
 
 RCPT = "rcpt@bench.test"
@@ -77,7 +79,7 @@ class Server(checks.Server):
         os.makedirs(root)
         self.spool = os.path.join(root, "spool")
         self.hold = os.path.join(self.spool, "queue", "hold")
-        self.port = bench.free_port()
+        self.port = free_port()
         local, directory = VARIANTS[name]
         self.config = os.path.join(root, "geosmtp.toml")
         with open(self.config, "w") as fh:

@@ -15,6 +15,7 @@ from geosmtp.directory import Directory
 from geosmtp.protocol import Address
 from geosmtp.replies import Reply
 
+
 @dataclass(frozen=True)
 class ClientFacts:
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address

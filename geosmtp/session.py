@@ -109,7 +109,8 @@ class Services:
     checks: dict[str, Engine] = field(default_factory=dict)  # per listener: inbound checks
 
     def use(self, directory: Directory, tls: ServerTLS | None, senders: dict, checks: dict[str, Engine]) -> None:
-        """A reload's new parts (geosmtp.parts), for the sessions that come from now on."""
+        """A reload's new parts (geosmtp.parts): the sessions that come from now on use them
+        (open ones keep their directory for RCPT, and take the new one's users at AUTH)."""
         self.directory, self.tls, self.senders = directory, tls, senders
         self.checks = checks
 
@@ -430,7 +431,8 @@ class Session:
     def do_auth(self, arg: str) -> Reply:
         """RFC 4954 with PLAIN (RFC 4616) and LOGIN. Nothing of the exchange is logged."""
         s = self.settings
-        if not s.auth or not self.directory.authenticates:
+        users = self.services.directory  # the newest: a reloaded users file counts at the next AUTH
+        if not s.auth or not users.authenticates:
             return replies.AUTH_NOT_AVAILABLE
         if not self.auth_offered:
             return replies.ENCRYPTION_REQUIRED
@@ -470,7 +472,7 @@ class Session:
             ok = False
         else:
             try:  # the hash from the directory (which may ask its database), scrypt in the threadpool
-                ok = self.services.run(auth.check, password, self.directory.password_hash(ascii_lower(user)))
+                ok = self.services.run(auth.check, password, users.password_hash(ascii_lower(user)))
             except DirectoryUnavailable:
                 return replies.AUTH_TEMPORARY  # the directory logged and counted it
             except Exception:
