@@ -236,3 +236,12 @@ def test_sql_backends_refuse_tables_in_the_file(tmp_path):
     assert result.returncode == 2
     for key in ("local.domains", "local.users", "local.aliases", "auth.users_file"):
         assert f"{key}: not used with [directory] backend = 'sqlite'" in result.stderr, result.stderr
+
+
+def test_directory_commands_need_an_sql_backend(tmp_path):
+    srv = ServerProcess(tmp_path / "plain")  # backend = "config"
+    for args in (("directory", "init"), ("directory", "add-mailbox", ALICE)):
+        result = geosmtp(srv.config_path, *args)
+        assert result.returncode == 2 and 'backend = "config"' in result.stderr, result.stderr
+    result = geosmtp(srv.config_path, "directory", "add-domain", "not a domain")
+    assert result.returncode == 2 and "not a domain name" in result.stderr, result.stderr
