@@ -2,7 +2,8 @@
 Server.reload both call build(), and a reload swaps the result in whole, or not at all.
 
 build() reads files (certificates, keys, users, the smarthost password) and makes TLS
-contexts: a reload runs it in the threadpool. Each part is built in its turn, and a part
+contexts: a reload runs it in the threadpool. It connects to nothing: an SQL directory opens
+its connections at its first lookup, on the hub of the process that makes it. Each part is built in its turn, and a part
 that cannot be built is named (BuildError.part) so the refusal says which it was. A worker
 builds none of the delivery side: it never delivers.
 
@@ -25,9 +26,12 @@ from geosmtp.config import Config, ListenerConfig, TLSConfig, split_hostport
 from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
+from geosmtp.directory import Directory
+from geosmtp.directory.sql import SQLDirectory, open_engine
+from geosmtp.directory.static import ConfigDirectory
 from geosmtp.dkim import Signer, load_key
 from geosmtp.limits import Limits
-from geosmtp.policy import LocalDirectory, is_trusted
+from geosmtp.policy import is_trusted
 from geosmtp.ratelimit import ConnectionCounter, Limiter, LocalConnections, MemoryLimiter
 from geosmtp.redisclient import RedisStore, connect
 from geosmtp.redislimits import RedisConnections, RedisLimiter
@@ -50,9 +54,8 @@ class BuildError(Exception):
 
 @dataclass(frozen=True)
 class Parts:
-    directory: LocalDirectory
+    directory: Directory
     tls: ServerTLS | None
-    users: UserStore | None
     senders: dict
     listeners: dict[str, ListenerConfig]
     settings: dict[str, SessionSettings]  # per listener, for new sessions
@@ -71,9 +74,9 @@ def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | Non
         except (OSError, ValueError) as exc:
             raise BuildError(name, exc) from None
 
-    directory = local_directory(config)
+    directory = part("users file" if config.directory.backend == "config" else "directory",
+                     lambda: build_directory(config, run))
     tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
-    users = part("users file", lambda: UserStore.load(config.auth.users_file) if config.auth.users_file else None)
     checks = build_checks(config, run, redis)
     relay = signer = router = None
     if delivers:
@@ -81,7 +84,7 @@ def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | Non
         signer = part("DKIM keys", lambda: build_signer(config))
         router = part("local delivery", lambda: build_router(config, directory, relay, run))
     return Parts(
-        directory=directory, tls=tls, users=users, senders=dict(config.auth.senders),
+        directory=directory, tls=tls, senders=dict(config.auth.senders),
         listeners={item.name: item for item in config.listener},
         settings={item.name: session_settings(config, item) for item in config.listener},
         relay=relay, signer=signer, router=router, checks=checks,
@@ -143,11 +146,11 @@ def close_checks(engines: dict[str, Engine]) -> None:
                 engine.close_one(spec)
 
 
-def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: Callable) -> Router:
+def build_router(config: Config, directory: Directory, relay: Relay, run: Callable) -> Router:
     """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
     LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
     local = config.local
-    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run,
+    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.is_mailbox, run,
                               flush=config.server.spool_flush)
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
@@ -163,17 +166,31 @@ def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: C
         return lmtp[address]
 
     per_domain = {d: target(v.delivery, v.lmtp) for d, v in local.domain.items()}
-    return Router(target(local.delivery, local.lmtp), directory.domains, relay, per_domain)
+    return Router(target(local.delivery, local.lmtp), directory.is_local, relay, per_domain)
 
 
-def local_directory(config: Config) -> LocalDirectory:
-    local = config.local
-    return LocalDirectory(
-        domains=frozenset(local.domains),
-        users=frozenset(local.users),
-        aliases={k: tuple(v) for k, v in local.aliases.items()},
-        delimiters=local.recipient_delimiter,
-    )
+def build_directory(config: Config, run: Callable) -> Directory:
+    """[directory] backend: the configuration's tables and users file, or SQL."""
+    local, d = config.local, config.directory
+    if d.backend == "config":
+        users = config.auth.users_file
+        return ConfigDirectory(
+            domains=frozenset(local.domains),
+            users=frozenset(local.users),
+            aliases={k: tuple(v) for k, v in local.aliases.items()},
+            delimiters=local.recipient_delimiter,
+            hashes=UserStore.load(users).users if users else None,
+        )
+    return SQLDirectory(directory_engine(config, run), delimiters=local.recipient_delimiter,
+                        cache_ttl=d.cache_ttl, cache_size=d.cache_size)
+
+
+def directory_engine(config: Config, run: Callable, create: bool = False):
+    """The SQL engine of [directory] (the server's lookups, the command line's writes)."""
+    d = config.directory
+    password = read_secret(d.password_file) if d.password_file else None
+    return open_engine(d.backend, path=str(d.path), url=d.url, password=password, timeout=d.timeout,
+                       pool_size=d.pool_size, run=run, create=create)
 
 
 def tls_settings(config: Config) -> TLSSettings:

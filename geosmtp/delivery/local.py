@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from geosmtp import safeio
-from geosmtp.delivery.target import Message, OpenBody, Outcome
+from geosmtp.delivery.target import DIRECTORY_DOWN, Message, OpenBody, Outcome
+from geosmtp.directory import DirectoryUnavailable
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
 from geosmtp.replies import Reply
@@ -53,11 +54,11 @@ def copy_as_lf(src: BinaryIO, fd: int) -> None:
 
 
 class MaildirDelivery:
-    def __init__(self, root: str | os.PathLike, hostname: str, users: frozenset[str], run: Callable = _direct,
-                 flush: Method = "syncfs"):
+    def __init__(self, root: str | os.PathLike, hostname: str, is_mailbox: Callable[[str], bool],
+                 run: Callable = _direct, flush: Method = "syncfs"):
         self.root = Path(root)
         self.hostname = hostname
-        self.users = users
+        self.is_mailbox = is_mailbox  # the directory's answer (a mailbox removed since RCPT: 5xx)
         self.run = run
         # opened at the first flush, after the first delivery made the root
         self.commits = GroupCommit(self.root, run, flush)
@@ -82,8 +83,11 @@ class MaildirDelivery:
     def _deliver_one(self, msg: Message, address: str, slot: int, open_body: OpenBody) -> Reply:
         """A Reply: 2xx done, 4xx retry, 5xx failed. `open_body()` gives the spooled message
         (our Received: header first); msg.prefix (added header fields) goes in front of it."""
-        if address.lower() not in self.users:
-            return NO_MAILBOX
+        try:
+            if not self.is_mailbox(address.lower()):
+                return NO_MAILBOX
+        except DirectoryUnavailable:
+            return DIRECTORY_DOWN
         header = f"Return-Path: <{msg.sender}>\nDelivered-To: {address}\n".encode("utf-8")
         header += msg.prefix.replace(b"\r\n", b"\n")
         name = maildir_name(msg, slot, self.hostname)
