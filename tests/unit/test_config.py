@@ -377,3 +377,14 @@ def test_redis_section():
     assert keys(minimal(redis={"sentinel": ["10.0.0.21"]})) == ["redis.sentinel"]
     assert keys(minimal(redis={"on_redis_error": "reject"})) == ["redis.on_redis_error"]
     assert keys(minimal(redis={"urls": "redis://x"})) == ["redis.urls"]
+
+
+def test_the_fleet_example_is_a_valid_configuration_of_what_it_shares():
+    """conf/deploy/node.toml (README "Running several nodes") loads, and shares what it says:
+    limits, greylisting and the DNS cache through Redis, the directory in PostgreSQL, every
+    listener behind the balancer's PROXY header."""
+    config = load(SHIPPED.parent / "deploy" / "node.toml")
+    assert config.redis is not None and config.redis.limits and config.redis.greylist and config.redis.dns_cache
+    assert config.directory.backend == "postgresql" and config.directory.cache_ttl > 0
+    assert all(item.proxy_protocol and item.proxy_trusted for item in config.listener)
+    assert config.metrics.address and not config.metrics.address.startswith("127.")
