@@ -77,7 +77,7 @@ def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | Non
     directory = part("users file" if config.directory.backend == "config" else "directory",
                      lambda: build_directory(config, run))
     tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
-    checks = build_checks(config, run, redis)
+    checks = build_checks(config, run, redis, directory.is_local)
     relay = signer = router = None
     if delivers:
         relay = part("relay", lambda: build_relay(config, redis))
@@ -111,9 +111,11 @@ def build_limits(config: Config, redis: RedisStore | None) -> tuple[Limiter, Con
             RedisConnections(redis, r.connection_lease, r.on_redis_error))
 
 
-def build_checks(config: Config, run: Callable, redis: RedisStore | None = None) -> dict[str, Engine]:
+def build_checks(config: Config, run: Callable, redis: RedisStore | None = None,
+                 is_local: Callable[[str], bool] = lambda domain: False) -> dict[str, Engine]:
     """The [[check]] tables as engines, per listener, each check made once (a check named by
-    two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout."""
+    two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout;
+    `is_local` is the directory's."""
     if not config.check:
         return {}
     r = config.relay
@@ -123,7 +125,7 @@ def build_checks(config: Config, run: Callable, redis: RedisStore | None = None)
     # it would hand back a negative answer with its whole TTL again (RFC 2308's TTL is not aged)
     resolver.cache = None
     context = CheckContext(hostname=config.server.hostname, dns=DNS(resolver),
-                           run=run, local_domains=frozenset(d.lower() for d in config.local.domains),
+                           run=run, is_local=is_local,
                            redis=redis, redis_greylist=config.redis is not None and config.redis.greylist)
     made: dict[str, CheckSpec] = {}
     for c in config.check:
