@@ -13,6 +13,7 @@ to build(): a reload keeps it (changing [redis] takes a restart).
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -30,6 +31,7 @@ from geosmtp.directory import Directory
 from geosmtp.directory.sql import SQLDirectory, open_engine
 from geosmtp.directory.static import ConfigDirectory
 from geosmtp.dkim import Signer, load_key
+from geosmtp.groupcommit import GroupCommit
 from geosmtp.limits import Limits
 from geosmtp.policy import is_trusted
 from geosmtp.ratelimit import ConnectionCounter, Limiter, LocalConnections, MemoryLimiter
@@ -65,9 +67,11 @@ class Parts:
     checks: dict[str, Engine]  # per listener (only those with checks)
 
 
-def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | None = None) -> Parts:
+def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | None = None,
+          commits: GroupCommit | None = None) -> Parts:
     """Every part; raises BuildError naming the first that fails. `run` is the threadpool
-    runner the Maildir target writes through; `redis` the process's client, if [redis]."""
+    runner the Maildir target writes through; `redis` the process's client, if [redis];
+    `commits` the spool's group commit (a Maildir on its filesystem shares the rounds)."""
     def part(name, make):
         try:
             return make()
@@ -82,13 +86,29 @@ def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | Non
     if delivers:
         relay = part("relay", lambda: build_relay(config, redis))
         signer = part("DKIM keys", lambda: build_signer(config))
-        router = part("local delivery", lambda: build_router(config, directory, relay, run))
+        router = part("local delivery", lambda: build_router(config, directory, relay, run, commits))
     return Parts(
         directory=directory, tls=tls, senders=dict(config.auth.senders),
         listeners={item.name: item for item in config.listener},
         settings={item.name: session_settings(config, item) for item in config.listener},
         relay=relay, signer=signer, router=router, checks=checks,
     )
+
+
+def same_filesystem(a, b) -> bool:
+    """Whether two paths (or, for one not made yet, its nearest existing parent) are on one
+    filesystem."""
+    def device(path) -> int | None:
+        path = os.path.abspath(path)
+        while True:
+            try:
+                return os.stat(path).st_dev
+            except FileNotFoundError:
+                if path == os.path.dirname(path):
+                    return None
+                path = os.path.dirname(path)
+    found = device(a)
+    return found is not None and found == device(b)
 
 
 def build_redis(config: Config) -> RedisStore | None:
@@ -148,12 +168,15 @@ def close_checks(engines: dict[str, Engine]) -> None:
                 engine.close_one(spec)
 
 
-def build_router(config: Config, directory: Directory, relay: Relay, run: Callable) -> Router:
+def build_router(config: Config, directory: Directory, relay: Relay, run: Callable,
+                 commits: GroupCommit | None = None) -> Router:
     """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
-    LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
+    LMTPDelivery per server address, shared by its domains) and the relay for the rest.
+    `commits`: the spool's group commit, which a Maildir on the same filesystem shares."""
     local = config.local
+    shared = commits if commits is not None and same_filesystem(local.maildir_root, config.server.spool_dir) else None
     maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.is_mailbox, run,
-                              flush=config.server.spool_flush)
+                              flush=config.server.spool_flush, commits=shared)
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
     lmtp: dict[str, LMTPDelivery] = {}

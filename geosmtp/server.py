@@ -133,7 +133,7 @@ class Server:
         delivers = role != "worker"  # a worker builds nothing of the delivery side
         # this process's own Redis client: a worker is exec'd, never a fork sharing sockets
         self.redis: RedisStore | None = parts.build_redis(config)
-        self.parts = parts.build(config, delivers, run, self.redis)
+        self.parts = parts.build(config, delivers, run, self.redis, self.spool.commits)
         limiter, self.connections = parts.build_limits(config, self.redis)
         logger.info("directory: {}", self.parts.directory.describe())
         self.queue = QueueManager(
@@ -334,7 +334,7 @@ class Server:
                 logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
                 return
         try:  # files read, keys parsed, TLS contexts made: off the hub (35-90 ms each)
-            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run, self.redis)
+            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run, self.redis, self.spool.commits)
         except parts.BuildError as exc:
             logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
                          "configuration): {}", exc.part, exc.error)

@@ -55,14 +55,16 @@ def copy_as_lf(src: BinaryIO, fd: int) -> None:
 
 class MaildirDelivery:
     def __init__(self, root: str | os.PathLike, hostname: str, is_mailbox: Callable[[str], bool],
-                 run: Callable = _direct, flush: Method = "syncfs"):
+                 run: Callable = _direct, flush: Method = "syncfs", commits: GroupCommit | None = None):
         self.root = Path(root)
         self._root = os.fspath(root)  # the hot path joins strings: pathlib costs ~40 us a join
         self.hostname = hostname
         self.is_mailbox = is_mailbox  # the directory's answer (a mailbox removed since RCPT: 5xx)
         self.run = run
+        # the spool's rounds when the Maildir is on its filesystem (one flush covers both: a
+        # delivery's rename and the queue entry's removal share rounds); else our own,
         # opened at the first flush, after the first delivery made the root
-        self.commits = GroupCommit(self.root, run, flush)
+        self.commits = commits if commits is not None else GroupCommit(self.root, run, flush)
 
     def mailbox(self, address: str) -> Path:
         return Path(self._box(address))

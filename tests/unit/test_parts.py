@@ -44,3 +44,20 @@ def test_checks_ask_the_sql_directory_which_domains_are_ours(tmp_path):
         assert result.exit_code == 0, result.output
     check = built_check(tmp_path, directory)
     assert check.context.is_local("sql.test") and not check.context.is_local("example.test")
+
+
+def test_a_maildir_on_the_spools_filesystem_shares_its_flush_rounds(tmp_path):
+    """One flush then covers a delivery's rename and the queue entry's removal; a Maildir on
+    another filesystem (/dev/shm, a tmpfs) flushes its own."""
+    import tempfile
+
+    from geosmtp.groupcommit import GroupCommit
+
+    spool_commits = GroupCommit(tmp_path, lambda fn, *a: fn(*a))
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        for root, shared in ((tmp_path / "mail", True), (f"{elsewhere}/mail", False)):
+            path = tmp_path / "geosmtp.toml"
+            path.write_text(CONFIG.format(spool=tmp_path / "spool", directory="")
+                            + f'[local]\ndomains = ["example.test"]\nmaildir_root = "{root}"\n')
+            built = parts.build(load(path), delivers=True, run=lambda fn, *a: fn(*a), commits=spool_commits)
+            assert (built.router.local.commits is spool_commits) is shared
