@@ -1,4 +1,5 @@
-"""SASL PLAIN and LOGIN decoding (RFC 4954, RFC 4616) and the user store (scrypt hashes).
+"""SASL PLAIN and LOGIN decoding (RFC 4954, RFC 4616), scrypt password hashes, and the users
+file (the "config" directory backend's users; geosmtp.directory holds them for the server).
 
 Pure functions and a small store: no sockets, no logging. Nothing here ever puts a password,
 a SASL payload or a hash into an exception message, so nothing can leak into a log.
@@ -62,6 +63,14 @@ def _dummy_hash() -> str:
     return hash_password("unknown user, never matches")
 
 
+def check(password: str, encoded: str | None) -> bool:
+    """The password against a user's hash, None for an unknown user (checked against a dummy
+    hash all the same, so a wrong user costs the time of a wrong password). Slow on purpose
+    (scrypt): call it off the event loop."""
+    ok = verify_password(password, encoded or _dummy_hash())
+    return ok and encoded is not None
+
+
 @dataclass
 class UserStore:
     users: dict[str, str]  # address (lower case) → encoded hash
@@ -100,9 +109,7 @@ class UserStore:
 
     def check(self, user: str, password: str) -> bool:
         """Slow on purpose (scrypt): call it off the event loop."""
-        encoded = self.users.get(ascii_lower(user))
-        ok = verify_password(password, encoded or _dummy_hash())
-        return ok and encoded is not None
+        return check(password, self.users.get(ascii_lower(user)))
 
 
 def read_secret(path: str | os.PathLike) -> str:

@@ -1,4 +1,4 @@
-"""The `geosmtp` command: start, check-config, passwd, version.
+"""The `geosmtp` command: start, check-config, passwd, directory, version.
 
 Reached through geosmtp.entry (or `python -m geosmtp`), which monkey-patches first.
 """
@@ -121,40 +121,69 @@ def check_config(config_path: str) -> None:
 @click.option("--stdin", "from_stdin", is_flag=True, help="read the password from standard input")
 @click.option("--delete", is_flag=True, help="remove the user instead")
 def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
-    """Set (or --delete) USER's password in [auth] users_file. The password is asked for
-    twice without echo, or read from standard input with --stdin; it is stored as an scrypt
-    hash. Send SIGHUP to a running server to load the change."""
+    """Set (or --delete) USER's password, stored as an scrypt hash: in [auth] users_file (send
+    SIGHUP to a running server to load the change), or in the users table of an SQL
+    [directory] (live within its cache_ttl). The password is asked for twice without echo,
+    or read from standard input with --stdin."""
+    from geosmtp.auth import hash_password
+
+    config = load_or_exit(config_path)
+    if config.directory.backend == "config" and config.auth.users_file is None:
+        raise click.UsageError("the configuration has no [auth] users_file")
+    user = address_key(user)
+    password = None if delete else read_new_password(from_stdin)
+    if config.directory.backend == "config":
+        write_users_file(config.auth.users_file, user, None if delete else hash_password(password))
+        return
+    from geosmtp.directory import sql
+
+    with sql_engine(config) as engine:
+        if delete:
+            if not sql.delete_user(engine, user):
+                click.echo(f"geosmtp: {user} is not in the directory's users", err=True)
+                sys.exit(1)
+        else:
+            sql.set_password(engine, user, hash_password(password))
+        click.echo(f"{engine.describe()}: {user} {'removed' if delete else 'set'}")
+
+
+def address_key(text: str) -> str:
+    from geosmtp.protocol import PathError, parse_address
+
+    try:
+        return parse_address(text).key
+    except PathError as exc:
+        raise click.UsageError(f"{text!r} is not an address: {exc.reason}")
+
+
+def read_new_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.UsageError("empty password")
+    return password
+
+
+def write_users_file(path, user: str, encoded: str | None) -> None:
+    """Set (encoded) or remove (None) one user in the users file, atomically."""
     import os
 
     from geosmtp import safeio
-    from geosmtp.auth import UserStore, hash_password
-    from geosmtp.protocol import PathError, parse_address
+    from geosmtp.auth import UserStore
 
-    config = load_or_exit(config_path)
-    path = config.auth.users_file
-    if path is None:
-        raise click.UsageError("the configuration has no [auth] users_file")
-    try:
-        user = parse_address(user).key
-    except PathError as exc:
-        raise click.UsageError(f"{user!r} is not an address: {exc.reason}")
     try:
         store = UserStore.load(path) if os.path.exists(path) else UserStore({})
     except ValueError as exc:
         click.echo(f"geosmtp: {path}: {exc}", err=True)
         sys.exit(1)
-    if delete:
+    if encoded is None:
         if store.users.pop(user, None) is None:
             click.echo(f"geosmtp: {user} is not in {path}", err=True)
             sys.exit(1)
     else:
-        if from_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-        if not password:
-            raise click.UsageError("empty password")
-        store.users[user] = hash_password(password)
+        store.users[user] = encoded
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     # the new file keeps the old one's owner, group and mode (the server must read it),
@@ -162,7 +191,102 @@ def passwd(config_path: str, user: str, from_stdin: bool, delete: bool) -> None:
     with safeio.atomic_write(tmp, path, like=path) as fd:
         safeio.write_all(fd, store.dump().encode("utf-8"))
     safeio.fsync_path(directory)
-    click.echo(f"{path}: {user} {'removed' if delete else 'set'}")
+    click.echo(f"{path}: {user} {'removed' if encoded is None else 'set'}")
+
+
+class sql_engine:
+    """The [directory] SQL engine for one command; exits with status 1 and the reason when
+    the database does not answer, status 2 when the directory is not SQL."""
+
+    def __init__(self, config: Config, create: bool = False):
+        if config.directory.backend == "config":
+            raise click.UsageError('[directory] backend = "config": the domains, mailboxes and aliases are '
+                                   "in [local] of the configuration file")
+        from geosmtp import parts
+
+        try:
+            self.engine = parts.directory_engine(config, lambda fn, *args: fn(*args), create=create)
+        except (OSError, ValueError) as exc:  # directory.password_file
+            click.echo(f"geosmtp: {exc}", err=True)
+            sys.exit(1)
+
+    def __enter__(self):
+        return self.engine
+
+    def __exit__(self, kind, exc, tb) -> None:
+        from geosmtp.directory import DirectoryUnavailable
+
+        self.engine.close()
+        if isinstance(exc, DirectoryUnavailable):
+            click.echo(f"geosmtp: {exc}", err=True)
+            sys.exit(1)
+
+
+@main.group()
+def directory() -> None:
+    """The SQL directory ([directory] backend = "sqlite" or "postgresql"): make its tables,
+    add domains, mailboxes and aliases. Running servers see a change within cache_ttl."""
+
+
+@directory.command("init")
+@CONFIG_OPTION
+def directory_init(config_path: str) -> None:
+    """Create the directory's tables (and the SQLite file) where missing; changes nothing that
+    exists, so it may be run again."""
+    from geosmtp.directory import sql
+
+    with sql_engine(load_or_exit(config_path), create=True) as engine:
+        sql.init(engine)
+        click.echo(f"{engine.describe()}: directory tables ready (schema {sql.SCHEMA_VERSION})")
+
+
+@directory.command("add-domain")
+@CONFIG_OPTION
+@click.argument("domains", nargs=-1, required=True)
+def directory_add_domain(config_path: str, domains: tuple[str, ...]) -> None:
+    """Make DOMAINS local: their mail is delivered here."""
+    from geosmtp.config import is_hostname
+    from geosmtp.directory import sql
+
+    names = [d.lower() for d in domains]
+    bad = [d for d in names if not is_hostname(d)]
+    if bad:
+        raise click.UsageError(f"not a domain name: {', '.join(bad)}")
+    with sql_engine(load_or_exit(config_path)) as engine:
+        for name in names:
+            sql.add_domain(engine, name)
+        click.echo(f"{engine.describe()}: {len(names)} domains added")
+
+
+@directory.command("add-mailbox")
+@CONFIG_OPTION
+@click.argument("addresses", nargs=-1, required=True)
+def directory_add_mailbox(config_path: str, addresses: tuple[str, ...]) -> None:
+    """Add mailboxes (their domains must be local for mail to reach them)."""
+    from geosmtp.directory import sql
+
+    keys = [address_key(a) for a in addresses]
+    bad = [k for k in keys if k.rpartition("@")[0].startswith(".") or "/" in k.rpartition("@")[0]]
+    if bad:  # the local part becomes a folder under maildir_root/<domain>/
+        raise click.UsageError(f"cannot be a mailbox folder name: {', '.join(bad)}")
+    with sql_engine(load_or_exit(config_path)) as engine:
+        for key in keys:
+            sql.add_mailbox(engine, key)
+        click.echo(f"{engine.describe()}: {len(keys)} mailboxes added")
+
+
+@directory.command("add-alias")
+@CONFIG_OPTION
+@click.argument("alias")
+@click.argument("targets", nargs=-1, required=True)
+def directory_add_alias(config_path: str, alias: str, targets: tuple[str, ...]) -> None:
+    """ALIAS delivers to TARGETS (mailboxes, other aliases or remote addresses), in order."""
+    from geosmtp.directory import sql
+
+    key, keys = address_key(alias), [address_key(t) for t in targets]
+    with sql_engine(load_or_exit(config_path)) as engine:
+        sql.add_alias(engine, key, keys)
+        click.echo(f"{engine.describe()}: {key} -> {', '.join(keys)}")
 
 
 @main.command()

@@ -334,6 +334,36 @@ def _lmtp_address(v: str | None) -> str | None:
 LMTPAddress = Annotated[str | None, AfterValidator(_lmtp_address)]
 
 
+def _duration_or_zero(value: object) -> float:
+    return 0.0 if value in (0, "0", "0s") and not isinstance(value, bool) else parse_duration(value)
+
+
+class DirectoryConfig(_Section):
+    """[directory]: where local domains, mailboxes, aliases and AUTH users come from."""
+
+    # "config": [local] domains/users/aliases and [auth] users_file; "sqlite": the file at
+    # `path`; "postgresql": the database at `url`. Make the tables with `geosmtp directory init`.
+    backend: Literal["config", "sqlite", "postgresql"] = "config"
+    path: Path = Path("./var/directory.sqlite")  # sqlite
+    # postgresql: a libpq URL or "key=value" string; the password better in password_file
+    url: str | None = None
+    password_file: Path | None = None
+    # the longest one lookup may take: waiting for a pooled connection, connecting (libpq's
+    # minimum is 2 s), the statement (statement_timeout); SQLite: waiting for a lock
+    timeout: Duration = 2.0
+    pool_size: int = Field(4, ge=1, le=100)  # postgresql: connections per process at most
+    # how long an answer ("no such address" too) is kept in each process: a mailbox added to
+    # the database is live everywhere within this time; 0 asks the database every time
+    cache_ttl: Annotated[float, BeforeValidator(_duration_or_zero)] = 5.0
+    cache_size: int = Field(10000, ge=0)  # answers kept per process at most
+
+    @model_validator(mode="after")
+    def _url(self) -> "DirectoryConfig":
+        if self.backend == "postgresql" and not self.url:
+            raise ValueError('backend = "postgresql" needs url = "postgresql://user@host:5432/dbname"')
+        return self
+
+
 class DomainDelivery(_Section):
     """[local.domain."example.org"]: how one local domain's mail is delivered."""
 
@@ -398,8 +428,7 @@ class LocalConfig(_Section):
 
     @model_validator(mode="after")
     def _all_local(self) -> "LocalConfig":
-        problems = [f"domain {d!r} is not in local.domains" for d in self.domain if d not in self.domains]
-        problems += [f"{where}delivery = \"lmtp\" needs an lmtp address"
+        problems = [f"{where}delivery = \"lmtp\" needs an lmtp address"
                      for where, item in [("", self), *((f"domain {d!r}: ", v) for d, v in self.domain.items())]
                      if item.delivery == "lmtp" and not (item.lmtp or self.lmtp)]
         problems += [
@@ -661,6 +690,7 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     tls: TLSConfig | None = None
     auth: AuthConfig = AuthConfig()
+    directory: DirectoryConfig = DirectoryConfig()
     dkim: DKIMConfig = DKIMConfig()
     metrics: MetricsConfig = MetricsConfig()
     redis: RedisConfig | None = None  # absent: every count and cache in this process
@@ -684,8 +714,9 @@ class Config(_Section):
                 problems.append(f"listener {item.name!r}: tls = {item.tls!r} needs a [tls] section")
             if item.require_tls and item.tls != "starttls":
                 problems.append(f"listener {item.name!r}: require_tls needs tls = \"starttls\"")
-            if item.offers_auth and self.auth.users_file is None:
-                problems.append(f"listener {item.name!r}: AUTH needs [auth] users_file")
+            if item.offers_auth and self.auth.users_file is None and self.directory.backend == "config":
+                problems.append(f"listener {item.name!r}: AUTH needs [auth] users_file (or an SQL [directory])")
+        problems += self._directory_problems()
         labels = [c.label for c in self.check]
         if len(labels) != len(set(labels)):
             problems.append("check names must be unique (set name = \"...\" on a second check of a type)")
@@ -696,6 +727,19 @@ class Config(_Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+    def _directory_problems(self) -> list[str]:
+        """With an SQL directory, the domains, mailboxes, aliases and users are in the database
+        only (two sources would disagree); per-domain delivery may name any of its domains."""
+        local, backend = self.local, self.directory.backend
+        if backend == "config":
+            return [f"local.domain: {d!r} is not in local.domains" for d in local.domain if d not in local.domains]
+        named = [key for key, value in (("local.domains", local.domains), ("local.users", local.users),
+                                        ("local.aliases", local.aliases), ("auth.users_file", self.auth.users_file))
+                 if value]
+        return [f"{key}: not used with [directory] backend = {backend!r} (the database holds them; "
+                f"see geosmtp directory --help)" for key in named]
 
 
 def _where(loc: tuple) -> str:

@@ -49,6 +49,9 @@ RECEIVED_BYTES = Counter("geosmtp_received_bytes", "Message octets queued")
 TLS = Counter("geosmtp_tls_sessions", "TLS handshakes completed, by protocol version", ["version"])
 TLS_FAILURES = Counter("geosmtp_tls_handshake_failures", "TLS handshakes that failed")
 AUTH_FAILURES = Counter("geosmtp_auth_failures", "Failed AUTH attempts")
+DIRECTORY_ERRORS = Counter("geosmtp_directory_errors",
+                           "Directory lookups that failed (database down or slow): RCPT and MAIL got 451, "
+                           "AUTH 454, a local delivery was deferred", ["backend"])
 RATE_LIMITED = Counter("geosmtp_rate_limited", "Requests refused by a rate limit", ["limit"])
 REDIS_ERRORS = Counter("geosmtp_redis_errors", "Calls to Redis that failed, or were not tried in the second "
                        "after a failure, by use (limits, connections, greylist, dns_cache)", ["use"])

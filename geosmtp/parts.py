@@ -2,7 +2,8 @@
 Server.reload both call build(), and a reload swaps the result in whole, or not at all.
 
 build() reads files (certificates, keys, users, the smarthost password) and makes TLS
-contexts: a reload runs it in the threadpool. Each part is built in its turn, and a part
+contexts: a reload runs it in the threadpool. It connects to nothing: an SQL directory opens
+its connections at its first lookup, on the hub of the process that makes it. Each part is built in its turn, and a part
 that cannot be built is named (BuildError.part) so the refusal says which it was. A worker
 builds none of the delivery side: it never delivers.
 
@@ -12,6 +13,7 @@ to build(): a reload keeps it (changing [redis] takes a restart).
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -25,9 +27,13 @@ from geosmtp.config import Config, ListenerConfig, TLSConfig, split_hostport
 from geosmtp.delivery.lmtp import LMTPDelivery
 from geosmtp.delivery.local import MaildirDelivery
 from geosmtp.delivery.target import Router
+from geosmtp.directory import Directory
+from geosmtp.directory.sql import SQLDirectory, open_engine
+from geosmtp.directory.static import ConfigDirectory
 from geosmtp.dkim import Signer, load_key
+from geosmtp.groupcommit import GroupCommit
 from geosmtp.limits import Limits
-from geosmtp.policy import LocalDirectory, is_trusted
+from geosmtp.policy import is_trusted
 from geosmtp.ratelimit import HOUR, ConnectionCounter, Limiter, LocalConnections, MemoryLimiter, ip_messages
 from geosmtp.redisclient import RedisStore, connect
 from geosmtp.redislimits import RedisConnections, RedisLimiter
@@ -50,9 +56,8 @@ class BuildError(Exception):
 
 @dataclass(frozen=True)
 class Parts:
-    directory: LocalDirectory
+    directory: Directory
     tls: ServerTLS | None
-    users: UserStore | None
     senders: dict
     listeners: dict[str, ListenerConfig]
     settings: dict[str, SessionSettings]  # per listener, for new sessions
@@ -62,30 +67,48 @@ class Parts:
     checks: dict[str, Engine]  # per listener (only those with checks)
 
 
-def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | None = None) -> Parts:
+def build(config: Config, delivers: bool, run: Callable, redis: RedisStore | None = None,
+          commits: GroupCommit | None = None) -> Parts:
     """Every part; raises BuildError naming the first that fails. `run` is the threadpool
-    runner the Maildir target writes through; `redis` the process's client, if [redis]."""
+    runner the Maildir target writes through; `redis` the process's client, if [redis];
+    `commits` the spool's group commit (a Maildir on its filesystem shares the rounds)."""
     def part(name, make):
         try:
             return make()
         except (OSError, ValueError) as exc:
             raise BuildError(name, exc) from None
 
-    directory = local_directory(config)
+    directory = part("users file" if config.directory.backend == "config" else "directory",
+                     lambda: build_directory(config, run))
     tls = part("TLS certificate", lambda: ServerTLS(tls_settings(config)) if config.tls else None)
-    users = part("users file", lambda: UserStore.load(config.auth.users_file) if config.auth.users_file else None)
-    checks = build_checks(config, run, redis)
+    checks = build_checks(config, run, redis, directory.is_local)
     relay = signer = router = None
     if delivers:
         relay = part("relay", lambda: build_relay(config, redis))
         signer = part("DKIM keys", lambda: build_signer(config))
-        router = part("local delivery", lambda: build_router(config, directory, relay, run))
+        router = part("local delivery", lambda: build_router(config, directory, relay, run, commits))
     return Parts(
-        directory=directory, tls=tls, users=users, senders=dict(config.auth.senders),
+        directory=directory, tls=tls, senders=dict(config.auth.senders),
         listeners={item.name: item for item in config.listener},
         settings={item.name: session_settings(config, item) for item in config.listener},
         relay=relay, signer=signer, router=router, checks=checks,
     )
+
+
+def same_filesystem(a, b) -> bool:
+    """Whether two paths (or, for one not made yet, its nearest existing parent) are on one
+    filesystem."""
+    def device(path) -> int | None:
+        path = os.path.abspath(path)
+        while True:
+            try:
+                return os.stat(path).st_dev
+            except FileNotFoundError:
+                if path == os.path.dirname(path):
+                    return None
+                path = os.path.dirname(path)
+    found = device(a)
+    return found is not None and found == device(b)
 
 
 def build_redis(config: Config) -> RedisStore | None:
@@ -110,9 +133,11 @@ def build_limits(config: Config, redis: RedisStore | None) -> tuple[Limiter, Con
                                      prefetch=lambda key: (limiter, ip_messages(key), HOUR))
 
 
-def build_checks(config: Config, run: Callable, redis: RedisStore | None = None) -> dict[str, Engine]:
+def build_checks(config: Config, run: Callable, redis: RedisStore | None = None,
+                 is_local: Callable[[str], bool] = lambda domain: False) -> dict[str, Engine]:
     """The [[check]] tables as engines, per listener, each check made once (a check named by
-    two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout."""
+    two listeners is one object). DNS goes through [relay] dns_servers and dns_timeout;
+    `is_local` is the directory's."""
     if not config.check:
         return {}
     r = config.relay
@@ -122,7 +147,7 @@ def build_checks(config: Config, run: Callable, redis: RedisStore | None = None)
     # it would hand back a negative answer with its whole TTL again (RFC 2308's TTL is not aged)
     resolver.cache = None
     context = CheckContext(hostname=config.server.hostname, dns=DNS(resolver),
-                           run=run, local_domains=frozenset(d.lower() for d in config.local.domains),
+                           run=run, is_local=is_local,
                            redis=redis, redis_greylist=config.redis is not None and config.redis.greylist)
     made: dict[str, CheckSpec] = {}
     for c in config.check:
@@ -145,12 +170,15 @@ def close_checks(engines: dict[str, Engine]) -> None:
                 engine.close_one(spec)
 
 
-def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: Callable) -> Router:
+def build_router(config: Config, directory: Directory, relay: Relay, run: Callable,
+                 commits: GroupCommit | None = None) -> Router:
     """The local domains' targets (Maildir, or LMTP per [local] delivery and per domain; one
-    LMTPDelivery per server address, shared by its domains) and the relay for the rest."""
+    LMTPDelivery per server address, shared by its domains) and the relay for the rest.
+    `commits`: the spool's group commit, which a Maildir on the same filesystem shares."""
     local = config.local
-    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.users, run,
-                              flush=config.server.spool_flush)
+    shared = commits if commits is not None and same_filesystem(local.maildir_root, config.server.spool_dir) else None
+    maildir = MaildirDelivery(local.maildir_root, config.server.hostname, directory.is_mailbox, run,
+                              flush=config.server.spool_flush, commits=shared)
     r = config.relay
     timeouts = Timeouts(connect=r.connect_timeout, command=r.command_timeout, data=r.data_timeout)
     lmtp: dict[str, LMTPDelivery] = {}
@@ -165,17 +193,31 @@ def build_router(config: Config, directory: LocalDirectory, relay: Relay, run: C
         return lmtp[address]
 
     per_domain = {d: target(v.delivery, v.lmtp) for d, v in local.domain.items()}
-    return Router(target(local.delivery, local.lmtp), directory.domains, relay, per_domain)
+    return Router(target(local.delivery, local.lmtp), directory.is_local, relay, per_domain)
 
 
-def local_directory(config: Config) -> LocalDirectory:
-    local = config.local
-    return LocalDirectory(
-        domains=frozenset(local.domains),
-        users=frozenset(local.users),
-        aliases={k: tuple(v) for k, v in local.aliases.items()},
-        delimiters=local.recipient_delimiter,
-    )
+def build_directory(config: Config, run: Callable) -> Directory:
+    """[directory] backend: the configuration's tables and users file, or SQL."""
+    local, d = config.local, config.directory
+    if d.backend == "config":
+        users = config.auth.users_file
+        return ConfigDirectory(
+            domains=frozenset(local.domains),
+            users=frozenset(local.users),
+            aliases={k: tuple(v) for k, v in local.aliases.items()},
+            delimiters=local.recipient_delimiter,
+            hashes=UserStore.load(users).users if users else None,
+        )
+    return SQLDirectory(directory_engine(config, run), delimiters=local.recipient_delimiter,
+                        cache_ttl=d.cache_ttl, cache_size=d.cache_size)
+
+
+def directory_engine(config: Config, run: Callable, create: bool = False):
+    """The SQL engine of [directory] (the server's lookups, the command line's writes)."""
+    d = config.directory
+    password = read_secret(d.password_file) if d.password_file else None
+    return open_engine(d.backend, path=str(d.path), url=d.url, password=password, timeout=d.timeout,
+                       pool_size=d.pool_size, run=run, create=create)
 
 
 def tls_settings(config: Config) -> TLSSettings:

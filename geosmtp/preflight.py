@@ -165,6 +165,22 @@ def load_key_for(cert: CertificateConfig, tls: TLSConfig) -> Callable[[str], Non
     return load
 
 
+def sqlite_directory(path: str) -> None:
+    """An SQLite directory with its tables (PostgreSQL is not asked: a server whose database
+    is down starts, and answers 4xx until it is back)."""
+    from geosmtp.directory import DirectoryUnavailable
+    from geosmtp.directory.sql import ENTRY
+    from geosmtp.directory.sqlite import SQLiteEngine
+
+    engine = SQLiteEngine(path)
+    try:
+        engine.rows(ENTRY, ("", ""))
+    except DirectoryUnavailable as exc:
+        raise ValueError(f"{exc} (make the tables with `geosmtp directory init`)") from None
+    finally:
+        engine.close()
+
+
 def named_files(config: Config) -> list[tuple[str, Path, Callable[[str], object]]]:
     """(key, file, loader) for every file the configuration names."""
     out: list[tuple[str, Path, Callable[[str], object]]] = []
@@ -176,6 +192,10 @@ def named_files(config: Config) -> list[tuple[str, Path, Callable[[str], object]
             out.append((f"{where}.key_file", cert.key_file, load_key_for(cert, config.tls)))
     if config.auth.users_file is not None:
         out.append(("auth.users_file", config.auth.users_file, UserStore.load))
+    if config.directory.backend == "sqlite":
+        out.append(("directory.path", config.directory.path, sqlite_directory))
+    if config.directory.password_file is not None:
+        out.append(("directory.password_file", config.directory.password_file, read_secret))
     for index, k in enumerate(config.dkim.key):
         out.append((f"dkim.key[{index}].key_file", k.key_file,
                     lambda path, k=k: load_key(k.domain, k.selector, path, k.algorithm)))

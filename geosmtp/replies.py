@@ -146,6 +146,8 @@ MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# the directory (its database) did not answer: never "user unknown" for what we could not look up
+LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
 
 # -- DATA ---------------------------------------------------------------------------------
 START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")

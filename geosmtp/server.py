@@ -41,6 +41,7 @@ LISTEN_BACKLOG = 1024
 # once keep the disk busy (and share journal commits); 16 measured as well as 32 with less
 # kernel lock contention, and no worse than 8.
 IO_THREADS = 16
+DIRECTORY_GRACE = 600.0  # seconds a replaced directory stays open for the sessions that use it
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -132,8 +133,9 @@ class Server:
         delivers = role != "worker"  # a worker builds nothing of the delivery side
         # this process's own Redis client: a worker is exec'd, never a fork sharing sockets
         self.redis: RedisStore | None = parts.build_redis(config)
-        self.parts = parts.build(config, delivers, run, self.redis)
+        self.parts = parts.build(config, delivers, run, self.redis, self.spool.commits)
         limiter, self.connections = parts.build_limits(config, self.redis)
+        logger.info("directory: {}", self.parts.directory.describe())
         self.queue = QueueManager(
             self.spool, self.parts.router, config.queue, signer=self.parts.signer,
             may_sign=parts.signing_rule(config), hostname=config.server.hostname,
@@ -143,7 +145,6 @@ class Server:
             directory=self.parts.directory,
             on_queued=self._announce if role == "worker" else lambda qid: self.queue.notify(),
             tls=self.parts.tls,
-            users=self.parts.users,
             senders=self.parts.senders,
             checks=self.parts.checks,
             limiter=limiter,
@@ -333,7 +334,7 @@ class Server:
                 logger.error("reload refused, {} is not valid: {}", self.config_path, "; ".join(exc.problems))
                 return
         try:  # files read, keys parsed, TLS contexts made: off the hub (35-90 ms each)
-            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run, self.redis)
+            fresh = self.spool.run(parts.build, new, self.role != "worker", self.spool.run, self.redis, self.spool.commits)
         except parts.BuildError as exc:
             logger.error("reload refused: {} not reloaded, keeping the old one (and the whole running "
                          "configuration): {}", exc.part, exc.error)
@@ -345,18 +346,19 @@ class Server:
         listeners = {name: fresh.listeners.get(name, item) for name, item in old.listeners.items()}
         self.parts = replace(fresh, tls=fresh.tls or old.tls, listeners=listeners,
                              settings={name: parts.session_settings(new, item) for name, item in listeners.items()})
-        self.services.use(self.parts.directory, self.parts.tls, self.parts.users, self.parts.senders,
-                          self.parts.checks)
+        self.services.use(self.parts.directory, self.parts.tls, self.parts.senders, self.parts.checks)
         gevent.spawn(parts.close_checks, old.checks)  # idle connections only: open sessions keep theirs
+        # open sessions keep the directory they began with: its connections go a while later
+        gevent.spawn_later(DIRECTORY_GRACE, old.directory.close)
         if self.queue is not None:
             self.queue.use(self.parts.router, self.parts.signer, parts.signing_rule(new), new.queue)
             gevent.spawn(old.router.close)  # kept connections (relay, LMTP); deliveries in flight finish
         if fresh.tls is not None:
             logger.info("reload: TLS certificates loaded from {}", fresh.tls.settings.cert_files)
-        if fresh.users is not None:
-            logger.info("reload: {} users loaded from {}", len(fresh.users.users), new.auth.users_file)
-        logger.info("reload: configuration from {} applied ({} local domains)",
-                    self.config_path, len(fresh.directory.domains))
+        if new.auth.users_file is not None:
+            logger.info("reload: {} users loaded from {}", len(fresh.directory.hashes), new.auth.users_file)
+        logger.info("reload: configuration from {} applied (directory: {})", self.config_path,
+                    fresh.directory.describe())
 
     def stop(self) -> None:
         """Drain and stop (SIGTERM). /readyz turns 503 at once; after drain_delay the
@@ -405,6 +407,7 @@ class Server:
             self.connections.close()
             if self.redis is not None:
                 self.redis.close()
+            self.parts.directory.close()
             logger.info("stopped")
         except BaseException:  # never leave a half-stopped process running
             logger.exception("error while stopping")

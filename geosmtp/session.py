@@ -23,6 +23,7 @@ from geosmtp import auth, metrics, policy, replies
 from geosmtp.checks import edits
 from geosmtp.checks.engine import NO_CHECKS, Engine, SessionChecks
 from geosmtp.checks.interface import Facts
+from geosmtp.directory import Directory, DirectoryUnavailable
 from geosmtp.connection import (
     BareNewline,
     Connection,
@@ -97,21 +98,19 @@ class Services:
     """The shared, long-lived parts a session works with (built once by the server)."""
 
     spool: Spool
-    directory: policy.LocalDirectory
+    directory: Directory  # domains, mailboxes, aliases, AUTH users; replaced whole on reload
     on_queued: Callable[[str], None] = lambda qid: None
     tls: ServerTLS | None = None
-    users: auth.UserStore | None = None  # replaced whole on reload
     senders: dict = field(default_factory=dict)  # user → extra sender addresses / "@domain"
     limiter: Limiter = field(default_factory=MemoryLimiter)
     draining: bool = False  # the server is stopping: end each session at its next pause
     run: Callable = lambda fn, *args: fn(*args)  # runs slow work (scrypt) off the hub
     checks: dict[str, Engine] = field(default_factory=dict)  # per listener: inbound checks
 
-    def use(self, directory: policy.LocalDirectory, tls: ServerTLS | None, users: auth.UserStore | None,
-            senders: dict, checks: dict[str, Engine]) -> None:
-        """A reload's new parts (geosmtp.parts), for the commands (checks: the sessions) that
-        come from now on."""
-        self.directory, self.tls, self.users, self.senders = directory, tls, users, senders
+    def use(self, directory: Directory, tls: ServerTLS | None, senders: dict, checks: dict[str, Engine]) -> None:
+        """A reload's new parts (geosmtp.parts): the sessions that come from now on use them
+        (open ones keep their directory for RCPT, and take the new one's users at AUTH)."""
+        self.directory, self.tls, self.senders = directory, tls, senders
         self.checks = checks
 
 
@@ -432,7 +431,8 @@ class Session:
     def do_auth(self, arg: str) -> Reply:
         """RFC 4954 with PLAIN (RFC 4616) and LOGIN. Nothing of the exchange is logged."""
         s = self.settings
-        if not s.auth or self.services.users is None:
+        users = self.services.directory  # the newest: a reloaded users file counts at the next AUTH
+        if not s.auth or not users.authenticates:
             return replies.AUTH_NOT_AVAILABLE
         if not self.auth_offered:
             return replies.ENCRYPTION_REQUIRED
@@ -471,8 +471,10 @@ class Session:
             self.log.info("AUTH {} malformed: {}", mechanism, exc)
             ok = False
         else:
-            try:
-                ok = self.services.run(self.services.users.check, user, password)
+            try:  # the hash from the directory (which may ask its database), scrypt in the threadpool
+                ok = self.services.run(auth.check, password, users.password_hash(ascii_lower(user)))
+            except DirectoryUnavailable:
+                return replies.AUTH_TEMPORARY  # the directory logged and counted it
             except Exception:
                 self.log.exception("AUTH check failed")
                 return replies.AUTH_TEMPORARY
@@ -592,7 +594,11 @@ class Session:
         if refusal := policy.check_mail(self.facts):
             return refusal
         if self.auth_user and self.settings.restrict_sender:
-            if refusal := policy.check_sender(self.auth_user, sender, self.directory, self.services.senders):
+            try:
+                refusal = policy.check_sender(self.auth_user, sender, self.directory, self.services.senders)
+            except DirectoryUnavailable:
+                return replies.LOOKUP_FAILED
+            if refusal:
                 return refusal
         if refusal := self._rate_limited():
             metrics.RATE_LIMITED.labels("messages_per_hour").inc()
@@ -637,7 +643,10 @@ class Session:
             return replies.RECIPIENT_OK
         if len(tx.originals) >= self.settings.max_recipients:
             return replies.TOO_MANY_RECIPIENTS  # RFC 5321 4.5.3.1.10
-        verdict = policy.resolve_rcpt(self.facts, rcpt, self.directory)
+        try:
+            verdict = policy.resolve_rcpt(self.facts, rcpt, self.directory)
+        except DirectoryUnavailable:
+            return replies.LOOKUP_FAILED  # the directory logged and counted it
         if isinstance(verdict, Reply):
             return verdict
         if refusal := self.checked("rcpt", recipient=str(rcpt)):
@@ -740,7 +749,10 @@ class Session:
         """The delivery addresses of a recipient a check adds: the rules of RCPT TO for this
         client (a local mailbox, or relaying only for whom may relay), so that no check makes
         us an open relay."""
-        verdict = policy.resolve_rcpt(self.facts, parse_address(address), self.directory)
+        try:
+            verdict = policy.resolve_rcpt(self.facts, parse_address(address), self.directory)
+        except DirectoryUnavailable:
+            raise edits.EditRefused(f"added recipient <{address}>: directory unavailable") from None
         if isinstance(verdict, Reply):
             raise edits.EditRefused(f"added recipient <{address}>: {verdict}")
         return verdict

@@ -281,15 +281,25 @@ def _normal_domain(to_name, text: str) -> str | None:
 _QUOTED_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"?|\((?:\\.|[^()\\])*\)?')
 
 
-def from_addresses(from_values: list[str]) -> list[tuple[str, str]] | None:
+def from_addresses(from_values: list[str]) -> tuple[tuple[str, str], ...] | None:
     """The From: fields' (name, address) pairs; None when the parser gives up on them."""
+    return _parsed_from("\n".join(from_values)) if all("\n" not in v for v in from_values) \
+        else _parse_from(from_values)
+
+
+def _parse_from(from_values: list[str]) -> tuple[tuple[str, str], ...] | None:
     try:
-        return email.utils.getaddresses(from_values)
+        return tuple(email.utils.getaddresses(from_values))
     except Exception:  # a parser bug on hostile input
         return None
 
 
-def ambiguous_from(from_values: list[str], addresses: list[tuple[str, str]] | None = None) -> bool:
+@short_text_memo()  # the same senders' From: comes with many messages (lists, newsletters)
+def _parsed_from(joined: str) -> tuple[tuple[str, str], ...] | None:
+    return _parse_from(joined.split("\n"))
+
+
+def ambiguous_from(from_values: list[str], addresses: tuple[tuple[str, str], ...] | None = None) -> bool:
     """A From: whose author a reader and a parser could tell apart: the "@"s written outside
     quoted strings and comments are not each one whole address with a local part
     ("alice@victim.example@attacker.example": a mail reader shows the first domain, a parser
@@ -302,7 +312,7 @@ def ambiguous_from(from_values: list[str], addresses: list[tuple[str, str]] | No
     return written != len(whole) or any(a.count("@") > 1 for _, a in pairs)
 
 
-def author_domains(dns_, addresses: list[tuple[str, str]]) -> list[str]:
+def author_domains(dns_, addresses: tuple[tuple[str, str], ...]) -> list[str]:
     """The distinct domains of the From: addresses, in order."""
     out: dict[str, None] = {}
     for _name, addr in addresses:

@@ -196,12 +196,15 @@ class Facts:
 @dataclass(frozen=True)
 class CheckContext:
     """What the server lends a check it builds: our name, DNS on our resolver settings,
-    the threadpool for CPU or disk work, the local domains, and Redis when [redis] is set."""
+    the threadpool for CPU or disk work, whether a domain is ours, and Redis when [redis]
+    is set."""
 
     hostname: str
     dns: Any  # geosmtp.checks.dns.DNS
     run: Callable = lambda fn, *args: fn(*args)
-    local_domains: frozenset[str] = frozenset()
+    # the directory's answer ([directory]: the TOML or SQL); with SQL it may raise
+    # geosmtp.directory.DirectoryUnavailable, which the engine takes as the check's failure
+    is_local: Callable[[str], bool] = lambda domain: False
     redis: Any = None  # geosmtp.redisclient.RedisStore: state several nodes share
     redis_greylist: bool = True  # [redis] greylist: greylisting keeps its triplets there
 

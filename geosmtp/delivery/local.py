@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 from geosmtp import safeio
-from geosmtp.delivery.target import Message, OpenBody, Outcome
+from geosmtp.delivery.target import DIRECTORY_DOWN, Message, OpenBody, Outcome
+from geosmtp.directory import DirectoryUnavailable
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
 from geosmtp.replies import Reply
@@ -53,18 +54,24 @@ def copy_as_lf(src: BinaryIO, fd: int) -> None:
 
 
 class MaildirDelivery:
-    def __init__(self, root: str | os.PathLike, hostname: str, users: frozenset[str], run: Callable = _direct,
-                 flush: Method = "syncfs"):
+    def __init__(self, root: str | os.PathLike, hostname: str, is_mailbox: Callable[[str], bool],
+                 run: Callable = _direct, flush: Method = "syncfs", commits: GroupCommit | None = None):
         self.root = Path(root)
+        self._root = os.fspath(root)  # the hot path joins strings: pathlib costs ~40 us a join
         self.hostname = hostname
-        self.users = users
+        self.is_mailbox = is_mailbox  # the directory's answer (a mailbox removed since RCPT: 5xx)
         self.run = run
+        # the spool's rounds when the Maildir is on its filesystem (one flush covers both: a
+        # delivery's rename and the queue entry's removal share rounds); else our own,
         # opened at the first flush, after the first delivery made the root
-        self.commits = GroupCommit(self.root, run, flush)
+        self.commits = commits if commits is not None else GroupCommit(self.root, run, flush)
 
     def mailbox(self, address: str) -> Path:
+        return Path(self._box(address))
+
+    def _box(self, address: str) -> str:
         local, _, domain = address.lower().rpartition("@")
-        return self.root / domain / local
+        return f"{self._root}/{domain}/{local}"
 
     kind = "maildir"
 
@@ -82,16 +89,19 @@ class MaildirDelivery:
     def _deliver_one(self, msg: Message, address: str, slot: int, open_body: OpenBody) -> Reply:
         """A Reply: 2xx done, 4xx retry, 5xx failed. `open_body()` gives the spooled message
         (our Received: header first); msg.prefix (added header fields) goes in front of it."""
-        if address.lower() not in self.users:
-            return NO_MAILBOX
+        try:
+            if not self.is_mailbox(address.lower()):
+                return NO_MAILBOX
+        except DirectoryUnavailable:
+            return DIRECTORY_DOWN
         header = f"Return-Path: <{msg.sender}>\nDelivered-To: {address}\n".encode("utf-8")
         header += msg.prefix.replace(b"\r\n", b"\n")
         name = maildir_name(msg, slot, self.hostname)
-        box = self.mailbox(address)
-        tmp, final = box / "tmp" / name, box / "new" / name
+        box = self._box(address)
+        tmp, final = f"{box}/tmp/{name}", f"{box}/new/{name}"
         try:
             if self.run(self._write, box, name, header, open_body, msg.redelivery):
-                self.commits.flush(then=partial(os.rename, tmp, final), files=(str(tmp),), dirs=(str(box / "new"),))
+                self.commits.flush(then=partial(os.rename, tmp, final), files=(tmp,), dirs=(f"{box}/new",))
         except OSError as exc:
             # a copy left in tmp/ goes; one renamed into new/ before its flush failed is
             # replaced by the retry, which has the same name
@@ -100,24 +110,30 @@ class MaildirDelivery:
         return DELIVERED
 
     @staticmethod
-    def _write(box: Path, name: str, header: bytes, open_body: Callable[[], BinaryIO],
+    def _write(box: str, name: str, header: bytes, open_body: Callable[[], BinaryIO],
                redelivery: bool) -> bool:
         """The copy written in tmp/, unsynced; False when there is nothing to write."""
-        if not (box / "new").is_dir():
+        if not os.path.isdir(f"{box}/new"):
             # every level 0700, files 0600 (as Postfix's local does): Dovecot copies these
             # modes to its index files, which hold subjects and senders
-            box.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # maildir_root
-            for level in (box.parent, box):
-                level.mkdir(exist_ok=True, mode=0o700)
-            for sub in ("tmp", "new", "cur"):
-                (box / sub).mkdir(exist_ok=True, mode=0o700)
-            for folder in (box, box.parent, box.parent.parent):  # make the new folders durable
+            domain = os.path.dirname(box)
+            root = os.path.dirname(domain)
+            os.makedirs(root, mode=0o700, exist_ok=True)  # maildir_root
+            for level in (domain, box, f"{box}/tmp", f"{box}/new", f"{box}/cur"):
+                try:
+                    os.mkdir(level, 0o700)
+                except FileExistsError:
+                    pass
+            for folder in (box, domain, root):  # make the new folders durable
                 safeio.fsync_path(folder)
-        if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(box / "cur")):
+        if redelivery and any(n == name or n.startswith(name + ":") for n in os.listdir(f"{box}/cur")):
             return False  # delivered before the crash and already seen by the user's mail reader
-        tmp = box / "tmp" / name
-        safeio.unlink_quietly(tmp)  # a copy cut short by a crash
-        fd = safeio.create(tmp)
+        tmp = f"{box}/tmp/{name}"
+        try:
+            fd = safeio.create(tmp)
+        except FileExistsError:  # a copy cut short by a crash
+            safeio.unlink_quietly(tmp)
+            fd = safeio.create(tmp)
         try:
             safeio.write_all(fd, header)
             with open_body() as body:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Mapping, Protocol
 
+from geosmtp.directory import DirectoryUnavailable
 from geosmtp.replies import Reply
 
 OpenBody = Callable[[], BinaryIO]  # the spooled message (our Received: first), opened anew each call
@@ -63,27 +64,49 @@ class Target(Protocol):
 
 
 NO_ROUTE = Reply(451, "4.4.0", "No route for remote delivery is configured")
+DIRECTORY_DOWN = Reply(451, "4.3.0", "Directory lookup failed, delivery deferred")
+
+
+class Unanswered:
+    """The target of a recipient whose domain the directory could not place (its database
+    is down): every recipient gets a 4xx, so the queue tries again later."""
+
+    kind = "directory"
+
+    def destination(self, domain: str) -> str:
+        return "unavailable"
+
+    def deliver(self, destination: str, msg: Message, open_body: OpenBody) -> list[Outcome]:
+        return [Outcome(DIRECTORY_DOWN) for _ in msg.recipients]
+
+    def close(self) -> None:
+        pass
+
+
+UNANSWERED = Unanswered()
 
 
 class Router:
-    """Which target a recipient's domain goes to: a local domain to its own target (or the
-    local default), any other domain to the remote one (None: there is no way out)."""
+    """Which target a recipient's domain goes to: a local domain (`is_local`, the directory's
+    answer) to its own target (or the local default), any other domain to the remote one
+    (None: there is no way out)."""
 
-    def __init__(self, local: Target, local_domains: frozenset[str], remote: Target | None = None,
+    def __init__(self, local: Target, is_local: Callable[[str], bool], remote: Target | None = None,
                  per_domain: Mapping[str, Target] | None = None):
         self.local = local
-        self.local_domains = local_domains
+        self.is_local = is_local
         self.remote = remote
         self.per_domain = dict(per_domain or {})
 
     def target(self, domain: str) -> Target | None:
         domain = domain.lower()
-        if domain in self.local_domains:
+        try:
+            local = self.is_local(domain)
+        except DirectoryUnavailable:
+            return UNANSWERED
+        if local:
             return self.per_domain.get(domain, self.local)
         return self.remote
-
-    def is_local(self, domain: str) -> bool:
-        return domain.lower() in self.local_domains
 
     def close(self) -> None:
         """Close every target once (several domains may share one)."""

@@ -21,9 +21,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, tables merged key by key; None removes a key (TOML has no null)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

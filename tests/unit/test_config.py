@@ -381,3 +381,14 @@ def test_redis_section():
     assert validate(minimal(redis={})).redis.refresh == 0.5
     assert [validate(minimal(redis={"refresh": v})).redis.refresh for v in (0, "0s", "0.25s")] == [0, 0, 0.25]
     assert keys(minimal(redis={"refresh": "-1s"})) == keys(minimal(redis={"refresh": "2h"})) == ["redis.refresh"]
+
+
+def test_the_fleet_example_is_a_valid_configuration_of_what_it_shares():
+    """conf/deploy/node.toml (README "Running several nodes") loads, and shares what it says:
+    limits, greylisting and the DNS cache through Redis, the directory in PostgreSQL, every
+    listener behind the balancer's PROXY header."""
+    config = load(SHIPPED.parent / "deploy" / "node.toml")
+    assert config.redis is not None and config.redis.limits and config.redis.greylist and config.redis.dns_cache
+    assert config.directory.backend == "postgresql" and config.directory.cache_ttl > 0
+    assert all(item.proxy_protocol and item.proxy_trusted for item in config.listener)
+    assert config.metrics.address and not config.metrics.address.startswith("127.")

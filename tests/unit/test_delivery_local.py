@@ -70,7 +70,7 @@ def message(tmp_path) -> Opener:
 
 @pytest.fixture
 def maildir(tmp_path) -> MaildirDelivery:
-    return MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS)
+    return MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS.__contains__)
 
 
 def deliver_one(maildir: MaildirDelivery, envelope: Envelope, index: int, open_body, redelivery: bool):
@@ -192,7 +192,7 @@ def test_disk_errors_are_temporary(tmp_path, message, err, reply):
     def run(fn, *args):
         raise OSError(err, os.strerror(err))
 
-    maildir = MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS, run=run)
+    maildir = MaildirDelivery(tmp_path / "mail", "mx.example.test", USERS.__contains__, run=run)
     assert deliver_one(maildir, make_envelope(), 0, message, redelivery=False) == reply
     assert 400 <= reply.code < 500
 

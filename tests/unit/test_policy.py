@@ -7,10 +7,10 @@ from collections.abc import Mapping
 import pytest
 
 from geosmtp import replies
+from geosmtp.directory import MAX_EXPANSION
+from geosmtp.directory.static import ConfigDirectory
 from geosmtp.policy import (
-    MAX_EXPANSION,
     ClientFacts,
-    LocalDirectory,
     check_mail,
     check_sender,
     is_trusted,
@@ -21,7 +21,7 @@ from geosmtp.protocol import Address, parse_forward_path
 IP = ipaddress.ip_address
 NET = ipaddress.ip_network
 
-DIRECTORY = LocalDirectory(
+DIRECTORY = ConfigDirectory(
     domains=frozenset({"example.test", "other.test"}),
     users=frozenset({"alice@example.test", "bob@example.test", "keep@example.test", "carol@other.test"}),
     aliases={
@@ -110,25 +110,25 @@ def test_unknown_user_and_relay_denied_codes():
 
 
 def test_postmaster_without_local_domains():
-    empty = LocalDirectory()
+    empty = ConfigDirectory()
     assert resolve_rcpt(STRANGER, rcpt("postmaster"), empty) == replies.UNKNOWN_USER
     assert resolve_rcpt(TRUSTED, rcpt("postmaster"), empty) == replies.UNKNOWN_USER
 
 
 def test_postmaster_maps_to_primary_domain():
-    directory = LocalDirectory(domains=frozenset({"b.test", "a.test"}),
+    directory = ConfigDirectory(domains=frozenset({"b.test", "a.test"}),
                                users=frozenset({"postmaster@a.test", "postmaster@b.test"}))
     assert resolve_rcpt(STRANGER, rcpt("postmaster"), directory) == ["postmaster@a.test"]
 
 
 def test_self_alias_without_a_mailbox_has_no_target():
-    directory = LocalDirectory(domains=frozenset({"x.test"}), aliases={"a@x.test": ("a@x.test",)})
+    directory = ConfigDirectory(domains=frozenset({"x.test"}), aliases={"a@x.test": ("a@x.test",)})
     assert resolve_rcpt(STRANGER, rcpt("a@x.test"), directory) == replies.UNKNOWN_USER
 
 
 def test_expansion_is_capped():
     users = frozenset(f"u{i}@x.test" for i in range(MAX_EXPANSION + 50))
-    directory = LocalDirectory(domains=frozenset({"x.test"}), users=users,
+    directory = ConfigDirectory(domains=frozenset({"x.test"}), users=users,
                                aliases={"all@x.test": tuple(sorted(users))})
     assert len(directory.expand("all@x.test")) == MAX_EXPANSION
 
@@ -158,7 +158,7 @@ def test_diamond_aliases_expand_in_bounded_work_small():
     # level i -> two aliases of level i+1 -> ... -> one user: a small chain is cheap
     aliases = CountingAliases({"l0@x.test": ("l1a@x.test", "l1b@x.test"),
                                "l1a@x.test": ("u@x.test",), "l1b@x.test": ("u@x.test",)})
-    directory = LocalDirectory(domains=frozenset({"x.test"}), users=frozenset({"u@x.test"}), aliases=aliases)
+    directory = ConfigDirectory(domains=frozenset({"x.test"}), users=frozenset({"u@x.test"}), aliases=aliases)
     assert directory.expand("l0@x.test") == ["u@x.test"]
 
 
@@ -171,7 +171,7 @@ def test_diamond_aliases_expand_in_bounded_work():
     for name in ("a", "b"):
         table[f"{name}{depth}@x.test"] = ("u@x.test",)
     aliases = CountingAliases(table)
-    directory = LocalDirectory(domains=frozenset({"x.test"}), users=frozenset({"u@x.test"}), aliases=aliases)
+    directory = ConfigDirectory(domains=frozenset({"x.test"}), users=frozenset({"u@x.test"}), aliases=aliases)
     assert directory.expand("a0@x.test") == ["u@x.test"]
     # 2*depth+1 aliases: the work should grow with the table, not with 2**depth paths
     assert aliases.lookups <= 20 * len(table)
@@ -227,13 +227,13 @@ def test_is_trusted(ip, networks, trusted):
 def test_local_directory_helpers():
     assert DIRECTORY.is_local("EXAMPLE.test") and not DIRECTORY.is_local("remote.test")
     assert DIRECTORY.primary_domain() == "example.test"
-    assert LocalDirectory().primary_domain() is None
+    assert ConfigDirectory().primary_domain() is None
     assert DIRECTORY.expand("nobody@example.test") is None
     assert DIRECTORY.expand("bob@example.test") == ["bob@example.test"]
 
 
 # -- check_sender: what an authenticated user may put in MAIL FROM ------------------------
-SENDER_DIRECTORY = LocalDirectory(
+SENDER_DIRECTORY = ConfigDirectory(
     domains=frozenset({"example.test", "other.test"}),
     users=frozenset({"alice@example.test", "bob@example.test"}),
     aliases={"team@example.test": ("alice@example.test", "bob@example.test"),
@@ -274,7 +274,7 @@ def test_extra_senders_belong_to_their_user_only():
 
 
 # -- sub-addresses (recipient_delimiter) -------------------------------------------------------
-SUB = LocalDirectory(
+SUB = ConfigDirectory(
     domains=frozenset({"example.test"}),
     users=frozenset({"alice@example.test", "bob@example.test", "a+b@example.test"}),
     aliases={"team@example.test": ("alice@example.test", "bob@example.test"),
@@ -299,7 +299,7 @@ def test_sub_addresses_deliver_to_the_base_address(address, expected):
 
 
 def test_sub_addresses_off():
-    off = LocalDirectory(domains=SUB.domains, users=SUB.users, aliases=SUB.aliases, delimiters="")
+    off = ConfigDirectory(domains=SUB.domains, users=SUB.users, aliases=SUB.aliases, delimiters="")
     assert resolve_rcpt(STRANGER, rcpt("alice+lists@example.test"), off) == replies.UNKNOWN_USER
 
 

@@ -60,7 +60,7 @@ def enqueue(spool: Spool, rcpt: str) -> str:
 def manager(tmp_path, remote: Remote, **queue) -> tuple[QueueManager, Spool]:
     spool = Spool(tmp_path / "spool")
     spool.setup()
-    return QueueManager(spool, Router(remote, frozenset(), remote), QueueConfig(**queue)), spool
+    return QueueManager(spool, Router(remote, lambda domain: False, remote), QueueConfig(**queue)), spool
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:

@@ -29,7 +29,7 @@ def normalized(name: str) -> str:
 
 
 def test_runtime_imports_are_in_requirements_txt():
-    pinned = {normalized(line.split("==")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
+    pinned = {normalized(line.split("==")[0].split("[")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     owners = packages_distributions()
     missing = {}

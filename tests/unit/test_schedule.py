@@ -19,7 +19,7 @@ from geosmtp.replies import Reply
 from geosmtp.schedule import Schedule
 from geosmtp.spool import Spool
 
-LOCAL_DOMAINS = frozenset({"example.test"})
+LOCAL_DOMAINS = frozenset({"example.test"}).__contains__  # the directory's is_local
 MESSAGE = b"Received: by mx.example.test\r\nSubject: q\r\n\r\nbody\r\n"
 LATER = Reply(451, "4.2.0", "try later")
 
