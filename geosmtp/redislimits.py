@@ -18,7 +18,8 @@ locally, as the truth the renewals write.
 The view (`refresh` seconds, [redis] refresh): each process keeps, per hot key, the shared
 count as Redis last told it, and its own events since, applied at once. count() and
 enter() answer from it while it is younger than `refresh`; an older or unknown key costs
-one waited call, which also sends this process's waiting events for it. Events go out
+one waited call, which also sends this process's waiting events for it. enter() refuses
+only on Redis's word: the view may still count connections that have closed since. Events go out
 write-behind, coalesced per key, with the store's next batch (RedisStore.dirty, every
 5 ms), and each write's answer is the key's shared count, so a key this process writes
 is refreshed with every batch. A new client costs one wait: entering it also reads its
@@ -40,7 +41,7 @@ import math
 import os
 import secrets
 import socket
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import gevent
@@ -102,14 +103,14 @@ return window(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), clock())
 # KEYS[1] the client's hash, KEYS[2] our lease, KEYS[3] (optional) a rate counter to read;
 # ARGV[1] our id, ARGV[2] the limit, ARGV[3] the lease in seconds, ARGV[4] the lease key
 # prefix, ARGV[5] our connections now, ARGV[6] the rate counter's window.
-# Our count is the larger of ours and what Redis holds for us: two greenlets entering at
-# once both send the count from before either. Returns {1 entered or 0, the others'
-# connections, our count as Redis now holds it, the rate count or false}.
+# ARGV[5] counts our connections open and those being entered by other greenlets (it may
+# pass what Redis then holds: a leave not yet written is not counted). Returns {1 entered
+# or 0, the others' connections, our count as Redis now holds it, the rate count or false}.
 ENTER_SCRIPT = LUA_FUNCTIONS + """
 local others = live_others(KEYS[1], ARGV[1], ARGV[4])
 local rate = false
 if KEYS[3] then rate = window(KEYS[3], tonumber(ARGV[6]), 0, clock()) end
-local mine = math.max(tonumber(ARGV[5]), tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0)
+local mine = tonumber(ARGV[5])
 if others + mine >= tonumber(ARGV[2]) then return {0, others, mine, rate} end
 redis.call('HSET', KEYS[1], ARGV[1], mine + 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -254,6 +255,7 @@ class RedisConnections:
         self.prefetch = prefetch
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.local = LocalConnections()
+        self._entering: Counter[str] = Counter()  # greenlets waiting for Redis to enter a key
         self.view = View(_Clients, refresh, max_keys, store.clock)
         self._lease_prefix = f"{store.prefix}lease:"
         self._lease_key = self._lease_prefix + self.id
@@ -269,17 +271,19 @@ class RedisConnections:
         if mine >= limit:
             return False
         entry = self.view.get(key)
-        if self.view.fresh(entry):
-            if entry.others + mine >= limit:
-                return False
+        # the view lets in; a refusal is Redis's (connections the view counts may have closed)
+        if self.view.fresh(entry) and entry.others + mine < limit:
             self.local.enter(key, limit)
             self._changed(key, entry)
             return True
-        keys, args = [self._hash(key), self._lease_key], [self.id, limit, self.lease, self._lease_prefix, mine]
+        entering = self._entering[key]
+        keys, args = [self._hash(key), self._lease_key], [self.id, limit, self.lease, self._lease_prefix,
+                                                          mine + entering]
         rate = self.prefetch(key)
         if rate is not None:
             keys.append(rate[0]._key(rate[1], rate[2]))
             args.append(f"{rate[2]:g}")
+        self._entering[key] += 1
         try:
             entered, others, held, counted = self.store.call("connections", self._enter, keys=keys, args=args)
         except RedisDown:
@@ -287,6 +291,10 @@ class RedisConnections:
                 return False
             self.local.enter(key, limit)  # counted here only; the next renewal shares it
             return True
+        finally:
+            self._entering[key] -= 1
+            if not self._entering[key]:
+                del self._entering[key]
         entry.others, entry.heard = int(others), self.store.clock()
         if rate is not None and counted is not None:
             rate[0].heard(rate[1], rate[2], counted)
