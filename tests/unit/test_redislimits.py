@@ -20,6 +20,7 @@ from geosmtp.relay.dnscache import SharedCache
 from geosmtp.relay.mx import MXResolver, make_resolver
 from tests.support.fakedns import FakeDNS
 from tests.support.redis import RedisServer
+from tests.support.server import free_port
 
 HOUR = 3600.0
 
@@ -467,3 +468,36 @@ def test_redis_py_uses_hiredis():
     assert redis.utils.HIREDIS_AVAILABLE
     store = connect("redis://127.0.0.1:1/0")
     assert type(store.client.connection_pool.make_connection()._command_packer).__name__ == "HiredisRespSerializer"
+
+
+def test_tls_to_a_redis_that_speaks_only_tls(tmp_path):
+    """rediss:// (and tls = true) to a real redis-server serving TLS with a certificate of a
+    CA made here: counted there with `ca_file`; refused with a CA that did not sign it
+    (a failure like any other: on_error applies, nothing is sent in the clear)."""
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: tmp_path / name for name in ("cert.pem", "key.pem", "ca.pem", "other.pem")}
+    cert.cert_chain_pems[0].write_to_path(files["cert.pem"])
+    cert.private_key_pem.write_to_path(files["key.pem"])
+    ca.cert_pem.write_to_path(files["ca.pem"])
+    other.cert_pem.write_to_path(files["other.pem"])
+    tls_port = free_port()
+    extra = (f"tls-port {tls_port}\ntls-cert-file {files['cert.pem']}\ntls-key-file {files['key.pem']}\n"
+             f"tls-ca-cert-file {files['ca.pem']}\ntls-auth-clients no\n")
+    with RedisServer(tmp_path / "r", extra=extra):
+        for url, kw in ((f"rediss://127.0.0.1:{tls_port}/0", {}), (f"redis://127.0.0.1:{tls_port}/0", {"tls": True})):
+            store = connect(url, ca_file=str(files["ca.pem"]), **kw)
+            try:
+                lim = RedisLimiter(store, "defer")
+                lim.add("tls", HOUR)
+                store.flush()
+                assert lim.count("tls", HOUR) >= 1
+            finally:
+                store.close()
+        untrusted = connect(f"rediss://127.0.0.1:{tls_port}/0", ca_file=str(files["other.pem"]))
+        try:
+            assert RedisLimiter(untrusted, "defer").count("tls", HOUR) == math.inf
+        finally:
+            untrusted.close()
