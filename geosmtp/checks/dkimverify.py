@@ -367,6 +367,11 @@ class DKIMCheck(Check):
         # cost more than they spare the hub
         run = self.context.run if (facts.size or 0) > INLINE_SIZE else _direct
         message, complete = run(read_message, facts.open_message, max_header)
+        head_end = message.find(b"\r\n\r\n")
+        head = message if head_end < 0 else message[:head_end + 2]
+        if complete and b"dkim-signature" not in head.lower():
+            # unsigned (no field of that name, however written): nothing to parse or hash
+            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
         parsed, sigs = run(prepare, message, complete, max_sigs)
         if not sigs:
             if not complete:
