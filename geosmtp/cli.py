@@ -249,13 +249,8 @@ def directory_add_domain(config_path: str, domains: tuple[str, ...]) -> None:
     from geosmtp.directory import sql
 
     names = [d.lower() for d in domains]
-    bad = [d for d in names if not is_hostname(d)]
-    if bad:
-        raise click.UsageError(f"not a domain name: {', '.join(bad)}")
-    with sql_engine(load_or_exit(config_path)) as engine:
-        for name in names:
-            sql.add_domain(engine, name)
-        click.echo(f"{engine.describe()}: {len(names)} domains added")
+    _add_rows(config_path, names, [d for d in names if not is_hostname(d)], "not a domain name",
+              sql.add_domain, "domains")
 
 
 @directory.command("add-mailbox")
@@ -266,13 +261,19 @@ def directory_add_mailbox(config_path: str, addresses: tuple[str, ...]) -> None:
     from geosmtp.directory import sql
 
     keys = [address_key(a) for a in addresses]
+    # the local part becomes a folder under maildir_root/<domain>/
     bad = [k for k in keys if k.rpartition("@")[0].startswith(".") or "/" in k.rpartition("@")[0]]
-    if bad:  # the local part becomes a folder under maildir_root/<domain>/
-        raise click.UsageError(f"cannot be a mailbox folder name: {', '.join(bad)}")
+    _add_rows(config_path, keys, bad, "cannot be a mailbox folder name", sql.add_mailbox, "mailboxes")
+
+
+def _add_rows(config_path: str, rows: list[str], bad: list[str], why: str, add, what: str) -> None:
+    """Refuse the command if any row is bad, else add each row to the SQL directory."""
+    if bad:
+        raise click.UsageError(f"{why}: {', '.join(bad)}")
     with sql_engine(load_or_exit(config_path)) as engine:
-        for key in keys:
-            sql.add_mailbox(engine, key)
-        click.echo(f"{engine.describe()}: {len(keys)} mailboxes added")
+        for row in rows:
+            add(engine, row)
+        click.echo(f"{engine.describe()}: {len(rows)} {what} added")
 
 
 @directory.command("add-alias")

@@ -451,6 +451,19 @@ class Session:
         mechanism = mechanism.upper()
         if not mechanism or " " in initial:
             return replies.AUTH_SYNTAX
+        verdict = self._sasl_verdict(mechanism, initial, users)
+        if isinstance(verdict, Reply):
+            return verdict
+        ok, user = verdict
+        if ok:
+            self.auth_user = ascii_lower(user)
+            self.log.info("AUTH {} succeeded: user={}", mechanism, self.auth_user)
+            return replies.AUTH_OK
+        return self._auth_failed(mechanism, ip_key)
+
+    def _sasl_verdict(self, mechanism: str, initial: str, users) -> Reply | tuple[bool, str]:
+        """The exchange of `mechanism` and the password's check: (ok, user), or the reply
+        that ends AUTH without a verdict (cancelled, timed out, bad base64, directory down)."""
         try:
             if mechanism == "PLAIN":
                 response = initial or self._sasl_challenge("")
@@ -469,25 +482,23 @@ class Session:
             return replies.AUTH_BAD_BASE64
         except auth.SaslError as exc:  # well-formed base64, malformed inside: a failure
             self.log.info("AUTH {} malformed: {}", mechanism, exc)
-            ok = False
-        else:
-            try:  # the hash from the directory (which may ask its database), scrypt in the threadpool
-                ok = self.services.run(auth.check, password, users.password_hash(ascii_lower(user)))
-            except DirectoryUnavailable:
-                return replies.AUTH_TEMPORARY  # the directory logged and counted it
-            except Exception:
-                self.log.exception("AUTH check failed")
-                return replies.AUTH_TEMPORARY
-        if ok:
-            self.auth_user = ascii_lower(user)
-            self.log.info("AUTH {} succeeded: user={}", mechanism, self.auth_user)
-            return replies.AUTH_OK
+            return False, ""
+        try:  # the hash from the directory (which may ask its database), scrypt in the threadpool
+            return self.services.run(auth.check, password, users.password_hash(ascii_lower(user))), user
+        except DirectoryUnavailable:
+            return replies.AUTH_TEMPORARY  # the directory logged and counted it
+        except Exception:
+            self.log.exception("AUTH check failed")
+            return replies.AUTH_TEMPORARY
+
+    def _auth_failed(self, mechanism: str, ip_key: str) -> Reply:
+        """A wrong password (or a malformed exchange): counted, slowed down, refused."""
         # never log the name tried: people type passwords into the user field
         self.auth_failures += 1
         metrics.AUTH_FAILURES.inc()
         self.services.limiter.add(ip_key, HOUR)
         self.log.info("AUTH {} failed ({} in this session)", mechanism, self.auth_failures)
-        if self.auth_failures >= s.max_auth_failures:
+        if self.auth_failures >= self.settings.max_auth_failures:
             return replies.AUTH_TOO_MANY_FAILURES
         gevent.sleep(min(2 ** (self.auth_failures - 1), 8))  # slow down guessing
         return replies.AUTH_FAILED
