@@ -45,6 +45,9 @@ class Envelope:
     attempts: int = 0
     last_attempt: float | None = None
     extra: dict = field(default_factory=dict)  # room for later features without a format change
+    # the octets of the message file after its first line, set by the spool at commit: what
+    # start-up recovery checks an entry against (None in entries from before it was recorded)
+    stored: int | None = None
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.status == PENDING]
@@ -64,6 +67,7 @@ class Envelope:
                        "tls": self.client.tls},
             "size": self.size, "body": self.body, "smtputf8": self.smtputf8,
             "attempts": self.attempts, "last_attempt": self.last_attempt, "extra": self.extra,
+            "stored": self.stored,
         }
 
     def to_line(self) -> bytes:

@@ -17,9 +17,12 @@ behind a placeholder line and gets a separate envelope file at commit.
 
 Nothing is fsynced file by file. Every change waits for a round of the group commit
 (geosmtp.groupcommit): one syncfs() of the spool's filesystem, shared by all the changes
-in flight. Where one name must not exist before what it names is durable (an entry before
-its message file, a renamed envelope before its content), the name is made in the round's
-job right after the flush, and the next round makes it durable.
+in flight. A new message's entry is made before the flush, with its content: the envelope
+records the length of what follows it, so that recover() can tell (and remove) an entry
+whose name a crash kept without all of its content, one never acknowledged. Where a name
+must not exist before what it names is durable (a renamed envelope over an entry that was
+durable, so that a crash could lose both), the name is made in the round's job right
+after the flush, and the next round makes it durable.
 
 No locks between entries: exactly one claimer wins a rename, so a master and its workers
 share the spool. One lock for the whole spool (lock_spool) keeps a second geosmtp, and the
@@ -36,6 +39,7 @@ import time
 from functools import partial
 from typing import BinaryIO, Callable, Iterator
 
+import gevent
 from loguru import logger
 
 from geosmtp import groupcommit, safeio
@@ -43,6 +47,7 @@ from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+COMMITTED_TO = ("incoming", "hold")  # where commit() makes entries (recover() checks them)
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
 PLACEHOLDER = b"{}\n"  # first line of a message streamed before its envelope was known
 MAX_ENVELOPE = 8 * 1024 * 1024  # an envelope line longer than this is corrupt
@@ -68,6 +73,11 @@ def _direct(fn, *args):
 
 
 _rng = random.Random()  # seeded from os.urandom; the random module reseeds it after fork()
+
+
+def _in_order(steps: list[Callable[[], None]]) -> None:
+    for step in steps:
+        step()
 
 
 def new_id() -> str:
@@ -112,6 +122,7 @@ class MessageWriter:
         self._fd: int | None = None
         self.error: OSError | None = None
         self.kept: bytes | None = None  # a small message's octets, once finished
+        self.stored = 0  # the file's octets after its first line, once finished
 
     @property
     def spilled(self) -> bool:
@@ -161,6 +172,7 @@ class MessageWriter:
             safeio.write_all(fd, data)
         finally:
             os.close(fd)
+        self.stored = self.size
 
     def overwrite_first_line(self, first_line: bytes) -> None:
         """After finish(): `first_line` written over the first line, of the same length."""
@@ -176,8 +188,10 @@ class MessageWriter:
         flush covers the new file and its name."""
         path = self.spool.message_path(self.id)
         with open(path, "rb") as src, safeio.atomic_write(f"{path}.edit", path) as dst:
-            safeio.write_all(dst, src.readline(MAX_ENVELOPE))
+            line = src.readline(MAX_ENVELOPE)
+            safeio.write_all(dst, line)
             edit(src, dst)
+            self.stored = os.fstat(dst).st_size - len(line)
         self.kept = None  # what was kept is not the message any more
 
     def abort(self) -> None:
@@ -223,10 +237,13 @@ class Spool:
                check: Callable[[str], bool] | None = None) -> None:
         """Make the message durable in queue/incoming/ (or hold/). Returns only when on disk.
 
-        Three steps: the message file (its first line the envelope) is finished in msg/,
-        unsynced; a group-commit round flushes it, then links it into incoming/ (the commit
-        point); the next round makes that link durable. Every commit in flight shares those
-        flushes (geosmtp.groupcommit), so a burst of messages costs two flushes in all.
+        In one group-commit round (geosmtp.groupcommit), shared by every commit in flight:
+        the message file (its first line the envelope) is finished in msg/, linked into
+        incoming/ (the commit point), and one flush makes both durable. The entry's name may
+        thus reach the disk before its content does, but only for a message not yet
+        acknowledged: its envelope records the octets that follow it (`stored`), and
+        recover() removes an entry a crash cut short (_cut_short). One flush a message, not
+        two (a flush, the link, a flush), is what a lone client waits for.
 
         With `check`, check(path of the finished message) runs before the flush (the
         end-of-data checks reading the whole message): if it raises, nothing is queued and
@@ -239,6 +256,7 @@ class Spool:
         behind either way.
         """
         qid = envelope.id
+        envelope.stored = writer.size  # what finish() will have written after the first line
         line = envelope.to_line()
         entry = ""
         # what the flush covers with the "fsync" method: the files written, and the
@@ -248,26 +266,27 @@ class Spool:
         try:
             if check is None:
                 entry = self._entry_for(qid, hold)
+                steps = [partial(writer.finish, line)]
                 if writer.spilled:  # the file begins with a placeholder: its own entry file
-                    before, then = self._entry_file(qid, line, entry, files, dirs)
-                    before = partial(self._both, partial(writer.finish, line), before)
+                    steps.append(self._entry_file(qid, line, entry, files, dirs))
                 else:
-                    before, then = partial(writer.finish, line), self._link(qid, entry)
+                    steps.append(self._link(qid, entry))
             else:
                 padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
                 spilled = writer.spilled
                 self.run(writer.finish, padded)
                 hold = check(self.message_path(qid)) or hold
+                envelope.stored = writer.stored  # a check may have rewritten the message
                 published = envelope.to_line()
                 entry = self._entry_for(qid, hold)
                 if not spilled and len(published) <= len(padded):
-                    then = self._link(qid, entry)
-                    before = None
+                    steps = [self._link(qid, entry)]
                     if published != line:  # rewritten in place, the same length
-                        before = partial(writer.overwrite_first_line, published[:-1].ljust(len(padded) - 1) + b"\n")
+                        steps.insert(0, partial(writer.overwrite_first_line,
+                                                published[:-1].ljust(len(padded) - 1) + b"\n"))
                 else:
-                    before, then = self._entry_file(qid, published, entry, files, dirs)
-            self.commits.flush(before, then, files, [os.path.dirname(entry), *dirs])
+                    steps = [self._entry_file(qid, published, entry, files, dirs)]
+            self.commits.flush(partial(_in_order, steps), None, files, [os.path.dirname(entry), *dirs])
         except Exception as exc:  # nothing half-committed may stay behind
             self._discard(writer, entry)
             if isinstance(exc, OSError):
@@ -295,19 +314,14 @@ class Spool:
         return partial(safeio.link, self.message_path(qid), entry)
 
     def _entry_file(self, qid: str, line: bytes, entry: str, files: list[str],
-                    dirs: list[str]) -> tuple[Callable[[], None], Callable[[], None]]:
-        """An entry of its own: written in tmp/ before the flush, renamed into place after.
-        Adds what the "fsync" method must then flush: that file, and msg/ (the message
-        file no longer has the entry's name to be found by)."""
+                    dirs: list[str]) -> Callable[[], None]:
+        """An entry of its own: written in tmp/ and renamed into place. Adds what the
+        "fsync" method must then flush: that file, and msg/ (the message file no longer has
+        the entry's name to be found by)."""
         tmp = self._tmp_path(qid)
-        files.append(tmp)
+        files.append(entry)
         dirs.append(self._msg)
-        return partial(safeio.write_unsynced, tmp, line), partial(os.rename, tmp, entry)
-
-    @staticmethod
-    def _both(first: Callable[[], None], second: Callable[[], None]) -> None:
-        first()
-        second()
+        return partial(_in_order, [partial(safeio.write_unsynced, tmp, line), partial(os.rename, tmp, entry)])
 
     def rewrite_message(self, writer: MessageWriter, edit: Callable[[BinaryIO, int], None]) -> None:
         """Replace a finished, unpublished message file (a check removing header fields):
@@ -398,9 +412,30 @@ class Spool:
         return True
 
     def done(self, qid: str) -> None:
-        """Delivery finished: the entry goes first, so no entry points at a lost message."""
-        safeio.unlink_quietly(self.entry_path(qid, "active"))
-        self.commits.flush(dirs=(self._dirs["active"],))
+        """Delivery finished: both names go, and the caller does not wait for a flush.
+
+        An entry that is the message file itself goes with it at once, unflushed: a crash
+        that keeps either name keeps all of the message, which is then delivered again or
+        swept by recover(), as after a crash just before done(). An entry of its own goes
+        first, and the message once that removal is durable, so that no entry points at a
+        lost message: a greenlet of its own waits for that flush (a message file left by a
+        crash or a failed flush meanwhile is swept by recover())."""
+        entry = self.entry_path(qid, "active")
+        try:  # the message file has a second name when it is the entry
+            combined = os.stat(self.message_path(qid)).st_nlink > 1
+        except FileNotFoundError:
+            combined = True  # deleted meanwhile: the entry, if any, goes with nothing to wait for
+        safeio.unlink_quietly(entry)
+        if combined:
+            safeio.unlink_quietly(self.message_path(qid))
+        else:
+            gevent.spawn(self._remove_message, qid)
+
+    def _remove_message(self, qid: str) -> None:
+        try:
+            self.commits.flush(dirs=(self._dirs["active"],))
+        except OSError:
+            return  # logged by the flush; recover() sweeps the message at the next start
         safeio.unlink_quietly(self.message_path(qid))
 
     def _names(self, state: str) -> list[str]:
@@ -503,6 +538,40 @@ class Spool:
             logger.warning("spool: {} has no message file; moved to corrupt/", qid)
             safeio.move(entry, self.entry_path(qid, "corrupt"))
 
+    def _cut_short(self, qid: str, state: str, has_message: bool) -> bool:
+        """Whether the entry is a commit a crash cut short, which is then removed: its name
+        reached the disk, its content not all of it (commit() makes both in one flush, and
+        acknowledges the message only after it). The envelope records the octets that
+        follow the message file's first line; a file shorter or longer, or an entry whose
+        first line is not whole (an empty one too), was never acknowledged. An entry from
+        before `stored` was recorded, or whose line is whole but unreadable (the queue
+        manager parks that in corrupt/ for a person), is left as it is."""
+        entry = self.entry_path(qid, state)
+        with open(entry, "rb") as fh:
+            line = fh.readline(MAX_ENVELOPE)
+            entry_size = os.fstat(fh.fileno()).st_size
+        whole = line.endswith(b"\n")
+        if whole:
+            try:
+                stored = Envelope.from_line(line).stored
+            except (ValueError, TypeError, KeyError):
+                return False
+            if stored is None:
+                return False
+            if entry_size > len(line):  # the entry is the message file itself
+                whole = entry_size - len(line) == stored
+            elif has_message:  # an entry file of its own: the message is msg/<id>
+                with open(self.message_path(qid), "rb") as fh:
+                    first = fh.readline(MAX_ENVELOPE)
+                    whole = os.fstat(fh.fileno()).st_size - len(first) == stored
+        if whole:
+            return False
+        logger.warning("spool: {} in {}/ was cut short by a crash before its commit was flushed "
+                       "(never acknowledged); removed", qid, state)
+        safeio.unlink_quietly(entry)
+        safeio.unlink_quietly(self.message_path(qid))
+        return True
+
     def recover(self) -> list[str]:
         """Repair after a crash; run once before accepting or delivering. Returns the ids
         taken back from active/ (their delivery may have been under way).
@@ -524,6 +593,8 @@ class Spool:
         known: set[str] = set()
         for state in STATES:
             for qid in self._names(state):
+                if state in COMMITTED_TO and self._cut_short(qid, state, qid in messages):
+                    continue
                 known.add(qid)
                 if state != "corrupt" and qid not in messages:
                     self._restore_message(qid, state)
