@@ -6,9 +6,12 @@ Connection; a STARTTLS upgrade replaces the socket and throws the old buffer awa
 """
 from __future__ import annotations
 
+import fcntl
 import re
 import socket
 import ssl
+import struct
+import termios
 from dataclasses import dataclass
 from time import monotonic
 from typing import Callable
@@ -65,6 +68,7 @@ class Connection:
         self._buf = bytearray()
         self._out: list[bytes] = []
         self.reading = False  # blocked in a receive now: interrupting it loses nothing
+        self._tls = False  # the socket is an SSLSocket (start_tls)
 
     # -- output -----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -97,6 +101,7 @@ class Connection:
                                           server_hostname=server_hostname,
                                           do_handshake_on_connect=False)
                 self.sock = tls
+                self._tls = True
                 tls.do_handshake()
         except HandshakeFailed:
             raise
@@ -117,13 +122,22 @@ class Connection:
         return len(self._buf)
 
     def input_waiting(self) -> bool:
-        """Whether the client has sent bytes it was not yet asked for: received already, or
-        in the socket right now (one receive that does not wait; what it gets joins the
-        buffer, so nothing is lost). Over TLS only whole records count. A peer that has
-        closed is no input: the next read finds that out."""
+        return self.unasked() > 0
+
+    def unasked(self) -> int:
+        """Octets the client has sent that nothing has asked for yet: received already, or
+        in the socket right now, without waiting. On a plain socket the kernel's count
+        (FIONREAD: one call, nothing taken); over TLS one receive that does not wait, whose
+        bytes join the buffer (so nothing is lost) and in which only whole records count.
+        A peer that has closed is no input: the next read finds that out."""
         if self._buf:
-            return True
+            return len(self._buf)
         sock = self.sock
+        if not self._tls:
+            try:
+                return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from None
         try:
             old_timeout = sock.gettimeout()
             sock.settimeout(0.0)
@@ -132,11 +146,11 @@ class Connection:
             finally:
                 sock.settimeout(old_timeout)
         except (BlockingIOError, ssl.SSLWantReadError, socket.timeout):
-            return False
+            return 0
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from None
         self._buf += data
-        return bool(data)
+        return len(data)
 
     def discard_pending(self) -> int:
         n = len(self._buf)

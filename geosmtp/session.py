@@ -242,11 +242,11 @@ class Session:
         checks the same way: pending input at that moment, no waiting."""
         if not self.settings.forbid_unauth_pipelining or self.trusted or self.auth_user:
             return False
-        if not self.conn.input_waiting():
+        unasked = self.conn.unasked()
+        if not unasked:
             return False
         # how much only: past DATA those octets are a message, before the greeting anything
-        self.log.info("improper pipelining {} from [{}]: {} octets unasked for", where, self.ip,
-                      self.conn.pending())
+        self.log.info("improper pipelining {} from [{}]: {} octets unasked for", where, self.ip, unasked)
         return True
 
     def check_facts(self, phase: str, tx: Transaction | None = None, **more) -> Facts:
@@ -728,15 +728,16 @@ class Session:
         self._accepted(envelope, tx)
         return replies.queued(envelope.id)
 
-    def _end_of_data(self, tx: Transaction, envelope: Envelope, learnt, writer, path: str) -> bool:
-        """The data checks on the finished message `path`: raises Refused, or records their
-        fields and quarantine in the envelope and returns whether it goes to hold/. A small
-        message is read from the octets the writer kept, not from the file again."""
+    def _end_of_data(self, tx: Transaction, envelope: Envelope, learnt, writer, file: Callable[[], str]) -> bool:
+        """The data checks on the whole message (file(): the path of its file, written if
+        it was not): raises Refused, or records their fields and quarantine in the envelope
+        and returns whether it goes to hold/. A small message is read from the octets the
+        writer kept, in memory."""
         kept = writer.kept
         opener = partial(io.BytesIO, kept) if kept is not None else partial(self.spool.open_body, envelope.id)
-        facts = self.check_facts("data", tx=tx, queue_id=envelope.id, message_path=path, size=envelope.size,
+        facts = self.check_facts("data", tx=tx, queue_id=envelope.id, message_file=file, size=envelope.size,
                                  open_message=opener, results=self.checks.view("data", learnt))
-        outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, writer), self.log)
+        outcome = self.checks.data(facts, learnt, partial(self.spool.rewrite_message, writer, file), self.log)
         if outcome.refusal is not None:
             self.log.info("message refused at end of data: {}", outcome.refusal)
             raise Refused(outcome.refusal)

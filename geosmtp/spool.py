@@ -121,8 +121,9 @@ class MessageWriter:
         self._buffered = 0
         self._fd: int | None = None
         self.error: OSError | None = None
-        self.kept: bytes | None = None  # a small message's octets, once finished
+        self.kept: bytes | None = None  # a small message's octets, once kept (keep) or finished
         self.stored = 0  # the file's octets after its first line, once finished
+        self.finished = False
 
     @property
     def spilled(self) -> bool:
@@ -155,6 +156,13 @@ class MessageWriter:
             data = PLACEHOLDER + data
         safeio.write_all(self._fd, data)
 
+    def keep(self) -> None:
+        """A small message's octets joined into `kept` before finish() (what an end-of-data
+        check reads while the file is not yet written)."""
+        if self._fd is None and self.kept is None:
+            self.kept = self._take()
+            self._parts.append(self.kept)
+
     def finish(self, first_line: bytes) -> None:
         """Write what is left and close; no fsync: the spool's group commit flushes the file
         before anything names it. `first_line` (the envelope) is used only if nothing was
@@ -173,6 +181,7 @@ class MessageWriter:
         finally:
             os.close(fd)
         self.stored = self.size
+        self.finished = True
 
     def overwrite_first_line(self, first_line: bytes) -> None:
         """After finish(): `first_line` written over the first line, of the same length."""
@@ -245,13 +254,16 @@ class Spool:
         recover() removes an entry a crash cut short (_cut_short). One flush a message, not
         two (a flush, the link, a flush), is what a lone client waits for.
 
-        With `check`, check(path of the finished message) runs before the flush (the
-        end-of-data checks reading the whole message): if it raises, nothing is queued and
-        the exception goes on to the caller; it may change the envelope (fields to add in
-        front, a quarantine reason) and returns True to put the message in hold/. The
-        message is written with its envelope line padded (JSON allows the white space), so
-        a changed envelope that fits is written over the first line. One that does not fit
-        (or a spilled message's, which begins with a placeholder) gets its own entry file.
+        With `check`, check(file) runs before the flush (the end-of-data checks reading the
+        whole message; file() gives the path of the finished message file): if it raises,
+        nothing is queued and the exception goes on to the caller; it may change the
+        envelope (fields to add in front, a quarantine reason) and returns True to put the
+        message in hold/. A small message is checked in memory (writer.kept) and then
+        committed as without a check, in one round. Once written (spilled, or file() asked
+        for, or rewritten by a check) the message has its envelope line padded (JSON allows
+        the white space), so a changed envelope that fits is written over the first line;
+        one that does not fit (or a spilled message's, which begins with a placeholder) gets
+        its own entry file.
         Raises SpoolError for a storage failure (a failed flush included), leaving nothing
         behind either way.
         """
@@ -264,21 +276,26 @@ class Spool:
         # is the file itself may wait: recover() puts a lost one back from the entry)
         files, dirs = [self.message_path(qid)], []
         try:
-            if check is None:
-                entry = self._entry_for(qid, hold)
+            if check is not None:
+                padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
+                spilled = writer.spilled
+                if spilled:
+                    self.run(writer.finish, padded)
+                else:  # checked in memory: written in the round below, unless asked for
+                    writer.keep()
+                hold = check(partial(self._written, writer, padded)) or hold
+                if not writer.finished:  # a changed envelope costs nothing: it is not written yet
+                    line = envelope.to_line()
+            entry = self._entry_for(qid, hold)
+            if not writer.finished:
                 steps = [partial(writer.finish, line)]
                 if writer.spilled:  # the file begins with a placeholder: its own entry file
                     steps.append(self._entry_file(qid, line, entry, files, dirs))
                 else:
                     steps.append(self._link(qid, entry))
-            else:
-                padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
-                spilled = writer.spilled
-                self.run(writer.finish, padded)
-                hold = check(self.message_path(qid)) or hold
+            else:  # written before the check finished (spilled, asked for, or rewritten)
                 envelope.stored = writer.stored  # a check may have rewritten the message
                 published = envelope.to_line()
-                entry = self._entry_for(qid, hold)
                 if not spilled and len(published) <= len(padded):
                     steps = [self._link(qid, entry)]
                     if published != line:  # rewritten in place, the same length
@@ -323,10 +340,19 @@ class Spool:
         dirs.append(self._msg)
         return partial(_in_order, [partial(safeio.write_unsynced, tmp, line), partial(os.rename, tmp, entry)])
 
-    def rewrite_message(self, writer: MessageWriter, edit: Callable[[BinaryIO, int], None]) -> None:
-        """Replace a finished, unpublished message file (a check removing header fields):
-        edit(source positioned after its first line, destination descriptor) writes the new
-        message; the first line is kept. Off the hub (MessageWriter.replace)."""
+    def _written(self, writer: MessageWriter, first_line: bytes) -> str:
+        """The path of the message file of a commit's check, written now if it was not."""
+        if not writer.finished:
+            self.run(writer.finish, first_line)
+        return self.message_path(writer.id)
+
+    def rewrite_message(self, writer: MessageWriter, file: Callable[[], str],
+                        edit: Callable[[BinaryIO, int], None]) -> None:
+        """Replace an unpublished message file (a check removing header fields), written
+        first if it was not (file(), the commit's): edit(source positioned after its first
+        line, destination descriptor) writes the new message; the first line is kept. Off
+        the hub (MessageWriter.replace)."""
+        file()
         self.run(writer.replace, edit)
 
     # -- the queue manager's side -----------------------------------------------------------

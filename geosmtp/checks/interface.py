@@ -148,13 +148,21 @@ class Facts:
     recipient: str | None = None  # the RCPT TO being decided (rcpt phase)
     recipients: tuple[str, ...] = ()  # accepted so far (RCPT TO as given)
     queue_id: str | None = None  # from DATA on
-    message_path: str | None = None  # data phase: the finished message file
+    # data phase: the finished message file, written when first asked for (message_path)
+    message_file: Callable[[], str] | None = field(default=None, repr=False, compare=False)
     size: int | None = None  # data phase: octets of the message
     results: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)  # what earlier checks recorded
     open_message: Callable[[], BinaryIO] | None = None  # data phase: the message, from its first header
     session: str = ""  # the session's log id (sid=): a check keeping state per SMTP session keys it by this
     # the header section, read once for every check of the phase (replace() shares it)
     _read: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def message_path(self) -> str | None:
+        """Data phase: the path of the finished message file. A small message is checked in
+        memory and only written to its file at the commit: asking for the path writes it now
+        (off the hub), so read the message with open_message() unless a file is needed."""
+        return self.message_file() if self.message_file is not None else None
 
     def header_section(self, limit: int = HEADER_SECTION_LIMIT) -> bytes:
         """The message's header section (up to the blank line; at most `limit` octets)."""

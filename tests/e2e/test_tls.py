@@ -287,6 +287,26 @@ def test_pipelined_ehlo_and_starttls(srv, ctx):
     c.close()
 
 
+def test_input_after_data_inside_tls_is_refused(srv, ctx):
+    """Inside TLS the same rule as in clear (RFC 2920 3.1): a message sent before its 354 in
+    the same write is refused and the session closed; DATA last in its write gets the 354."""
+    c = tls_client(srv.port, ctx)
+    c.send(f"MAIL FROM:<bot@remote.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n"
+           "Subject: early\r\n\r\nbody\r\n.\r\n".encode())
+    assert [code(c.reply()) for _ in range(2)] == ["250 2.1.0", "250 2.1.5"]
+    exactly(c.reply(), replies.PROTOCOL_SYNC)
+    assert c.closed()
+    c.close()
+    c = tls_client(srv.port, ctx)
+    c.send(f"MAIL FROM:<p@remote.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n".encode())
+    assert [code(c.reply()) for _ in range(2)] == ["250 2.1.0", "250 2.1.5"]
+    assert c.reply()[0] == replies.START_DATA.code
+    c.send(b"Subject: waited\r\n\r\nbody\r\n.\r\n")
+    qid = queue_id(c.reply())
+    c.close()
+    wait_delivered(srv, ALICE, qid)
+
+
 # -- RFC 3207 4.2: everything learnt before TLS is forgotten -----------------------------------
 def test_tls_forgets_greeting_and_transaction(srv, ctx):
     c = connect(srv.port)

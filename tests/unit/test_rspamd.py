@@ -60,7 +60,7 @@ def facts(stored, message: bytes = MESSAGE, **kw) -> Facts:
     path, opener = stored(message)
     base = dict(phase="data", listener="mx", mode="smtp", ip=ipaddress.ip_address("192.0.2.10"),
                 trusted=False, hostname="mx.test", helo="client.example", sender="alice@sender.example",
-                recipients=("bob@example.test",), queue_id="Q1", message_path=path, size=len(message),
+                recipients=("bob@example.test",), queue_id="Q1", message_file=lambda: path, size=len(message),
                 open_message=opener)
     base.update(kw)
     return Facts(**base)

@@ -1016,8 +1016,9 @@ def test_a_checked_commit_records_the_length_of_the_rewritten_message(spool):
     writer.write(b"X-Drop: me\r\n" + DATA)
     envelope = make_envelope(writer.id)
 
-    def check(path):
-        spool.rewrite_message(writer, lambda src, dst: safeio.write_all(dst, src.read()[len(b"X-Drop: me\r\n"):]))
+    def check(file):
+        spool.rewrite_message(writer, file,
+                              lambda src, dst: safeio.write_all(dst, src.read()[len(b"X-Drop: me\r\n"):]))
         return False
 
     spool.commit(writer, envelope, check=check)
