@@ -36,6 +36,7 @@ import gevent.pool
 from loguru import logger
 
 from geosmtp import bounce, metrics, safeio
+from geosmtp.batches import Batches, each
 from geosmtp.config import QueueConfig
 from geosmtp.delivery.target import NO_ROUTE, Message, OpenBody, Outcome, Router, Target
 from geosmtp.destinations import Destinations, Routes
@@ -134,6 +135,7 @@ class QueueManager:
         self.destinations = Destinations(min(settings.destination_concurrency, settings.concurrency))
         self._waiting_ids = _Either(self._delivering, self.destinations)  # what a walk must not schedule
         self._armed_until = 0.0  # when the sleeping loop wakes by itself (a defer before it wakes it)
+        self._reads = Batches(spool.run, each(self._read))  # the claimed entries', a batch a job
 
     def start(self, recovered: Sequence[str] = ()) -> None:
         self._recovered = set(recovered)
@@ -157,6 +159,7 @@ class QueueManager:
         # active/ and go back to incoming/ at the next start
         self.pool.join(timeout=timeout)
         self.pool.kill()
+        self.spool.settle(timeout)  # the finished deliveries' entries removed
 
     def _run(self) -> None:
         while True:
@@ -329,9 +332,10 @@ class QueueManager:
         the destinations whose slots this attempt holds (set here when they were not known)."""
         log = logger.bind(sid=qid)
         self.destinations.forget(qid)
-        envelope = self._load(qid, log)
-        if envelope is None:
+        loaded = self._load(qid, log)
+        if loaded is None:
             return
+        envelope, measured = loaded
         if taken[0] is None:
             routes = self.routes_of(envelope)
             if self._wait_for_room(qid, routes, log):
@@ -349,29 +353,39 @@ class QueueManager:
                 if rcpt.status == PENDING:
                     record(index, Outcome(reply), "returned")
         else:
-            self._hand_out(envelope, qid in self._recovered, record, log)
+            self._hand_out(envelope, measured, qid in self._recovered, record, log)
         if envelope.pending() and now - envelope.created >= self.settings.max_lifetime:
             failed += self._expire(envelope, log)
         self._finish(envelope, now, failed, log)
 
-    def _load(self, qid: str, log) -> Envelope | None:
-        """The claimed entry's envelope; None (and the entry parked in corrupt/ when it is
-        unusable) when there is nothing to deliver."""
+    def _load(self, qid: str, log) -> tuple[Envelope, tuple[int, bytes]] | None:
+        """The claimed entry's envelope and its message's (octets, header section), read off
+        the hub with those of the other deliveries starting now; None (and the entry parked in corrupt/ when it is unusable)
+        when there is nothing to deliver."""
         try:
-            envelope = self.spool.run(self.spool.load, qid)
+            envelope, measured = self._reads.call(qid)
         except FileNotFoundError:
             return None
         except (ValueError, TypeError, KeyError) as exc:
-            log.error("queue: unreadable envelope ({}); moved to corrupt/", exc)
+            log.error("queue: unreadable entry ({}); moved to corrupt/", exc)
             self.spool.move(qid, "active", "corrupt")
             return None
-        if not os.path.exists(self.spool.message_path(qid)):
+        if measured is None:
             # no message will ever come back (an operator's delete that raced our last
             # rewrite, or a damaged spool): park the envelope where a person looks
             log.error("queue: the message file is gone; entry moved to corrupt/")
             self.spool.move(qid, "active", "corrupt")
             return None
-        return envelope
+        return envelope, measured
+
+    def _read(self, qid: str) -> tuple[Envelope, tuple[int, bytes] | None]:
+        """In a thread: the active entry's envelope (FileNotFoundError: the entry is gone),
+        and its message's (octets, header section), None when the message file is gone."""
+        envelope = self.spool.load(qid)
+        try:
+            return envelope, self._measure(qid)
+        except FileNotFoundError:
+            return envelope, None
 
     @staticmethod
     def _begin(envelope: Envelope, now: float, log) -> None:
@@ -441,7 +455,8 @@ class QueueManager:
             log.warning("queue: entry removed during delivery; not deferred")
 
     # -- handing recipients to their targets ------------------------------------------------
-    def _hand_out(self, envelope: Envelope, redelivery: bool, record: Callable, log) -> None:
+    def _hand_out(self, envelope: Envelope, measured: tuple[int, bytes], redelivery: bool, record: Callable,
+                  log) -> None:
         """Every pending recipient to its target (the router decides), grouped by the
         target's destination: one deliver() per group, all groups at once; each outcome is
         recorded as it comes."""
@@ -458,7 +473,7 @@ class QueueManager:
             groups.setdefault(key, (target, []))[1].append(index)
         if not groups:
             return
-        size, headers = self.spool.run(self._measure, envelope.id)
+        size, headers = measured
         # RFC 5321 6.3: a message that has been through this many hosts is in a loop
         if sum(1 for line in headers.split(b"\r\n") if line[:9].lower() == b"received:") > MAX_HOPS:
             for _, indices in groups.values():
@@ -500,7 +515,7 @@ class QueueManager:
         gevent.joinall(jobs, raise_error=True)
 
     def _measure(self, qid: str) -> tuple[int, bytes]:
-        """(octets of the message, its header section); in a thread."""
+        """(octets of the message, its header section)."""
         with self.spool.open_body(qid) as fh:
             return os.fstat(fh.fileno()).st_size - fh.tell(), bounce.header_section(fh)
 

@@ -37,12 +37,13 @@ import os
 import random
 import time
 from functools import partial
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import gevent
 from loguru import logger
 
 from geosmtp import groupcommit, safeio
+from geosmtp.batches import Batches
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
 
@@ -223,6 +224,8 @@ class Spool:
         self._msg = os.path.join(self.root, "msg")
         self._tmp = os.path.join(self.root, "tmp")
         self.commits = GroupCommit(self.root, run, flush)  # the flushes every change waits for
+        # finished deliveries' entries, removed a batch at a time (done)
+        self._removals = Batches(run, self._remove_entries, after=self._removed)
 
     # -- layout -----------------------------------------------------------------------------
     def entry_path(self, qid: str, state: str) -> str:
@@ -438,31 +441,59 @@ class Spool:
         return True
 
     def done(self, qid: str) -> None:
-        """Delivery finished: both names go, and the caller does not wait for a flush.
+        """Delivery finished: both names go, and the caller waits for nothing.
 
-        An entry that is the message file itself goes with it at once, unflushed: a crash
-        that keeps either name keeps all of the message, which is then delivered again or
-        swept by recover(), as after a crash just before done(). An entry of its own goes
-        first, and the message once that removal is durable, so that no entry points at a
-        lost message: a greenlet of its own waits for that flush (a message file left by a
-        crash or a failed flush meanwhile is swept by recover())."""
-        entry = self.entry_path(qid, "active")
-        try:  # the message file has a second name when it is the entry
-            combined = os.stat(self.message_path(qid)).st_nlink > 1
-        except FileNotFoundError:
-            combined = True  # deleted meanwhile: the entry, if any, goes with nothing to wait for
-        safeio.unlink_quietly(entry)
-        if combined:
-            safeio.unlink_quietly(self.message_path(qid))
-        else:
-            gevent.spawn(self._remove_message, qid)
+        The removals of every delivery finishing meanwhile are one threadpool job. An entry
+        that is the message file itself goes with it at once, unflushed: a crash that keeps
+        either name keeps all of the message, which is then delivered again or swept by
+        recover(), as after a crash just before done(). An entry of its own goes first, and
+        the message once that removal is durable, so that no entry points at a lost
+        message (a message file left by a crash or a failed flush meanwhile is swept by
+        recover()). settle() waits for what is under way (a clean stop)."""
+        self._removals.post(qid)
 
-    def _remove_message(self, qid: str) -> None:
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until the removals done() started are made; whether they were, in time."""
+        return self._removals.settle(timeout)
+
+    def _remove_entries(self, qids: Sequence[str]) -> list[tuple[bool, object]]:
+        """In a thread: each entry removed, and its message with it when the entry is the
+        message file; per entry (True, whether its message is left to remove) or (False,
+        the error)."""
+        out: list[tuple[bool, object]] = []
+        for qid in qids:
+            try:
+                try:  # the message file has a second name when it is the entry
+                    combined = os.stat(self.message_path(qid)).st_nlink > 1
+                except FileNotFoundError:
+                    combined = True  # deleted meanwhile: nothing left to wait for
+                safeio.unlink_quietly(self.entry_path(qid, "active"))
+                if combined:
+                    safeio.unlink_quietly(self.message_path(qid))
+                out.append((True, not combined))
+            except OSError as exc:
+                out.append((False, exc))
+        return out
+
+    def _removed(self, qids: Sequence[str], outcomes: list[tuple[bool, object]]) -> None:
+        left = []
+        for qid, (ok, value) in zip(qids, outcomes):
+            if not ok:  # the entry stays in active/: delivered again after a restart
+                logger.error("spool: cannot remove the delivered entry {}: {}", qid, value)
+            elif value:
+                left.append(qid)
+        if left:
+            gevent.spawn(self._remove_messages, left)
+
+    def _remove_messages(self, qids: list[str]) -> None:
         try:
             self.commits.flush(dirs=(self._dirs["active"],))
         except OSError:
-            return  # logged by the flush; recover() sweeps the message at the next start
-        safeio.unlink_quietly(self.message_path(qid))
+            return  # logged by the flush; recover() sweeps the messages at the next start
+        try:
+            self.run(_in_order, [partial(safeio.unlink_quietly, self.message_path(qid)) for qid in qids])
+        except OSError as exc:
+            logger.error("spool: cannot remove delivered messages: {}", exc)
 
     def _names(self, state: str) -> list[str]:
         """The ids in a state's directory, in no order. Runs off the hub: a listing of

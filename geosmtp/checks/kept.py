@@ -15,8 +15,9 @@ import math
 import os
 import time
 
-from gevent import select
 from gevent.lock import BoundedSemaphore
+
+from geosmtp.connection import readable_now
 
 
 class KeptConnections:
@@ -38,10 +39,9 @@ class KeptConnections:
         if now - conn.used > self.max_idle or now - conn.opened > self.max_ttl:
             return False
         try:  # readable while idle: the server closed it (EOF) or sent what nobody asked for
-            readable, _, _ = select.select([conn.sock], [], [], 0)
+            return not readable_now(conn.sock)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def _checkout(self) -> tuple[object, bool]:
         """A connection to use alone: (a kept one, True) or (a new one, False)."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import BinaryIO
 
-import gevent.select
 import gevent.socket
 
 from geosmtp.connection import (
@@ -27,6 +26,7 @@ from geosmtp.connection import (
     LineFlood,
     LineTooLong,
     ReadTimeout,
+    readable_now,
 )
 from geosmtp.delivery.target import Message
 from geosmtp.relay.errors import PermanentError, TransientError, error_for
@@ -358,10 +358,9 @@ class Client:
         if self.broken or self.conn.pending():
             return False
         try:
-            readable, _, _ = gevent.select.select([self.conn.sock], [], [], 0)
+            return not readable_now(self.conn.sock)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def quit(self) -> None:
         """QUIT politely, briefly; the connection is closed whatever happens."""

@@ -32,6 +32,7 @@ from geosmtp.connection import (
     LineFlood,
     LineTooLong,
     ReadTimeout,
+    readable_now,
 )
 from geosmtp.limits import DataClock, Limits
 
@@ -730,3 +731,19 @@ def test_any_nul_is_refused(lines, where, cuts, normalize):
         assert p.line() == b"QUIT"
     finally:
         p.close()
+
+
+def test_readable_now_sees_input_and_the_peers_end_without_waiting():
+    a, b = socket.socketpair()
+    try:
+        began = time.monotonic()
+        assert readable_now(a) is False
+        b.sendall(b"421 idle timeout\r\n")
+        assert readable_now(a) is True
+        a.recv(100)
+        assert readable_now(a) is False
+        b.close()
+        assert readable_now(a) is True  # the end: the next read returns b""
+        assert time.monotonic() - began < 1.0  # none of them waited
+    finally:
+        a.close()

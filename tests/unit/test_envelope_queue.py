@@ -240,7 +240,7 @@ def test_queue_loads_through_run_and_passes_open_body(tmp_path):
     jobs = []
 
     def run(fn, *args):
-        jobs.append(getattr(fn, "__func__", fn))
+        jobs.append(args)
         return fn(*args)
 
     s = Spool(tmp_path / "spool", run=run)
@@ -250,7 +250,7 @@ def test_queue_loads_through_run_and_passes_open_body(tmp_path):
     envelope = enqueue(s, rcpts=("alice@example.test", "bob@example.test"))
     jobs.clear()
     deliver(qm, envelope.id)
-    assert jobs[0] is Spool.load  # the envelope is read off the hub
+    assert jobs[0] == ([envelope.id],)  # the envelope is read off the hub, in a batch of reads
     assert [(c[0], c[1], c[3], c[4]) for c in fake.calls] == [
         (envelope.id, 0, MESSAGE, False), (envelope.id, 1, MESSAGE, False)]
     open_body = fake.calls[0][2]

@@ -1256,6 +1256,7 @@ def test_locate_is_none_once_delivered(spool):
     env = enqueue(spool)
     assert spool.claim(env.id)
     spool.done(env.id)
+    assert spool.settle(5.0)
     assert spool.locate(env.id) is None
 
 
