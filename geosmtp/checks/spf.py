@@ -22,6 +22,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote
 
 import dns.name
@@ -228,6 +229,7 @@ def identity_domain(text: str) -> str | None:
     return text.lower()
 
 
+@lru_cache(maxsize=1024)  # the same few domains for every message; a Name is immutable
 def dns_name(text: str) -> dns.name.Name | None:
     """An expanded domain-spec as a DNS name (7.3: the final dot dropped, left labels
     removed past 253 characters); None when it cannot be asked (an empty or long label)."""
@@ -258,7 +260,8 @@ class Evaluation:
 
     def __init__(self, resolver, ip, sender: str, helo: str | None):
         self.dns = resolver
-        ip = ipaddress.ip_address(ip)
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):  # (not parsed again)
+            ip = ipaddress.ip_address(ip)
         if ip.version == 6 and ip.ipv4_mapped is not None:  # 5: an IPv4 client, as such
             ip = ip.ipv4_mapped
         self.ip = ip
