@@ -134,9 +134,6 @@ class Connection:
         """Bytes received but not yet consumed (pipelined input, or injected before TLS)."""
         return len(self._buf)
 
-    def input_waiting(self) -> bool:
-        return self.unasked() > 0
-
     def unasked(self) -> int:
         """Octets the client has sent that nothing has asked for yet: received already, or
         in the socket right now, without waiting. On a plain socket the kernel's count

@@ -360,8 +360,8 @@ class QueueManager:
 
     def _load(self, qid: str, log) -> tuple[Envelope, tuple[int, bytes]] | None:
         """The claimed entry's envelope and its message's (octets, header section), read off
-        the hub with those of the other deliveries starting now; None (and the entry parked in corrupt/ when it is unusable)
-        when there is nothing to deliver."""
+        the hub with those of the other deliveries starting now; None (and the entry parked
+        in corrupt/ when it is unusable) when there is nothing to deliver."""
         try:
             envelope, measured = self._reads.call(qid)
         except FileNotFoundError:

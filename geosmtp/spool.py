@@ -279,14 +279,10 @@ class Spool:
         # is the file itself may wait: recover() puts a lost one back from the entry)
         files, dirs = [self.message_path(qid)], []
         try:
+            padded = spilled = None
             if check is not None:
-                padded = line[:-1] + b" " * ENVELOPE_ROOM + b"\n"
-                spilled = writer.spilled
-                if spilled:
-                    self.run(writer.finish, padded)
-                else:  # checked in memory: written in the round below, unless asked for
-                    writer.keep()
-                hold = check(partial(self._written, writer, padded)) or hold
+                padded, spilled = line[:-1] + b" " * ENVELOPE_ROOM + b"\n", writer.spilled
+                hold = self._check(writer, padded, check) or hold
                 if not writer.finished:  # a changed envelope costs nothing: it is not written yet
                     line = envelope.to_line()
             entry = self._entry_for(qid, hold)
@@ -297,15 +293,7 @@ class Spool:
                 else:
                     steps.append(self._link(qid, entry))
             else:  # written before the check finished (spilled, asked for, or rewritten)
-                envelope.stored = writer.stored  # a check may have rewritten the message
-                published = envelope.to_line()
-                if not spilled and len(published) <= len(padded):
-                    steps = [self._link(qid, entry)]
-                    if published != line:  # rewritten in place, the same length
-                        steps.insert(0, partial(writer.overwrite_first_line,
-                                                published[:-1].ljust(len(padded) - 1) + b"\n"))
-                else:
-                    steps = [self._entry_file(qid, published, entry, files, dirs)]
+                steps = self._publish_written(writer, envelope, line, padded, spilled, entry, files, dirs)
             self.commits.flush(partial(_in_order, steps), None, files, [os.path.dirname(entry), *dirs])
         except Exception as exc:  # nothing half-committed may stay behind
             self._discard(writer, entry)
@@ -315,6 +303,28 @@ class Spool:
         # A kill (GreenletExit at shutdown) leaves the round to finish in its thread; the
         # files are then either committed (the client, with no 250, may send again: a
         # duplicate, never a loss) or removed by recover() at the next start.
+
+    def _check(self, writer: MessageWriter, padded: bytes, check: Callable) -> bool:
+        """A commit's check: a spilled message is finished first (its file is the only copy),
+        a small one is checked in memory and written only if the check asks for its file."""
+        if writer.spilled:
+            self.run(writer.finish, padded)
+        else:
+            writer.keep()
+        return check(partial(self._written, writer, padded))
+
+    def _publish_written(self, writer: MessageWriter, envelope: Envelope, line: bytes, padded: bytes,
+                         spilled: bool, entry: str, files: list[str], dirs: list[str]) -> list[Callable[[], None]]:
+        """The round's steps for a message written before its check ended: the envelope
+        over its padded first line when it fits (or unchanged), else an entry file."""
+        envelope.stored = writer.stored  # a check may have rewritten the message
+        published = envelope.to_line()
+        if spilled or len(published) > len(padded):
+            return [self._entry_file(envelope.id, published, entry, files, dirs)]
+        steps = [self._link(envelope.id, entry)]
+        if published != line:  # rewritten in place, the same length
+            steps.insert(0, partial(writer.overwrite_first_line, published[:-1].ljust(len(padded) - 1) + b"\n"))
+        return steps
 
     def _discard(self, writer: MessageWriter, entry: str) -> None:
         """What a failed commit left: the message, a spilled message's entry file in tmp/

@@ -684,32 +684,32 @@ def test_nul_after_a_big_clean_start(pair):
     assert pair.line() == b"QUIT"
 
 
-# -- input_waiting: has the client sent more than it was asked for? -----------------------------
-def test_input_waiting_nothing_sent(pair):
+# -- unasked: has the client sent more than it was asked for? -----------------------------
+def test_unasked_nothing_sent(pair):
     pair.server.settimeout(3.0)
-    assert pair.conn.input_waiting() is False
+    assert pair.conn.unasked() == 0
     assert pair.server.gettimeout() == 3.0  # the socket's own timeout is put back
 
 
-def test_input_waiting_sees_the_socket_and_keeps_the_bytes(pair):
+def test_unasked_sees_the_socket_and_keeps_the_bytes(pair):
     pair.send(b"EHLO early.test\r\n")
     deadline = time.monotonic() + SAFETY
     while not unread(pair.server) and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert pair.conn.input_waiting() is True
+    assert pair.conn.unasked() > 0
     assert pair.line() == b"EHLO early.test"  # nothing lost
-    assert pair.conn.input_waiting() is False
+    assert pair.conn.unasked() == 0
 
 
-def test_input_waiting_sees_the_buffer(pair):
+def test_unasked_sees_the_buffer(pair):
     pair.send(b"DATA\r\nSubject: not asked for\r\n")
     assert pair.line() == b"DATA"
-    assert pair.conn.input_waiting() is True
+    assert pair.conn.unasked() > 0
 
 
-def test_input_waiting_after_the_peer_closed(pair):
+def test_unasked_after_the_peer_closed(pair):
     pair.client.shutdown(socket.SHUT_WR)
-    assert pair.conn.input_waiting() is False
+    assert pair.conn.unasked() == 0
     with pytest.raises(ConnectionClosed):
         pair.line()
 

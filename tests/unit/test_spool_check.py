@@ -156,12 +156,19 @@ class Counting:
         return fn(*args)
 
 
-def test_a_small_message_is_checked_in_memory_and_written_in_one_round(tmp_path):
-    """No file before the flush's round: the check reads the kept octets, a changed
-    envelope is written with the message, and the commit is one job and one round."""
+@pytest.fixture
+def counted(tmp_path):
+    """A spool whose threadpool jobs are counted, and its counter."""
     run = Counting()
     spool = Spool(tmp_path / "spool", run=run)
     spool.setup()
+    return spool, run
+
+
+def test_a_small_message_is_checked_in_memory_and_written_in_one_round(counted):
+    """No file before the flush's round: the check reads the kept octets, a changed
+    envelope is written with the message, and the commit is one job and one round."""
+    spool, run = counted
     writer, envelope, data = message(spool, 100)
     seen = []
 
@@ -185,10 +192,8 @@ def test_a_small_message_is_checked_in_memory_and_written_in_one_round(tmp_path)
     assert spool.recover() == []
 
 
-def test_asking_for_the_file_writes_it_once(tmp_path):
-    run = Counting()
-    spool = Spool(tmp_path / "spool", run=run)
-    spool.setup()
+def test_asking_for_the_file_writes_it_once(counted):
+    spool, run = counted
     writer, envelope, data = message(spool, 100)
     paths = []
 
