@@ -253,10 +253,15 @@ class Session:
         """What the inbound checks see now (geosmtp.checks): plain values, never the session."""
         tx = tx or self.tx
         s = self.settings
+        # (no setdefault: its default would be computed, and the results view with it, even
+        # when given: a second view of other results would make run() copy the facts)
         if tx is not None:
-            more.setdefault("sender", str(tx.sender) if tx.sender else "")
-            more.setdefault("recipients", tuple(tx.originals))
-        more.setdefault("results", self.checks.view(phase))  # what earlier checks recorded
+            if "sender" not in more:
+                more["sender"] = str(tx.sender) if tx.sender else ""
+            if "recipients" not in more:
+                more["recipients"] = tuple(tx.originals)
+        if "results" not in more:
+            more["results"] = self.checks.view(phase)  # what earlier checks recorded
         return Facts(phase=phase, listener=s.listener, mode=s.mode, ip=self.ip, trusted=self.trusted,
                      hostname=s.hostname, ptr=self.checks.ptr, helo=self.helo, tls=self.tls,
                      auth_user=self.auth_user, session=self.id, **more)
@@ -314,7 +319,7 @@ class Session:
                 pass
         finally:
             self._drop_tx()
-            if self.checks.engine.specs:  # checks keeping state for this session let it go
+            if self.checks.engine.stateful:  # checks keeping state for this session let it go
                 self.checks.end_session(self.check_facts("end"), self.log)
             self.log.info(
                 "disconnect from [{}] proxy={} helo={} tls={} user={} messages={} errors={} time={:.3f}s ({})",

@@ -156,6 +156,9 @@ class DNSBLCheck(Check):
     def __init__(self, options, context):
         super().__init__(options, context)
         self.zones = [_Zone(z) for z in options["zones"]]
+        # the zones to ask, each once, for an IPv4 and an IPv6 client
+        self._names = {4: list(dict.fromkeys(z.name for z in self.zones)),
+                       6: list(dict.fromkeys(z.name for z in self.zones if z.ipv6))}
         self.threshold = options["threshold"]
         self.exempt = {x.lower() for x in options["exempt_recipients"]}
         self.error_log_interval = options["error_log_interval"]
@@ -194,7 +197,9 @@ class DNSBLCheck(Check):
         """(zone entry, the answer that makes it a listing) for every entry listing `ip`.
         A zone named by several entries (an allow list's trust levels, each with its own
         action) is asked once."""
-        names = list(dict.fromkeys(z.name for z in self.zones if ip.version == 4 or z.ipv6))
+        names = self._names[ip.version]
+        if not names:
+            return []
         if len(names) == 1:  # one list: asked in this greenlet, under the resolver's own timeout
             answers = {}
             try:
@@ -225,6 +230,8 @@ class DNSBLCheck(Check):
     # -- verdicts -----------------------------------------------------------------------------
     def connect(self, facts: Facts) -> Verdict:
         listed = self.lookup(facts.ip)
+        if not listed:  # the usual answer: nothing to weigh
+            return Verdict.accept(results={"dnsbl": {"score": 0, "listed": []}})
         allowed = next((z.name for z, _ in listed if z.action == "accept"), None)
         scored = [z for z, _ in listed if z.action == "score"]
         score = sum(z.score for z in scored)

@@ -82,6 +82,8 @@ class Engine:
         self.specs = specs
         self.hostname = hostname
         self.by_phase = {p: [s for s in specs if p in s.phases] for p in ("connect", "helo", "mail", "rcpt", "data")}
+        # the checks that keep state per SMTP session (end_session lets it go)
+        self.stateful = [s for s in specs if callable(getattr(s.check, "end_session", None))]
         # we write Authentication-Results (some check records a method): claims in our name go
         self.records_auth = records_auth or any(getattr(s.check, "records_auth", False) for s in specs)
 
@@ -269,13 +271,10 @@ class SessionChecks:
     def end_session(self, facts: Facts, log=logger) -> None:
         """The SMTP session has ended: the checks that keep state per session (end_session)
         let it go, each under its timeout; a failure is logged, never raised."""
-        for spec in self.engine.specs:
-            end = getattr(spec.check, "end_session", None)
-            if not callable(end):
-                continue
+        for spec in self.engine.stateful:
             try:
                 with gevent.Timeout(spec.timeout):
-                    end(facts)
+                    spec.check.end_session(facts)
             except (Exception, gevent.Timeout) as exc:
                 log.warning("check {}: end of session failed ({}: {})", spec.name, type(exc).__name__, exc)
 

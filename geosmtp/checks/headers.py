@@ -23,29 +23,22 @@ def parse_fields(section: bytes) -> list[Field]:
     """The fields of a header section (CRLF lines, as read_header_section returns). A line
     that is neither a field nor a continuation (no colon) is skipped; so is the blank line."""
     fields: list[Field] = []
-    pos = 0
+    pos = start = 0
     name = None
-    start = 0
     value: list[bytes] = []
-
-    def close(end: int) -> None:
-        if name is not None:
-            text = b"".join(value).decode("utf-8", "replace").strip()
-            fields.append(Field(name, text, start, end))
-
     for line in section.splitlines(keepends=True):
-        content = line.rstrip(b"\r\n")
-        if content[:1] in (b" ", b"\t") and name is not None:
-            value.append(content)
+        if name is not None and line[:1] in (b" ", b"\t"):
+            value.append(line.rstrip(b"\r\n"))  # a continuation: unfolded
         else:
-            close(pos)
-            name = None
-            if content:
-                head, colon, rest = content.partition(b":")
-                if colon and head.strip():
-                    name, start, value = head.strip().decode("utf-8", "replace"), pos, [rest]
+            if name is not None:
+                fields.append(Field(name, b"".join(value).decode("utf-8", "replace").strip(), start, pos))
+                name = None
+            head, colon, rest = line.partition(b":")
+            if colon and (head := head.strip()):
+                name, start, value = head.decode("utf-8", "replace"), pos, [rest.rstrip(b"\r\n")]
         pos += len(line)
-    close(pos)
+    if name is not None:
+        fields.append(Field(name, b"".join(value).decode("utf-8", "replace").strip(), start, pos))
     return fields
 
 
