@@ -18,7 +18,6 @@ from functools import partial
 
 import gevent
 import gevent.event
-import gevent.pool
 import gevent.socket
 from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
@@ -29,6 +28,7 @@ from geosmtp import proxy as proxy_protocol
 from geosmtp.config import Config, ConfigError, ListenerConfig, split_hostport
 from geosmtp.config import load as load_config
 from geosmtp.connection import Connection, ConnectionClosed, HandshakeFailed
+from geosmtp.handlers import Handlers, interrupt
 from geosmtp.policy import is_trusted
 from geosmtp.queue import QueueManager
 from geosmtp.redisclient import RedisStore
@@ -150,7 +150,7 @@ class Server:
             limiter=limiter,
             run=run,
         )
-        self.sessions = gevent.pool.Group()
+        self.sessions = Handlers()  # the greenlets running connections (StreamServer's spawn)
         self.live: dict[gevent.Greenlet, Session] = {}  # the session each greenlet runs
         self.http: WSGIServer | None = None
         self._stopping = False
@@ -392,7 +392,7 @@ class Server:
                 logger.info("drain timeout: closing {} sessions with 421", len(self.sessions))
                 self._interrupt(lambda session: True)
                 self.sessions.join(timeout=5)
-            self.sessions.kill(block=True, timeout=2)
+            self.sessions.kill(timeout=2)
             deadline = time.monotonic() + cfg.drain_timeout + 10  # the workers started with us
             for proc in self.workers:
                 while proc is not None and proc.poll() is None and time.monotonic() < deadline:
@@ -418,7 +418,10 @@ class Server:
         """Raise Draining into the sessions `which(session)` picks (it sends the 421)."""
         for greenlet, session in list(self.live.items()):
             if which(session):
-                greenlet.kill(Draining, block=False)
+                interrupt(greenlet, Draining(), partial(self._runs, greenlet, session))
+
+    def _runs(self, greenlet, session: Session) -> bool:
+        return self.live.get(greenlet) is session
 
     # -- one connection ---------------------------------------------------------------------
     def handle(self, name: str, sock: socket.socket, addr) -> None:

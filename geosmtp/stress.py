@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 from time import monotonic
-from typing import Hashable, Iterable, Protocol
+from typing import Callable, Hashable, Iterable, Protocol
 
 from loguru import logger
 
-from geosmtp import metrics
+from geosmtp import handlers, metrics
 
 # The band below the threshold the open sessions must fall into before stress ends (a tenth
 # of max_connections, at least one): without it one session coming and going at the
@@ -59,8 +59,9 @@ class Load:
     """The open sessions of one listener in this process (greenlet → session) and whether
     they are under stress. Sessions read `stressed` at every receive."""
 
-    def __init__(self, listener: str):
+    def __init__(self, listener: str, interrupt: Callable = handlers.interrupt):
         self.listener = listener
+        self.interrupt = interrupt  # (greenlet, exception, still running?): geosmtp.handlers
         self.sessions: dict = {}
         self.evicted: set = set()  # greenlets told to go, not gone yet
         self.stressed = False
@@ -92,7 +93,7 @@ class Load:
                          self.listener, monotonic() - session.last_useful())
         self.evicted.add(victim)
         metrics.EVICTED.labels(self.listener).inc()
-        victim.kill(Evicted(), block=False)
+        self.interrupt(victim, Evicted(), lambda: self.sessions.get(victim) is session)
         return True
 
     def _update(self, capacity: int, share: float) -> None:

@@ -4,6 +4,7 @@ for a field that claims our authserv-id (which a client must never get through, 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Iterable
 
 from geosmtp.checks.interface import AuthResult
@@ -14,7 +15,12 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 def _value(text: str) -> str:
     """A property value: as it is when it is one token, else a quoted-string."""
-    text = _UNSAFE.sub("", str(text).encode("utf-8", "replace").decode("utf-8"))[:255]
+    return _quoted(str(text))
+
+
+@lru_cache(maxsize=4096)  # the same senders and domains in message after message
+def _quoted(text: str) -> str:
+    text = _UNSAFE.sub("", text.encode("utf-8", "replace").decode("utf-8"))[:255]
     if _TOKEN.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

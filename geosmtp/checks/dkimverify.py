@@ -363,6 +363,10 @@ class DKIMCheck(Check):
             return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
         max_header = self.options.get("max_header_size", 64 * 1024)
         max_sigs = self.options.get("max_signatures", 5)
+        section = facts.header_section()  # read once for every check of the phase
+        if len(section) <= max_header and facts.header_section_whole() and b"dkim-signature" not in section.lower():
+            # unsigned (no field of that name, however written): nothing to read, parse or hash
+            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
         # hashing and RSA cost little for a small message: hand-offs to the threadpool would
         # cost more than they spare the hub
         run = self.context.run if (facts.size or 0) > INLINE_SIZE else _direct

@@ -21,9 +21,11 @@ class FakeGreenlet:
     def __init__(self):
         self.killed_with = None
 
-    def kill(self, exception, block=True):
-        assert block is False  # the newcomer never waits for the victim to finish
-        self.killed_with = exception
+
+def told(greenlet, exception, still):
+    """Load's interrupt, recorded: the victim's session is still the one its greenlet runs."""
+    assert still()
+    greenlet.killed_with = exception
 
 
 def walk(capacity: int, share: float, path: list[int]) -> list[bool]:
@@ -58,7 +60,7 @@ def test_longest_useless_is_the_oldest_last_useful_among_the_evictable():
 
 
 def make_load(useful: list[float], capacity: int = 4, share: float = 0.5):
-    load = Load("test")
+    load = Load("test", interrupt=told)
     greenlets = [FakeGreenlet() for _ in useful]
     for g, at in zip(greenlets, useful):
         load.join(g, FakeSession(at), capacity, share)
@@ -92,7 +94,7 @@ def test_full_load_evicts_the_longest_useless_once_each():
 
 
 def test_full_load_with_nobody_evictable_refuses():
-    load = Load("test")
+    load = Load("test", interrupt=told)
     for _ in range(2):
         load.join(FakeGreenlet(), FakeSession(1.0, reading=False), 2, 0.8)
     assert load.make_room(2) is False
