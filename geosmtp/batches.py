@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Sequence, TypeVar
 
-import gevent
 from gevent.event import AsyncResult, Event
+
+from geosmtp import handlers
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -56,7 +57,7 @@ class Batches(Generic[Item, Result]):
         self._queued.append((item, result))
         if self._idle.is_set():
             self._idle.clear()
-            gevent.spawn(self._jobs)
+            handlers.spawn(self._jobs)
 
     def _jobs(self) -> None:
         try:

@@ -26,9 +26,10 @@ import os
 import platform
 from typing import Callable, Literal, Sequence
 
-import gevent
 from gevent.event import AsyncResult
 from loguru import logger
+
+from geosmtp import handlers
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = _libc.syncfs
@@ -134,7 +135,7 @@ class GroupCommit:
         current.slots.append(slot)
         if not self._running:
             self._running = True
-            gevent.spawn(self._rounds)
+            handlers.spawn(self._rounds)
         current.done.get()
         if slot.error is not None:
             raise slot.error

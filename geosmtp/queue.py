@@ -32,7 +32,6 @@ from typing import Callable, Sequence
 import gevent
 import gevent.event
 import gevent.lock
-import gevent.pool
 from loguru import logger
 
 from geosmtp import bounce, metrics, safeio
@@ -40,6 +39,7 @@ from geosmtp.batches import Batches, each
 from geosmtp.config import QueueConfig
 from geosmtp.delivery.target import NO_ROUTE, Message, OpenBody, Outcome, Router, Target
 from geosmtp.destinations import Destinations, Routes
+from geosmtp.handlers import Handlers
 from geosmtp.dkim import Signer
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
 from geosmtp.replies import Reply
@@ -122,7 +122,7 @@ class QueueManager:
         self.router = router  # which target each recipient's domain goes to
         self.signer = signer
         self.settings = settings
-        self.pool = gevent.pool.Pool(settings.concurrency)
+        self.pool = Handlers(keep=settings.concurrency, size=settings.concurrency, name="delivery")
         self._signing = gevent.lock.BoundedSemaphore(SIGNING_AT_ONCE)
         self._wakeup = gevent.event.Event()
         self._recovered: set[str] = set()
@@ -158,7 +158,7 @@ class QueueManager:
         # deliveries still running after the timeout are killed; their entries stay in
         # active/ and go back to incoming/ at the next start
         self.pool.join(timeout=timeout)
-        self.pool.kill()
+        self.pool.kill(timeout=timeout)
         self.spool.settle(timeout)  # the finished deliveries' entries removed
 
     def _run(self) -> None:
@@ -511,6 +511,10 @@ class QueueManager:
                 with saving:
                     self.spool.update(envelope)
 
+        if len(groups) == 1:  # most mail: one destination, delivered in this greenlet
+            (key, (target, indices)), = groups
+            one(key[1], target, indices)
+            return
         jobs = [gevent.spawn(one, key[1], target, indices) for key, (target, indices) in groups]
         gevent.joinall(jobs, raise_error=True)
 

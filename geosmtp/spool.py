@@ -39,10 +39,9 @@ import time
 from functools import partial
 from typing import BinaryIO, Callable, Iterator, Sequence
 
-import gevent
 from loguru import logger
 
-from geosmtp import groupcommit, safeio
+from geosmtp import groupcommit, handlers, safeio
 from geosmtp.batches import Batches
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
@@ -493,7 +492,7 @@ class Spool:
             elif value:
                 left.append(qid)
         if left:
-            gevent.spawn(self._remove_messages, left)
+            handlers.spawn(self._remove_messages, left)
 
     def _remove_messages(self, qids: list[str]) -> None:
         try:

@@ -155,3 +155,38 @@ def caplog_loguru():
     handler = logger.add(write, level="ERROR")
     yield sink
     logger.remove(handler)
+
+
+def test_a_bounded_pool_runs_at_most_size_jobs_and_waits_for_room():
+    pool = Handlers(size=2, name="delivery")
+    go = Event()
+    running = []
+
+    def job(n):
+        running.append(n)
+        go.wait(5)
+
+    pool.spawn(job, 1)
+    pool.spawn(job, 2)
+    third = gevent.spawn(pool.spawn, job, 3)  # waits for room, as gevent's Pool does
+    gevent.sleep(0.05)
+    assert running == [1, 2] and not third.dead
+    waiter = gevent.spawn(pool.wait_available)
+    gevent.sleep(0.01)
+    assert not waiter.dead
+    go.set()
+    assert pool.join(1) and sorted(running) == [1, 2, 3]
+    waiter.join(1)
+    assert waiter.dead
+
+
+def test_background_jobs_run_in_kept_greenlets(monkeypatch):
+    from geosmtp import handlers
+    monkeypatch.setattr(handlers, "_kept", None)  # a pool of this test's own (others share the module's)
+    ran = []
+    handlers.spawn(lambda: ran.append(gevent.getcurrent()))
+    gevent.sleep(0.01)
+    gevent.sleep(0)
+    handlers.spawn(lambda: ran.append(gevent.getcurrent()))
+    gevent.sleep(0.01)
+    assert len(ran) == 2 and ran[0] is ran[1]
