@@ -6,6 +6,7 @@ that runs a Session; the spool, directory and queue manager are shared.
 """
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import signal
@@ -196,6 +197,11 @@ class Server:
     def _accept(self, socks: dict[str, socket.socket]) -> None:
         """A StreamServer per listener on its bound socket: sessions from now on."""
         self.connections.start()
+        # what start-up made (the configuration, the checks, modules, caches) lives as long
+        # as the process: kept out of the collector's way, a full collection walks only what
+        # the sessions make (before: about 68,000 objects, 20 ms a pass with every session
+        # waiting)
+        gc.freeze()
         if self.redis is not None:
             r = self.config.redis
             shared = [what for what, on in (("limits", r.limits), ("greylist", r.greylist),
