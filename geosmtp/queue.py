@@ -39,9 +39,9 @@ from geosmtp.batches import Batches, each
 from geosmtp.config import QueueConfig
 from geosmtp.delivery.target import NO_ROUTE, Message, OpenBody, Outcome, Router, Target
 from geosmtp.destinations import Destinations, Routes
-from geosmtp.handlers import Handlers
 from geosmtp.dkim import Signer
 from geosmtp.envelope import DELIVERED, FAILED, PENDING, ClientInfo, Envelope, Recipient
+from geosmtp.handlers import Handlers
 from geosmtp.replies import Reply
 from geosmtp.schedule import Schedule
 from geosmtp.spool import Spool, SpoolError

@@ -350,6 +350,10 @@ def _direct(fn, *args):
     return fn(*args)
 
 
+def _no_signature() -> Verdict:
+    return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+
+
 # -- the check ----------------------------------------------------------------------------
 class DKIMCheck(Check):
     """Verify the message's DKIM signatures; one Authentication-Results entry per signature
@@ -360,28 +364,23 @@ class DKIMCheck(Check):
 
     def data(self, facts: Facts) -> Verdict:
         if facts.open_message is None:
-            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+            return _no_signature()
         max_header = self.options.get("max_header_size", 64 * 1024)
         max_sigs = self.options.get("max_signatures", 5)
         section = facts.header_section()  # read once for every check of the phase
         if len(section) <= max_header and facts.header_section_whole() and b"dkim-signature" not in section.lower():
             # unsigned (no field of that name, however written): nothing to read, parse or hash
-            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+            return _no_signature()
         # hashing and RSA cost little for a small message: hand-offs to the threadpool would
         # cost more than they spare the hub
         run = self.context.run if (facts.size or 0) > INLINE_SIZE else _direct
         message, complete = run(read_message, facts.open_message, max_header)
-        head_end = message.find(b"\r\n\r\n")
-        head = message if head_end < 0 else message[:head_end + 2]
-        if complete and b"dkim-signature" not in head.lower():
-            # unsigned (no field of that name, however written): nothing to parse or hash
-            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
         parsed, sigs = run(prepare, message, complete, max_sigs)
         if not sigs:
             if not complete:
                 return Verdict.accept(results={"dkim": []}, auth=[AuthResult(
                     "dkim", "neutral", reason=f"header section over {max_header} octets, not verified")])
-            return Verdict.accept(results={"dkim": []}, auth=[AuthResult("dkim", "none")])
+            return _no_signature()
         if parsed is not None:
             keys = fetch_keys(self.context.dns, sigs)
             run(verify, parsed, sigs, keys)

@@ -304,18 +304,7 @@ def ambiguous_from(from_values: list[str], addresses: tuple[tuple[str, str], ...
     quoted strings and comments are not each one whole address with a local part
     ("alice@victim.example@attacker.example": a mail reader shows the first domain, a parser
     may take the last, or none). RFC 7489 6.6.1 (kept by RFC 9989) lets a receiver refuse it."""
-    if all("\n" not in v for v in from_values):
-        return _ambiguous_joined("\n".join(from_values))
-    return _ambiguous(from_values, from_addresses(from_values) if addresses is None else addresses)
-
-
-@short_text_memo()  # as _parsed_from: the same From: in message after message
-def _ambiguous_joined(joined: str) -> bool:
-    values = joined.split("\n")
-    return _ambiguous(values, from_addresses(values))
-
-
-def _ambiguous(from_values: list[str], pairs: tuple[tuple[str, str], ...] | None) -> bool:
+    pairs = from_addresses(from_values) if addresses is None else addresses
     if pairs is None:
         return True
     written = sum(_QUOTED_OR_COMMENT.sub("", v).count("@") for v in from_values)

@@ -230,8 +230,6 @@ class DNSBLCheck(Check):
     # -- verdicts -----------------------------------------------------------------------------
     def connect(self, facts: Facts) -> Verdict:
         listed = self.lookup(facts.ip)
-        if not listed:  # the usual answer: nothing to weigh
-            return Verdict.accept(results={"dnsbl": {"score": 0, "listed": []}})
         allowed = next((z.name for z, _ in listed if z.action == "accept"), None)
         scored = [z for z, _ in listed if z.action == "score"]
         score = sum(z.score for z in scored)

@@ -26,7 +26,7 @@ def parse_fields(section: bytes) -> list[Field]:
     pos = start = 0
     name = None
     value: list[bytes] = []
-    for line in section.splitlines(keepends=True):
+    for line in [*section.splitlines(keepends=True), b""]:  # b"": the end closes the last field
         if name is not None and line[:1] in (b" ", b"\t"):
             value.append(line.rstrip(b"\r\n"))  # a continuation: unfolded
         else:
@@ -37,8 +37,6 @@ def parse_fields(section: bytes) -> list[Field]:
             if colon and (head := head.strip()):
                 name, start, value = head.decode("utf-8", "replace"), pos, [rest.rstrip(b"\r\n")]
         pos += len(line)
-    if name is not None:
-        fields.append(Field(name, b"".join(value).decode("utf-8", "replace").strip(), start, pos))
     return fields
 
 
