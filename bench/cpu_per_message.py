@@ -95,6 +95,12 @@ def one_run(workdir: str, config_text: str, env: dict[str, str], a) -> tuple[flo
         fh.write(config_text)
     venv = env.get("VENV", os.path.join(ROOT, ".venv"))
     port = listener_port(config_text)
+    try:  # a server left running on the port would take the messages and spoil the figures
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        pass
+    else:
+        raise SystemExit(f"port {port} is taken: stop what listens there first")
     with open(os.path.join(workdir, "server.log"), "w") as log:
         server = subprocess.Popen([os.path.join(venv, "bin", "geosmtp"), "start", "-c", "geosmtp.toml"],
                                   cwd=workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
@@ -105,6 +111,8 @@ def one_run(workdir: str, config_text: str, env: dict[str, str], a) -> tuple[flo
         send(port, a.n, a.size, a.conc)
         elapsed = time.monotonic() - started
         time.sleep(a.tail)
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}): see {workdir}/server.log")
         return a.n / elapsed, (tree_cpu(server.pid) - cpu) / a.n * 1000
     finally:
         server.send_signal(signal.SIGTERM)

@@ -20,6 +20,8 @@ from typing import Callable
 import gevent
 from gevent.monkey import get_original
 
+from geosmtp import linescan
+
 RECV_SIZE = 256 * 1024
 # A command line longer than the limit is discarded up to its LF; past this much discarded
 # input with no LF at all, the client is not speaking SMTP and is disconnected.
@@ -261,10 +263,19 @@ class Connection:
                     self._receive(clock)
                     continue
                 block = tail + bytes(buf[:end])  # from the CRLF that may begin "\r\n.\r\n"
-                # "\r\n." starts both the end of the data and a dot-stuffed line: a block
-                # without it (most of a long message) needs neither search done twice
-                dot = block.find(b"\r\n.")
-                found = -1 if dot < 0 else block.find(b"\r\n.\r\n", dot)
+                # a big block's lines, found by vector compares (None: not clean, or small)
+                lines = None
+                if problem is None and not normalize and len(block) >= linescan.VECTOR_MIN:
+                    lines = linescan.scan(block, max_line)
+                if lines is not None:
+                    found, stuffed = lines.end, lines.stuffed
+                else:
+                    # "\r\n." starts both the end of the data and a dot-stuffed line: a
+                    # block without it (most of a long message) needs neither search twice
+                    dot = block.find(b"\r\n.")
+                    found = -1 if dot < 0 else block.find(b"\r\n.\r\n", dot)
+                    # (after a normalised bare LF the tail is no CRLF: look again)
+                    stuffed = dot >= 0 or not block.startswith(b"\r\n")
                 if found >= 0:
                     content = block[2 : found + 2]
                     del buf[: found + 3]
@@ -273,9 +284,7 @@ class Connection:
                     del buf[:end]
                     tail = block[-2:]
                 if problem is None and content:
-                    # (after a normalised bare LF the tail is no CRLF: look again)
-                    stuffed = dot >= 0 or not block.startswith(b"\r\n")
-                    problem, content = self._check(content, max_line, normalize, stuffed)
+                    problem, content = self._check(content, max_line, normalize, stuffed, lines is not None)
                 if problem is None:
                     size += len(content)
                     if size > max_size:
@@ -313,9 +322,11 @@ class Connection:
         return end
 
     @staticmethod
-    def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True) -> tuple[str | None, bytes]:
+    def _check(content: bytes, max_line: int, normalize: bool, stuffed: bool = True,
+               clean: bool = False) -> tuple[str | None, bytes]:
         """Whole complete lines → (problem, unstuffed lines). C-speed scans, no per-line loop.
-        `stuffed` False: the caller saw no "\r\n." in these lines (with the CRLF before them)."""
+        `stuffed` False: the caller saw no "\r\n." in these lines (with the CRLF before them).
+        `clean`: geosmtp.linescan found no bare CR or LF and no long line in them."""
         # RFC 5322 2.3 and RFC 6152 2: no NUL in a message, 8BITMIME or not. A next hop that
         # drops NULs would read "\r\n\0.\r\n" as the end of data: relaying it byte for byte
         # makes us the smuggler. Refused even with `normalize`: dropping the NUL is exactly
@@ -323,15 +334,16 @@ class Connection:
         # and the message would not be what its author (or a DKIM signature) said.
         if b"\0" in content:
             return "nul", content
-        # every CR and LF is part of a CRLF exactly when they number twice the CRLFs
-        # (two passes; counting CR, LF and CRLF one by one takes three slower ones)
-        if len(content) - len(content.translate(None, b"\r\n")) != 2 * content.count(b"\r\n"):
-            if not normalize:
-                return "bare", content
-            content = _ANY_NEWLINE.sub(b"\r\n", content)
-            stuffed = True  # a bare LF before a "." has just become a CRLF
-        if len(content) >= max_line and _has_long_line(content, max_line):
-            return "line", content
+        if not clean:
+            # every CR and LF is part of a CRLF exactly when they number twice the CRLFs
+            # (two passes; counting CR, LF and CRLF one by one takes three slower ones)
+            if len(content) - len(content.translate(None, b"\r\n")) != 2 * content.count(b"\r\n"):
+                if not normalize:
+                    return "bare", content
+                content = _ANY_NEWLINE.sub(b"\r\n", content)
+                stuffed = True  # a bare LF before a "." has just become a CRLF
+            if len(content) >= max_line and _has_long_line(content, max_line):
+                return "line", content
         # RFC 5321 4.5.2: a line that begins with "." had one more "." added by the client
         if stuffed:
             if content[:1] == b".":

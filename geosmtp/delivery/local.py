@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from geosmtp import safeio
+from geosmtp import linescan, safeio
 from geosmtp.delivery.target import DIRECTORY_DOWN, Message, OpenBody, Outcome
 from geosmtp.directory import DirectoryUnavailable
 from geosmtp.envelope import Envelope
@@ -48,7 +48,7 @@ def copy_as_lf(src: BinaryIO, fd: int) -> None:
         carry = b"\r" if chunk.endswith(b"\r") else b""
         if carry:
             chunk = chunk[:-1]
-        safeio.write_all(fd, chunk.replace(b"\r\n", b"\n"))
+        safeio.write_all(fd, linescan.lf_line_ends(chunk))
     if carry:
         safeio.write_all(fd, carry)
 

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import gevent.socket
 
+from geosmtp import linescan
 from geosmtp.connection import (
     Connection,
     ConnectionClosed,
@@ -82,7 +83,7 @@ def remote_reply(code: int, lines: list[str]) -> Reply:
 
 def _stuffed(chunk: bytes, line_start: bool) -> bytes:
     """RFC 5321 4.5.2: one more "." before every line that begins with "."."""
-    out = chunk.replace(b"\n.", b"\n..")
+    out = chunk.replace(b"\n.", b"\n..") if linescan.dotted(chunk) else chunk
     return b"." + out if line_start and chunk[:1] == b"." else out
 
 
