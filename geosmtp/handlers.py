@@ -16,6 +16,7 @@ meant for is still the one running there when it arrives.
 from __future__ import annotations
 
 from typing import Callable
+from weakref import WeakKeyDictionary
 
 import gevent
 from gevent.event import Event
@@ -115,7 +116,10 @@ def interrupt(greenlet: gevent.Greenlet, exc: BaseException, still: Callable[[],
     gevent.get_hub().loop.run_callback(deliver)
 
 
-_kept: Handlers | None = None
+# one pool a hub: a greenlet runs only in the thread of the hub it was made in, so one kept
+# by another thread's hub (a thread that ran a server, then ended) would take jobs and
+# never run them
+_kept: WeakKeyDictionary = WeakKeyDictionary()
 
 
 def spawn(fn: Callable, *args) -> None:
@@ -123,7 +127,8 @@ def spawn(fn: Callable, *args) -> None:
     server starts again and again (a group-commit round, a batch of disk work), which a new
     greenlet each time would make pay for a fresh frame stack. Nobody waits for it or kills
     it; what it raises is logged."""
-    global _kept
-    if _kept is None:
-        _kept = Handlers(keep=16, name="background job")
-    _kept.spawn(fn, *args)
+    hub = gevent.get_hub()
+    kept = _kept.get(hub)
+    if kept is None:
+        kept = _kept[hub] = Handlers(keep=16, name="background job")
+    kept.spawn(fn, *args)

@@ -56,6 +56,7 @@ UNBOUNDED = ("maildir",)  # target kinds without a destination limit: our own di
 GIVE_WAY = 200  # due entries looked at between two turns given to the hub (claims and drops)
 MERGE_SLICE = 2000  # entries of a walk added to the schedule between two turns of the hub
 TURN = 0.001  # seconds of one turn given to the hub
+COMMIT_GRACE = 60.0  # seconds after which an entry of incoming/ nobody announced is taken
 
 
 def give_way() -> None:
@@ -125,6 +126,10 @@ class QueueManager:
         self.pool = Handlers(keep=settings.concurrency, size=settings.concurrency, name="delivery")
         self._signing = gevent.lock.BoundedSemaphore(SIGNING_AT_ONCE)
         self._wakeup = gevent.event.Event()
+        # incoming/ entries their committers said are durable (claimed without a listing),
+        # and whether the next scan takes every entry there (start-up, geosmtp-queue)
+        self._announced: dict[str, None] = {}
+        self._look_all = True
         self._recovered: set[str] = set()
         self._loops: list[gevent.Greenlet] = []
         self.schedule = Schedule()  # next attempt of each deferred/ entry
@@ -142,8 +147,13 @@ class QueueManager:
         self._loops = [gevent.spawn(self._run), gevent.spawn(self._walk_forever)]
         self._wakeup.set()
 
-    def notify(self) -> None:
-        """A new entry is in incoming/: look now rather than at the next scan."""
+    def notify(self, qid: str | None = None) -> None:
+        """Look at incoming/ now rather than at the next scan: at the entry `qid`, which its
+        commit has made durable, or (None: geosmtp-queue moved entries there) at all."""
+        if qid is None:
+            self._look_all = True
+        else:
+            self._announced[qid] = None
         self._wakeup.set()
 
     def use(self, router: Router, signer: Signer | None, may_sign: Callable[[Envelope], bool],
@@ -163,10 +173,14 @@ class QueueManager:
 
     def _run(self) -> None:
         while True:
-            self._wakeup.wait(self._pause())
+            woken = self._wakeup.wait(self._pause())
             self._wakeup.clear()
+            # incoming/ is listed when nothing woke us (the periodic scan) or when asked to;
+            # woken by commits, only the entries they named are taken
+            look = "all" if self._look_all else "announced" if woken else "settled"
+            self._look_all = False
             try:
-                self.run_once()
+                self.run_once(incoming=look)
             except Exception:
                 logger.exception("queue: scan failed")
                 gevent.sleep(1)
@@ -189,14 +203,28 @@ class QueueManager:
             self._armed_until = when
             self._wakeup.set()
 
-    def run_once(self, now: float | None = None) -> int:
+    def run_once(self, now: float | None = None, incoming: str = "all") -> int:
         """Start every entry that may go: the parked ones whose destination has room again,
-        then all of incoming/, oldest first, then the deferred entries whose time has come,
-        earliest first; the number started."""
+        then those of incoming/ (see below), then the deferred entries whose time has
+        come, earliest first; the number started.
+
+        Of incoming/: the entries announced by their commits, and then, listing it, "all"
+        the others, oldest first, or only the "settled" ones (written COMMIT_GRACE seconds
+        ago or more), or none ("announced"). A commit links its entry there before the
+        flush that makes it durable: taken before that flush failed, a message answered
+        451 would be delivered all the same. An entry nobody announced (its worker died
+        after its commit, or the notice was lost) is found by the periodic scan once
+        settled; every entry is taken at start-up and when geosmtp-queue asks."""
         now = time.time() if now is None else now
         waited = self.destinations.ready()
-        incoming = self.spool.run(self.spool.ids, "incoming")
-        due = chain(waited, ((qid, "incoming") for qid in incoming),
+        announced, self._announced = self._announced, {}
+        listed: list[str] = []
+        if incoming == "all":
+            listed = self.spool.run(self.spool.ids, "incoming")
+        elif incoming == "settled":
+            listed = self.spool.run(self.spool.settled_ids, "incoming", time.time() - COMMIT_GRACE)
+        others = (qid for qid in listed if qid not in announced)
+        due = chain(waited, ((qid, "incoming") for qid in chain(announced, others)),
                     ((qid, "deferred") for qid in self.schedule.due(now)))
         started = 0
         for i, (qid, state) in enumerate(due, 1):
@@ -588,4 +616,4 @@ class QueueManager:
             log.error("queue: cannot queue the {} notice: {}", kind, exc)
             raise
         log.info("sender notice {} ({}) queued as {}", kind, len(recipients), notice.id)
-        self.notify()
+        self.notify(notice.id)

@@ -76,7 +76,7 @@ local function window(key, size, n, now)
     redis.call('HSET', key, 'i', index, 'c', c, 'p', p)
     redis.call('EXPIRE', key, math.ceil(2 * size) + 1)
   end
-  return tostring(c + p * (1 - (now % size) / size))
+  return tostring(c + math.ceil(p * (1 - (now % size) / size)))  -- as MemoryLimiter.count
 end
 local function live_others(hash, id, prefix)
   local fields = redis.call('HGETALL', hash)

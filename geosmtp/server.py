@@ -34,7 +34,7 @@ from geosmtp.policy import is_trusted
 from geosmtp.queue import QueueManager
 from geosmtp.redisclient import RedisStore
 from geosmtp.session import Draining, Services, Session, SessionSettings, client_key
-from geosmtp.spool import Spool, held_lock, lock_spool
+from geosmtp.spool import Spool, held_lock, lock_spool, valid_id
 from geosmtp.stress import Load
 
 LISTEN_BACKLOG = 1024
@@ -144,7 +144,7 @@ class Server:
         self.services = Services(
             spool=self.spool,
             directory=self.parts.directory,
-            on_queued=self._announce if role == "worker" else lambda qid: self.queue.notify(),
+            on_queued=self._announce if role == "worker" else self.queue.notify,
             tls=self.parts.tls,
             senders=self.parts.senders,
             checks=self.parts.checks,
@@ -242,6 +242,9 @@ class Server:
     def _start_workers(self) -> None:
         read_fd, self.notify_fd = os.pipe()
         os.set_blocking(read_fd, False)
+        # the workers' end too: a full pipe (the master busy) drops a notice, it never
+        # stops a worker's hub (the periodic scan takes what a lost notice named)
+        os.set_blocking(self.notify_fd, False)
         # the workers' lifeline: they get the read end, only we hold the write end, so they
         # see end-of-file when we are gone (geosmtp.lifeline)
         self._lifeline, self._lifeline_w = os.pipe()
@@ -285,20 +288,27 @@ class Server:
             self._spawn_worker(slot)
 
     def _read_notices(self, fd: int) -> None:
-        """Workers write a byte per queued message: the queue manager looks at once."""
+        """Workers write the id of each message they queued, a line each: the queue manager
+        takes it at once. (A line is one write of less than PIPE_BUF octets: never mixed
+        with another; a read may end inside one, which the next read completes.)"""
+        carry = b""
         while True:
             gevent.socket.wait_read(fd)
             try:
-                if os.read(fd, 4096):
-                    self.queue.notify()
+                data = os.read(fd, 65536)
             except BlockingIOError:
                 continue
+            *lines, carry = (carry + data).split(b"\n")
+            for line in lines:
+                qid = line.decode("ascii", "replace")
+                if valid_id(qid):
+                    self.queue.notify(qid)
 
     def _announce(self, qid: str) -> None:
         try:
-            os.write(self.notify_fd, b"\0")
+            os.write(self.notify_fd, qid.encode("ascii") + b"\n")
         except (BlockingIOError, BrokenPipeError):
-            pass  # the master is busy (its next scan finds the message) or gone
+            pass  # the master is busy (a periodic scan takes the settled entry) or gone
 
     def _watch_master(self, lifeline_fd: int) -> None:
         lifeline.master_gone(lifeline_fd)

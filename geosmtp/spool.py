@@ -517,6 +517,22 @@ class Spool:
         """The ids in a state, oldest first. Runs off the hub."""
         return sorted_gently(self._names(state))
 
+    def settled_ids(self, state: str, before: float) -> list[str]:
+        """The ids in a state whose entry was last written before `before` (or is dated
+        more than a second ahead: a flushed deferred entry keeps its next attempt as its
+        mtime), oldest first. An entry written since may belong to a commit whose flush has
+        not ended: it is not the queue's until its committer says so. Runs off the hub (a
+        stat each)."""
+        settled = []
+        for qid in self._names(state):
+            try:
+                mtime = os.stat(self.entry_path(qid, state)).st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime < before or mtime > time.time() + 1.0:
+                settled.append(qid)
+        return sorted_gently(settled)
+
     def deferred_times(self) -> dict[str, float]:
         """The next attempt (mtime) of every deferred/ entry, by id: what the queue manager
         builds its schedule from. Runs off the hub (a stat an entry: ~5 us each). A dict of

@@ -183,6 +183,10 @@ def test_no_block_with_100000_deferred_entries(tmp_path, spool_dir, monkeypatch)
             time.sleep(0.2)
         srv.wait_for(lambda: set(sent) <= set(delivered_ids(srv, ALICE)), timeout=15)
         srv.wait_for(lambda: stray in delivered_ids(srv, ALICE), timeout=15)
+        # the walk logs what it found once it has merged all of it, which may be after a scan
+        # in between delivered the stray, due already
+        srv.wait_for(lambda: "deferred entries found that the schedule did not know" in srv.log(),
+                     timeout=15)
     finally:
         probe.stop.set()
         probe.join(15)

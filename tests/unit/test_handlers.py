@@ -1,5 +1,7 @@
 """The greenlets that run connections (geosmtp.handlers): reused, counted, interrupted only
 for the session they were meant for."""
+from weakref import WeakKeyDictionary
+
 import gevent
 import pytest
 from gevent.event import Event
@@ -182,7 +184,7 @@ def test_a_bounded_pool_runs_at_most_size_jobs_and_waits_for_room():
 
 def test_background_jobs_run_in_kept_greenlets(monkeypatch):
     from geosmtp import handlers
-    monkeypatch.setattr(handlers, "_kept", None)  # a pool of this test's own (others share the module's)
+    monkeypatch.setattr(handlers, "_kept", WeakKeyDictionary())  # a pool of this test's own
     ran = []
     handlers.spawn(lambda: ran.append(gevent.getcurrent()))
     gevent.sleep(0.01)
@@ -190,3 +192,23 @@ def test_background_jobs_run_in_kept_greenlets(monkeypatch):
     handlers.spawn(lambda: ran.append(gevent.getcurrent()))
     gevent.sleep(0.01)
     assert len(ran) == 2 and ran[0] is ran[1]
+
+
+def test_background_jobs_of_a_thread_that_ended_leave_the_main_hubs_alone(monkeypatch):
+    """A thread with a hub of its own (a server run in a thread) keeps greenlets of that hub
+    idle when it ends: the main hub's jobs must not be handed to them (before: a pool for
+    the whole process, whose idle greenlets of a dead hub took the jobs and never ran them;
+    tests/unit/test_batches.py hung on it when a test before it in the process did that)."""
+    from geosmtp import handlers
+    monkeypatch.setattr(handlers, "_kept", WeakKeyDictionary())
+    thread_ran = []
+
+    def in_thread():
+        handlers.spawn(thread_ran.append, 1)
+        gevent.sleep(0.01)  # the job ran; its greenlet idles in this thread's hub
+
+    worker = gevent.get_hub().threadpool.spawn(in_thread)
+    worker.get(timeout=5)
+    ran = Event()
+    handlers.spawn(ran.set)
+    assert thread_ran == [1] and ran.wait(2)

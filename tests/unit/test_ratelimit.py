@@ -122,3 +122,12 @@ def test_purge_drops_stale_keys_first(clock):
     lim.add("new3", HOUR)  # full: the stale ones go, the fresh ones stay
     assert set(k for k, _ in lim._slots) == {"new1", "new2", "new3"}
     assert lim.count("new1", HOUR) == 1
+
+
+def test_just_after_a_boundary_the_last_window_counts_whole(limiter, clock):
+    """Found in the suite: auth_failures_per_hour_per_ip = 1 let a second attempt through
+    when the hour's boundary fell between the two (1 x 0.9999 < 1)."""
+    clock.now = HOUR - 0.5
+    limiter.add("k", HOUR)
+    clock.now = HOUR + 0.5
+    assert limiter.count("k", HOUR) >= 1

@@ -250,3 +250,58 @@ def test_start_walks_and_stop_ends_both_loops(spool, run):
         qm.stop(timeout=1)
     assert all(g.dead for g in qm._loops)
     assert run.walks_on_hub() == []
+
+
+# -- incoming/: what commits announce, what a scan may take -------------------------------
+def test_woken_by_a_commit_only_the_announced_entry_is_taken(spool, run):
+    """An entry is linked into incoming/ before the flush that makes it durable: one taken
+    then, whose flush fails, is delivered though its client was told 451. So the queue
+    takes what commits announce, and a scan takes an unannounced entry only once settled."""
+    local = Local()
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS))
+    in_flight, done = enqueue(spool).id, enqueue(spool).id  # neither announced yet
+    qm.notify(done)
+    assert qm.run_once(incoming="announced") == 1
+    assert qm.run_once(incoming="settled") == 0  # written a moment ago, nobody announced it
+    settle(qm)
+    assert local.ids == [done] and spool.ids("incoming") == [in_flight]
+    old = time.time() - queue_module.COMMIT_GRACE - 5
+    os.utime(spool.entry_path(in_flight, "incoming"), (old, old))  # its worker died after its commit
+    assert qm.run_once(incoming="settled") == 1
+    settle(qm)
+    assert local.ids == [done, in_flight]
+
+
+def test_start_up_and_geosmtp_queue_take_every_entry_of_incoming(spool, run):
+    local = Local()
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS))
+    first = enqueue(spool).id
+    qm.start()  # the first scan takes all: nothing was in flight before this process
+    gevent.sleep(0.2)
+    settle(qm)
+    assert local.ids == [first]
+    flushed = enqueue(spool).id  # as geosmtp-queue's flush puts one there, then SIGUSR1
+    qm.notify()
+    gevent.sleep(0.2)
+    settle(qm)
+    qm.stop()
+    assert local.ids == [first, flushed]
+
+
+def test_a_flushed_deferred_entry_dated_ahead_is_settled(spool, run):
+    """flush moves a deferred entry into incoming/ with its mtime, the next attempt, which
+    may lie ahead: that is no commit in flight."""
+    qid = deferred(spool, time.time() + 3600)
+    assert spool.move(qid, "deferred", "incoming")
+    assert spool.settled_ids("incoming", time.time() - queue_module.COMMIT_GRACE) == [qid]
+
+
+def test_an_entry_both_announced_and_listed_is_started_once(spool, run):
+    local = Local()
+    qm = QueueManager(spool, Router(local, LOCAL_DOMAINS))
+    qid = enqueue(spool).id
+    qm.notify(qid)
+    qm.notify()  # and geosmtp-queue asked for a look at all of incoming/
+    assert qm.run_once(incoming="all") == 1
+    settle(qm)
+    assert local.ids == [qid]
