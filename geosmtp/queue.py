@@ -4,13 +4,14 @@ It alone decides what happens to a recipient after an attempt: 2xx done, 5xx fai
 retried on the schedule until the message is too old. Delivery code only returns a Reply
 per recipient; it never touches the spool.
 
-Nothing here walks a directory on the hub. incoming/ (normally small) is listed in a thread
-at each scan. deferred/ is never listed per scan: the queue manager is the only writer into
-it, so it keeps the next attempt of every entry in memory (a Schedule), built by a walk in a
-thread at start-up and updated at every defer. geosmtp-queue only takes entries out of
-deferred/ (a stale item's claim then fails and it is dropped), or puts one back that the
-schedule still has. What else could put an entry there unseen (a person's mv, a restored
-backup) is found by the same walk, repeated in a thread every WALK_EVERY scans (less often
+Nothing here walks a directory on the hub. A new message's entry is taken when its commit
+announces it, durable (see run_once); incoming/ is listed, in a thread, at the periodic
+scan, at start-up and when geosmtp-queue asks. deferred/ is never listed per scan: the
+queue manager is the only writer into it, so it keeps the next attempt of every entry in
+memory (a Schedule), built by a walk in a thread at start-up and updated at every defer.
+geosmtp-queue only takes entries out of deferred/ (a stale item's claim then fails and it
+is dropped), or puts one back that the schedule still has. What else could put an entry
+there unseen (a person's mv, a restored backup) is found by the same walk, repeated in a thread every WALK_EVERY scans (less often
 for a queue so big that its walk would cost more than WALK_SHARE of the time).
 
 The queue manager sleeps until the schedule's next entry is due, or scan_interval at most:
