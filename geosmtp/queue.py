@@ -11,8 +11,9 @@ queue manager is the only writer into it, so it keeps the next attempt of every 
 memory (a Schedule), built by a walk in a thread at start-up and updated at every defer.
 geosmtp-queue only takes entries out of deferred/ (a stale item's claim then fails and it
 is dropped), or puts one back that the schedule still has. What else could put an entry
-there unseen (a person's mv, a restored backup) is found by the same walk, repeated in a thread every WALK_EVERY scans (less often
-for a queue so big that its walk would cost more than WALK_SHARE of the time).
+there unseen (a person's mv, a restored backup) is found by the same walk, repeated in a
+thread every WALK_EVERY scans (less often for a queue so big that its walk would cost more
+than WALK_SHARE of the time).
 
 The queue manager sleeps until the schedule's next entry is due, or scan_interval at most:
 a retry two seconds away is tried two seconds later, and an idle server with 100,000
