@@ -131,7 +131,9 @@ class QueueManager:
         # incoming/ entries their committers said are durable (claimed without a listing),
         # and whether the next scan takes every entry there (start-up, geosmtp-queue)
         self._announced: dict[str, None] = {}
-        self._look_all = True
+        self._look_all = False
+        self._listed_at = 0.0  # when incoming/ was last listed for unannounced entries (monotonic)
+        self._started = 0.0  # when start() ran (wall clock): entries written before are settled
         self._recovered: set[str] = set()
         self._loops: list[gevent.Greenlet] = []
         self.schedule = Schedule()  # next attempt of each deferred/ entry
@@ -146,6 +148,7 @@ class QueueManager:
 
     def start(self, recovered: Sequence[str] = ()) -> None:
         self._recovered = set(recovered)
+        self._started = time.time()
         self._loops = [gevent.spawn(self._run), gevent.spawn(self._walk_forever)]
         self._wakeup.set()
 
@@ -175,11 +178,13 @@ class QueueManager:
 
     def _run(self) -> None:
         while True:
-            woken = self._wakeup.wait(self._pause())
+            self._wakeup.wait(self._pause())
             self._wakeup.clear()
-            # incoming/ is listed when nothing woke us (the periodic scan) or when asked to;
-            # woken by commits, only the entries they named are taken
-            look = "all" if self._look_all else "announced" if woken else "settled"
+            # incoming/ is listed when asked to, and every scan_interval however often commits
+            # wake us (a lost notice must not wait for a lull); otherwise only the entries
+            # commits named are taken
+            due = time.monotonic() - self._listed_at >= self.settings.scan_interval
+            look = "all" if self._look_all else "settled" if due else "announced"
             self._look_all = False
             try:
                 self.run_once(incoming=look)
@@ -211,20 +216,27 @@ class QueueManager:
         come, earliest first; the number started.
 
         Of incoming/: the entries announced by their commits, and then, listing it, "all"
-        the others, oldest first, or only the "settled" ones (written COMMIT_GRACE seconds
-        ago or more), or none ("announced"). A commit links its entry there before the
-        flush that makes it durable: taken before that flush failed, a message answered
-        451 would be delivered all the same. An entry nobody announced (its worker died
-        after its commit, or the notice was lost) is found by the periodic scan once
-        settled; every entry is taken at start-up and when geosmtp-queue asks."""
+        the others, oldest first, or only the "settled" ones (linked there COMMIT_GRACE
+        seconds ago or more, or before start()), or none ("announced"). A commit links its
+        entry there before the flush that makes it durable: taken before that flush failed,
+        a message answered 451 would be delivered all the same. An entry nobody announced
+        (its worker died after its commit, or the notice was lost) is found by a periodic
+        scan once settled; every entry is taken when geosmtp-queue asks (an operator's
+        action meeting a failing flush is the one case left to that race)."""
         now = time.time() if now is None else now
         waited = self.destinations.ready()
-        announced, self._announced = self._announced, {}
         listed: list[str] = []
         if incoming == "all":
             listed = self.spool.run(self.spool.ids, "incoming")
         elif incoming == "settled":
-            listed = self.spool.run(self.spool.settled_ids, "incoming", time.time() - COMMIT_GRACE)
+            before = max(time.time() - COMMIT_GRACE, self._started)
+            listed = self.spool.run(self.spool.settled_ids, "incoming", before)
+        if incoming != "announced":
+            self._listed_at = time.monotonic()
+        # an announcement that comes after a listing took its entry (now in delivery, or
+        # parked or deferred again) is stale: dropped, not started as if still in incoming/
+        announced = {qid: None for qid in self._announced if qid not in self._waiting_ids}
+        self._announced = {}
         others = (qid for qid in listed if qid not in announced)
         due = chain(waited, ((qid, "incoming") for qid in chain(announced, others)),
                     ((qid, "deferred") for qid in self.schedule.due(now)))

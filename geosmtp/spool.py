@@ -518,18 +518,19 @@ class Spool:
         return sorted_gently(self._names(state))
 
     def settled_ids(self, state: str, before: float) -> list[str]:
-        """The ids in a state whose entry was last written before `before` (or is dated
-        more than a second ahead: a flushed deferred entry keeps its next attempt as its
-        mtime), oldest first. An entry written since may belong to a commit whose flush has
-        not ended: it is not the queue's until its committer says so. Runs off the hub (a
-        stat each)."""
+        """The ids in a state whose entry was put there (its ctime: a link or a rename sets
+        it, where a message file linked in may be older by its checks' time) before `before`,
+        or is dated more than a second ahead (a flushed deferred entry keeps its next attempt
+        as its mtime), oldest first. An entry put there since may belong to a commit whose
+        flush has not ended: it is not the queue's until its committer says so. Runs off the
+        hub (a stat each)."""
         settled = []
         for qid in self._names(state):
             try:
-                mtime = os.stat(self.entry_path(qid, state)).st_mtime
+                st = os.stat(self.entry_path(qid, state))
             except FileNotFoundError:
                 continue
-            if mtime < before or mtime > time.time() + 1.0:
+            if st.st_ctime < before or st.st_mtime > time.time() + 1.0:
                 settled.append(qid)
         return sorted_gently(settled)
 
