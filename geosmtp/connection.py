@@ -263,19 +263,7 @@ class Connection:
                     self._receive(clock)
                     continue
                 block = tail + bytes(buf[:end])  # from the CRLF that may begin "\r\n.\r\n"
-                # a big block's lines, found by vector compares (None: not clean, or small)
-                lines = None
-                if problem is None and not normalize and len(block) >= linescan.VECTOR_MIN:
-                    lines = linescan.scan(block, max_line)
-                if lines is not None:
-                    found, stuffed = lines.end, lines.stuffed
-                else:
-                    # "\r\n." starts both the end of the data and a dot-stuffed line: a
-                    # block without it (most of a long message) needs neither search twice
-                    dot = block.find(b"\r\n.")
-                    found = -1 if dot < 0 else block.find(b"\r\n.\r\n", dot)
-                    # (after a normalised bare LF the tail is no CRLF: look again)
-                    stuffed = dot >= 0 or not block.startswith(b"\r\n")
+                found, stuffed, clean = self._find_end(block, max_line, normalize, problem is None)
                 if found >= 0:
                     content = block[2 : found + 2]
                     del buf[: found + 3]
@@ -284,7 +272,7 @@ class Connection:
                     del buf[:end]
                     tail = block[-2:]
                 if problem is None and content:
-                    problem, content = self._check(content, max_line, normalize, stuffed, lines is not None)
+                    problem, content = self._check(content, max_line, normalize, stuffed, clean)
                 if problem is None:
                     size += len(content)
                     if size > max_size:
@@ -300,6 +288,23 @@ class Connection:
                 self.sock.settimeout(old_timeout)
             except OSError:
                 pass
+
+    @staticmethod
+    def _find_end(block: bytes, max_line: int, normalize: bool, checking: bool) -> tuple[int, bool, bool]:
+        """(where <CRLF>.<CRLF> begins in the block or -1, whether a line in it may be
+        dot-stuffed, whether its lines before the end are known clean). A big block still
+        being checked is scanned by vector compares (geosmtp.linescan); a small one, or one
+        the scan steps aside for, by bytes methods."""
+        if checking and not normalize and len(block) >= linescan.VECTOR_MIN:
+            lines = linescan.scan(block, max_line)
+            if lines is not None:
+                return lines.end, lines.stuffed, True
+        # "\r\n." starts both the end of the data and a dot-stuffed line: a block without
+        # it (most of a long message) needs neither search twice
+        dot = block.find(b"\r\n.")
+        found = -1 if dot < 0 else block.find(b"\r\n.\r\n", dot)
+        # (after a normalised bare LF the tail is no CRLF: look again)
+        return found, dot >= 0 or not block.startswith(b"\r\n"), False
 
     def _receive(self, clock) -> None:
         """One receive of message data, as long as `clock` allows; it learns what came."""

@@ -60,13 +60,14 @@ def scan(block: bytes, max_line: int) -> Lines | None:
     return Lines(end, bool(dotted.size))
 
 
-def dotted(chunk: bytes) -> bool:
-    """Whether a line after the chunk's first begins with "." (a LF with a dot after it):
-    the relay's dot-stuffing has work to do."""
-    if len(chunk) < VECTOR_MIN:
-        return b"\n." in chunk
-    octets = np.frombuffer(chunk, np.uint8)
-    return bool((octets[1:][octets[:-1] == _LF] == _DOT).any())
+def dot_stuffed(chunk: bytes) -> bytes:
+    """The chunk with one more "." before each line after its first that begins with one
+    (RFC 5321 4.5.2, the relay's side); a big chunk without such a line is not copied."""
+    if len(chunk) >= VECTOR_MIN:
+        octets = np.frombuffer(chunk, np.uint8)
+        if not (octets[1:][octets[:-1] == _LF] == _DOT).any():
+            return chunk
+    return chunk.replace(b"\n.", b"\n..")
 
 
 def lf_line_ends(chunk: bytes) -> bytes:

@@ -129,7 +129,7 @@ class QueueManager:
         self._signing = gevent.lock.BoundedSemaphore(SIGNING_AT_ONCE)
         self._wakeup = gevent.event.Event()
         # incoming/ entries their committers said are durable (claimed without a listing),
-        # and whether the next scan takes every entry there (start-up, geosmtp-queue)
+        # and whether the next scan takes every entry there (geosmtp-queue asked)
         self._announced: dict[str, None] = {}
         self._look_all = False
         self._listed_at = 0.0  # when incoming/ was last listed for unannounced entries (monotonic)

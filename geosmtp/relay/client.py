@@ -83,7 +83,7 @@ def remote_reply(code: int, lines: list[str]) -> Reply:
 
 def _stuffed(chunk: bytes, line_start: bool) -> bytes:
     """RFC 5321 4.5.2: one more "." before every line that begins with "."."""
-    out = chunk.replace(b"\n.", b"\n..") if linescan.dotted(chunk) else chunk
+    out = linescan.dot_stuffed(chunk)
     return b"." + out if line_start and chunk[:1] == b"." else out
 
 

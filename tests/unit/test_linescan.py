@@ -120,14 +120,15 @@ _CHUNK = st.lists(_PIECE, max_size=60).map(b"".join)
 
 @PROPERTY
 @given(chunk=_CHUNK)
-def test_dotted_and_lf_line_ends_agree_with_the_bytes_methods(chunk, monkeypatch):
+def test_dot_stuffed_and_lf_line_ends_agree_with_the_bytes_methods(chunk, monkeypatch):
     monkeypatch.setattr(linescan, "VECTOR_MIN", 0)
-    assert linescan.dotted(chunk) == (b"\n." in chunk)
+    assert linescan.dot_stuffed(chunk) == chunk.replace(b"\n.", b"\n..")
     assert linescan.lf_line_ends(chunk) == chunk.replace(b"\r\n", b"\n")
 
 
 def test_big_chunks_take_the_vector_path():
     text = b"line\r\n" * 5000
     assert linescan.lf_line_ends(text) == b"line\n" * 5000
-    assert not linescan.dotted(text) and linescan.dotted(text + b".dot\r\n")
+    assert linescan.dot_stuffed(text) is text
+    assert linescan.dot_stuffed(text + b".dot\r\n") == text + b"..dot\r\n"
     assert linescan.lf_line_ends(b"x\r" * 5000) == b"x\r" * 5000  # CRs without LF stay
