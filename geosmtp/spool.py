@@ -8,6 +8,8 @@
     queue/hold/<id>       held by the operator
     queue/corrupt/<id>    unreadable entries, kept for a person
     tmp/                  envelope rewrites in progress; swept at start-up
+    spare/<slot>          delivered messages' files, emptied, for new messages to take
+                          (geosmtp.spares: no inode freed and allocated per message)
 
 The first line of a queue entry is always the envelope. At arrival the entry is a second
 name (a hard link) for the message file itself, so a message costs one new file; when
@@ -45,6 +47,7 @@ from geosmtp import groupcommit, handlers, safeio
 from geosmtp.batches import Batches
 from geosmtp.envelope import Envelope
 from geosmtp.groupcommit import GroupCommit, Method
+from geosmtp.spares import Spares
 
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 COMMITTED_TO = ("incoming", "hold")  # where commit() makes entries (recover() checks them)
@@ -91,6 +94,15 @@ def id_time(qid: str) -> float | None:
         return int(qid[:13], 16) / 1e6
     except ValueError:
         return None
+
+
+def _names_other(line: bytes, qid: str) -> bool:
+    """Whether a message file's first line is the envelope of another message than qid
+    (a spare's old first line)."""
+    try:
+        return Envelope.from_line(line).id != qid
+    except (ValueError, TypeError, KeyError):
+        return False  # the placeholder of a spilled message, or not an envelope
 
 
 def valid_id(qid: str) -> bool:
@@ -152,7 +164,7 @@ class MessageWriter:
 
     def _append(self, data: bytes) -> None:
         if self._fd is None:
-            self._fd = safeio.create(self.spool.message_path(self.id))
+            self._fd = self.spool.create_message(self.id)
             data = PLACEHOLDER + data
         safeio.write_all(self._fd, data)
 
@@ -170,7 +182,7 @@ class MessageWriter:
         if self.error is not None:
             raise self.error
         if self._fd is None:
-            self._fd = safeio.create(self.spool.message_path(self.id))
+            self._fd = self.spool.create_message(self.id)
             self.kept = self._take()  # what an end-of-data check reads, without opening the file
             data = first_line + self.kept
         else:
@@ -222,6 +234,7 @@ class Spool:
         self._dirs = {state: os.path.join(self.root, "queue", state) for state in STATES}
         self._msg = os.path.join(self.root, "msg")
         self._tmp = os.path.join(self.root, "tmp")
+        self.spares = Spares(os.path.join(self.root, "spare"))  # delivered messages' files, emptied
         self.commits = GroupCommit(self.root, run, flush)  # the flushes every change waits for
         # finished deliveries' entries, removed a batch at a time (done)
         self._removals = Batches(run, self._remove_entries, after=self._removed)
@@ -236,8 +249,20 @@ class Spool:
     def _tmp_path(self, qid: str) -> str:
         return f"{self._tmp}/{qid}.{os.getpid()}"
 
+    def create_message(self, qid: str) -> int:
+        """A new message's file in msg/, open for writing: a spare if there is one."""
+        path = self.message_path(qid)
+        fd = self.spares.take(path)
+        return fd if fd is not None else safeio.create(path)
+
+    def _drop_message(self, qid: str) -> None:
+        """A delivered message's file kept as a spare, or unlinked."""
+        path = self.message_path(qid)
+        if not self.spares.keep(path):
+            safeio.unlink_quietly(path)
+
     def setup(self) -> None:
-        for d in [self._tmp, self._msg, *self._dirs.values()]:
+        for d in [self._tmp, self._msg, self.spares.dir, *self._dirs.values()]:
             os.makedirs(d, mode=0o700, exist_ok=True)
 
     # -- accepting --------------------------------------------------------------------------
@@ -478,7 +503,7 @@ class Spool:
                     combined = True  # deleted meanwhile: nothing left to wait for
                 safeio.unlink_quietly(self.entry_path(qid, "active"))
                 if combined:
-                    safeio.unlink_quietly(self.message_path(qid))
+                    self._drop_message(qid)
                 out.append((True, not combined))
             except OSError as exc:
                 out.append((False, exc))
@@ -500,7 +525,7 @@ class Spool:
         except OSError:
             return  # logged by the flush; recover() sweeps the messages at the next start
         try:
-            self.run(_in_order, [partial(safeio.unlink_quietly, self.message_path(qid)) for qid in qids])
+            self.run(_in_order, [partial(self._drop_message, qid) for qid in qids])
         except OSError as exc:
             logger.error("spool: cannot remove delivered messages: {}", exc)
 
@@ -636,17 +661,20 @@ class Spool:
         whole = line.endswith(b"\n")
         if whole:
             try:
-                stored = Envelope.from_line(line).stored
+                envelope = Envelope.from_line(line)
             except (ValueError, TypeError, KeyError):
                 return False
-            if stored is None:
+            if envelope.stored is None:
                 return False
-            if entry_size > len(line):  # the entry is the message file itself
-                whole = entry_size - len(line) == stored
+            if envelope.id != qid:  # a spare's old first line: its new content never got there
+                whole = False
+            elif entry_size > len(line):  # the entry is the message file itself
+                whole = entry_size - len(line) == envelope.stored
             elif has_message:  # an entry file of its own: the message is msg/<id>
                 with open(self.message_path(qid), "rb") as fh:
                     first = fh.readline(MAX_ENVELOPE)
-                    whole = os.fstat(fh.fileno()).st_size - len(first) == stored
+                    whole = (os.fstat(fh.fileno()).st_size - len(first) == envelope.stored
+                             and not _names_other(first, qid))
         if whole:
             return False
         logger.warning("spool: {} in {}/ was cut short by a crash before its commit was flushed "
@@ -665,6 +693,7 @@ class Spool:
 
     def _recover(self) -> list[str]:
         self.setup()
+        self.spares.clear()  # before anything takes one: one a crash left unemptied goes too
         for name in os.listdir(self._tmp):
             safeio.unlink_quietly(f"{self._tmp}/{name}")
         recovered = []
@@ -684,7 +713,7 @@ class Spool:
                     messages.add(qid)  # restored, or its entry moved to corrupt/
         for name in messages - known:  # a commit that died before its entry was linked
             safeio.unlink_quietly(f"{self._msg}/{name}")
-        for d in [self._tmp, self._msg, *self._dirs.values()]:
+        for d in [self._tmp, self._msg, self.spares.dir, *self._dirs.values()]:
             safeio.fsync_path(d)
         if recovered:
             logger.info("spool: {} entries recovered from active/", len(recovered))

@@ -816,8 +816,9 @@ def test_done_removes_entry_then_message(spool, monkeypatch, rewritten):
     if rewritten:
         spool.update(envelope)
     events = []
-    real_unlink, real_flush = os.unlink, GroupCommit._flush
+    real_unlink, real_rename, real_flush = os.unlink, os.rename, GroupCommit._flush
     monkeypatch.setattr(os, "unlink", lambda p: (events.append(("unlink", os.fspath(p))), real_unlink(p))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("spare", os.fspath(a))), real_rename(a, b))[1])
     monkeypatch.setattr(GroupCommit, "_flush", lambda *a, **kw: (events.append(("flush",)), real_flush(*a, **kw))[1])
     spool.done(qid)  # returns without waiting for a flush
     assert ("flush",) not in events
@@ -832,12 +833,14 @@ def test_done_removes_entry_then_message(spool, monkeypatch, rewritten):
         assert events == [
             ("unlink", spool.entry_path(qid, "active")),
             ("flush",),
-            ("unlink", spool.message_path(qid)),
+            ("spare", spool.message_path(qid)),
         ]
     else:
         # the entry is the message file: a crash keeping either name keeps the message
-        assert events == [("unlink", spool.entry_path(qid, "active")), ("unlink", spool.message_path(qid))]
-    assert files_under(spool.root) == []
+        assert events == [("unlink", spool.entry_path(qid, "active")), ("spare", spool.message_path(qid))]
+    # the message file, emptied, is kept for the next message (geosmtp.spares)
+    [spare] = files_under(spool.root)
+    assert spare.startswith("spare/") and os.path.getsize(Path(spool.root) / spare) == 0
 
 
 def test_entries_reports_unreadable_envelopes(spool):
