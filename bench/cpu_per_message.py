@@ -14,7 +14,11 @@ file created among many freshly freed inodes costs up to 40 times more (bench/RE
 
 A config that names DNS_PORT gets the port of bench/checks_dns.py (started here), as
 geosmtp-checks-harness.sh does. `--tail S` waits S seconds after the last message before
-reading the CPU (for a config that delivers: the deliveries' CPU counts too).
+reading the CPU (for a config that delivers: the deliveries' CPU counts too). `--perf`
+samples every CPU during each measured run (perf, as root) and prints each process's
+CPU-ms a message and, for the server, the system calls and libraries it went to
+(bench/perf_split.py); the sampling costs some CPU of its own, so the figures of a run
+with --perf are not those to compare.
 
     .venv/bin/python bench/cpu_per_message.py plain=bench/geosmtp-bench.toml \\
         checks=bench/geosmtp-bench-checks.toml
@@ -34,6 +38,8 @@ import sys
 import tempfile
 import time
 import tomllib
+
+import perf_split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -107,10 +113,20 @@ def one_run(workdir: str, config_text: str, env: dict[str, str], a) -> tuple[flo
     try:
         wait_port(port)
         send(port, WARM_UP, a.size, a.conc)
+        profile = profiling = None
+        if a.perf:
+            profile = os.path.join(workdir, "perf.data")
+            profiling = perf_split.record(profile)
+            time.sleep(0.5)  # perf has opened its events
         cpu, started = tree_cpu(server.pid), time.monotonic()
         send(port, a.n, a.size, a.conc)
         elapsed = time.monotonic() - started
         time.sleep(a.tail)
+        if profiling is not None:
+            perf_split.stop(profiling)
+            workers = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+            roles = {server.pid: "geosmtp (master)", **{int(p): "geosmtp workers" for p in workers}}
+            print(perf_split.report(profile, roles, a.n), flush=True)
         if server.poll() is not None:
             raise SystemExit(f"the server exited ({server.returncode}): see {workdir}/server.log")
         return a.n / elapsed, (tree_cpu(server.pid) - cpu) / a.n * 1000
@@ -131,6 +147,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--conc", type=int, default=20)
     ap.add_argument("--tail", type=float, default=0.0, help="seconds to wait before the last CPU reading")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample every CPU with perf during each run and print where the CPU went")
     ap.add_argument("--scratch", default=None, help="where the servers' directories go (default: a temp dir)")
     a = ap.parse_args()
     if not os.path.exists(SMTP_SOURCE):
