@@ -412,6 +412,13 @@ class QueueManager:
             log.error("queue: unreadable entry ({}); moved to corrupt/", exc)
             self.spool.move(qid, "active", "corrupt")
             return None
+        if envelope.id != qid:
+            # a name a crash kept for a file that was since a spare and another message's
+            # (geosmtp.spares): that message has names of its own; this one goes
+            log.warning("queue: the entry names the file of another message ({}); removed, "
+                        "a name left by a crash", envelope.id)
+            self.spool.run(self.spool.drop_stale, qid, "active")
+            return None
         if measured is None:
             # no message will ever come back (an operator's delete that raced our last
             # rewrite, or a damaged spool): park the envelope where a person looks

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import time
 
@@ -52,7 +53,8 @@ class Spares:
         self.enabled = _renameat2 is not None
         self._known: list[str] = []  # names seen in the last listing, not yet tried
         self._listed_empty = float("-inf")
-        self._slot = int.from_bytes(os.urandom(2), "big")  # processes start at different slots
+        # next() of a count is one step under the GIL: threads of a process take turns
+        self._slots = itertools.count(int.from_bytes(os.urandom(2), "big"))  # processes start apart
 
     def clear(self) -> None:
         """Start-up, before any take(): every spare goes (one a crash left unemptied too)."""
@@ -72,15 +74,17 @@ class Spares:
             if os.stat(path).st_nlink != 1:  # still a queue entry's file (an operator moved it)
                 return False
             os.truncate(path, 0)
-            self._slot = slot = (self._slot + 1) % SLOTS
-            os.rename(path, f"{self.dir}/{slot}")
         except FileNotFoundError:
             return True  # gone already: nothing is left to unlink
-        except OSError as exc:
-            if exc.errno in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
-                self.enabled = False
+        except OSError:
             return False
-        self._known.append(str(slot))  # this process's next take() needs no listing for it
+        slot = str(next(self._slots) % SLOTS)
+        try:
+            os.rename(path, f"{self.dir}/{slot}")
+        except OSError:
+            return False  # spare/ gone (an operator's hand): the caller unlinks the file
+        if len(self._known) < SLOTS:  # a master that delivers and seldom takes: bounded
+            self._known.append(slot)  # this process's next take() needs no listing for it
         return True
 
     def take(self, path: str) -> int | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import json
 import os
 import random
 import time
@@ -52,7 +53,10 @@ from geosmtp.spares import Spares
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 COMMITTED_TO = ("incoming", "hold")  # where commit() makes entries (recover() checks them)
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
-PLACEHOLDER = b"{}\n"  # first line of a message streamed before its envelope was known
+# the first line of a message streamed to msg/ before its envelope was known; it names the
+# id, so that recovery can tell a reused file's old first line from it (older versions: "{}")
+def placeholder(qid: str) -> bytes:
+    return b'{"placeholder":"%s"}\n' % qid.encode("ascii")
 MAX_ENVELOPE = 8 * 1024 * 1024  # an envelope line longer than this is corrupt
 # room left in a checked message's envelope line for what the checks add (an
 # Authentication-Results field, a quarantine reason) without a second file
@@ -96,13 +100,24 @@ def id_time(qid: str) -> float | None:
         return None
 
 
-def _names_other(line: bytes, qid: str) -> bool:
-    """Whether a message file's first line is the envelope of another message than qid
-    (a spare's old first line)."""
+def _first_line(line: bytes) -> dict:
     try:
-        return Envelope.from_line(line).id != qid
-    except (ValueError, TypeError, KeyError):
-        return False  # the placeholder of a spilled message, or not an envelope
+        raw = json.loads(line)
+    except ValueError:
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _named(line: bytes) -> str | None:
+    """The id a message file's first line names: an envelope's, or a placeholder's; None
+    for an older placeholder ("{}") or a line that is neither."""
+    raw = _first_line(line)
+    named = raw.get("placeholder", raw.get("id"))
+    return named if isinstance(named, str) else None
+
+
+def _placeholder(line: bytes) -> bool:
+    return "placeholder" in _first_line(line) or line.strip() == b"{}"
 
 
 def valid_id(qid: str) -> bool:
@@ -165,7 +180,7 @@ class MessageWriter:
     def _append(self, data: bytes) -> None:
         if self._fd is None:
             self._fd = self.spool.create_message(self.id)
-            data = PLACEHOLDER + data
+            data = placeholder(self.id) + data
         safeio.write_all(self._fd, data)
 
     def keep(self) -> None:
@@ -608,6 +623,29 @@ class Spool:
                 return None
         return None
 
+    def still_message(self, fh: BinaryIO, qid: str) -> bool:
+        """After reading from open_body(qid): whether the file was that message throughout.
+        A delivered message's file is emptied and then renamed into spare/ (geosmtp.spares),
+        so one that still has its name and octets was not touched while it was read."""
+        st = os.fstat(fh.fileno())
+        try:
+            return st.st_size > 0 and os.path.samestat(st, os.stat(self.message_path(qid)))
+        except FileNotFoundError:
+            return False
+
+    def drop_stale(self, qid: str, state: str) -> None:
+        """An entry whose file is another message's now (a name a crash kept for a file
+        that became a spare and was taken): its names go, msg/<id> too when it is that
+        file; the file stays under the other message's names."""
+        entry = self.entry_path(qid, state)
+        try:
+            same = os.path.samefile(entry, self.message_path(qid))
+        except FileNotFoundError:
+            same = False
+        safeio.unlink_quietly(entry)
+        if same:
+            safeio.unlink_quietly(self.message_path(qid))
+
     def delete(self, qid: str, state: str) -> bool:
         """Remove an entry and its message, in any state; the entry first, like done(), so
         no entry ever points at a missing message. False when the entry is not in `state`.
@@ -659,22 +697,24 @@ class Spool:
             line = fh.readline(MAX_ENVELOPE)
             entry_size = os.fstat(fh.fileno()).st_size
         whole = line.endswith(b"\n")
-        if whole:
+        if whole and (_placeholder(line) or _named(line) not in (qid, None)):
+            # a reused file's old first line (another message's envelope or placeholder;
+            # an entry never begins with a placeholder): its new content never got there
+            whole = False
+        elif whole:
             try:
                 envelope = Envelope.from_line(line)
             except (ValueError, TypeError, KeyError):
                 return False
             if envelope.stored is None:
                 return False
-            if envelope.id != qid:  # a spare's old first line: its new content never got there
-                whole = False
-            elif entry_size > len(line):  # the entry is the message file itself
+            if entry_size > len(line):  # the entry is the message file itself
                 whole = entry_size - len(line) == envelope.stored
             elif has_message:  # an entry file of its own: the message is msg/<id>
                 with open(self.message_path(qid), "rb") as fh:
                     first = fh.readline(MAX_ENVELOPE)
                     whole = (os.fstat(fh.fileno()).st_size - len(first) == envelope.stored
-                             and not _names_other(first, qid))
+                             and _named(first) in (qid, None))
         if whole:
             return False
         logger.warning("spool: {} in {}/ was cut short by a crash before its commit was flushed "

@@ -248,15 +248,19 @@ def read_message(spool: Spool, qid: str, whole: bool) -> tuple[bytes | None, str
         return None, str(exc)
     with fh:
         if whole:
-            return fh.read(), None
-        lines, size = [], 0
-        while size < MAX_HEADERS:
-            line = fh.readline(MAX_HEADERS - size)
-            if not line or line in (b"\r\n", b"\n"):
-                break
-            lines.append(line)
-            size += len(line)
-        return b"".join(lines), None
+            data = fh.read()
+        else:
+            lines, size = [], 0
+            while size < MAX_HEADERS:
+                line = fh.readline(MAX_HEADERS - size)
+                if not line or line in (b"\r\n", b"\n"):
+                    break
+                lines.append(line)
+                size += len(line)
+            data = b"".join(lines)
+        if not spool.still_message(fh, qid):  # its file emptied for another message meanwhile
+            return None, "delivered while it was read"
+        return data, None
 
 
 def raw_first_line(spool: Spool, qid: str, state: str) -> str | None:

@@ -3,6 +3,7 @@ emptied, is the next message's; never one with another name, never more than SLO
 reused file whose new content a crash lost is not taken for a message at recovery."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -168,3 +169,77 @@ def test_recover_clears_the_spares(spool):
     assert os.listdir(spool.spares.dir)
     spool.recover()
     assert os.listdir(spool.spares.dir) == []
+
+
+def test_a_stale_deferred_name_of_a_reused_file_is_not_delivered(spool):
+    # a deferred entry's name that a crash kept after its message was delivered and its
+    # file taken by another message (the "fsync" method flushes only the new message's
+    # names): at recovery it looks like a message of its own. Delivered, it would send the
+    # other message under the old id and end that one's file.
+    from geosmtp.delivery.target import Router
+    from geosmtp.queue import QueueManager
+    from tests.unit.test_envelope_queue import LOCAL_DOMAINS, FakeLocal
+
+    old = enqueue(spool, DATA)
+    assert spool.claim(old.id) and spool.move(old.id, "active", "deferred")
+    assert spool.move(old.id, "deferred", "incoming")
+    deliver(spool, old.id)
+    new = enqueue(spool, b"the new message\r\n")
+    os.link(spool.message_path(new.id), spool.entry_path(old.id, "deferred"))  # the crash's image
+    spool.recover()
+    target = FakeLocal()
+    qm = QueueManager(spool, Router(target, LOCAL_DOMAINS))
+    assert spool.claim(old.id, "deferred")
+    qm.deliver(old.id)
+    assert target.calls == []  # nothing delivered under the old id
+    assert spool.ids("incoming") == [new.id] and body(spool, new.id) == b"the new message\r\n"
+    assert spool.ids("active") == spool.ids("deferred") == spool.ids("corrupt") == []
+    assert not os.path.exists(spool.message_path(old.id))
+
+
+@pytest.mark.parametrize("placeholder", [b'{"placeholder":"0123456789ABCDEF01"}\n', b"{}\n"],
+                         ids=["named", "older"])
+def test_recover_removes_an_entry_that_begins_with_a_placeholder(spool, placeholder):
+    # a small message's entry is its file: over a spilled message's reused file whose new
+    # content never reached the disk it begins with that message's placeholder
+    kept = enqueue(spool, DATA)
+    lost = enqueue(spool, b"small\r\n")
+    Path(spool.message_path(lost.id)).write_bytes(placeholder + b"x" * 40)
+    assert spool.recover() == []
+    assert spool.ids("incoming") == [kept.id] and spool.ids("corrupt") == []
+
+
+def test_a_spilled_message_file_names_its_id(spool):
+    message = enqueue(spool, b"B" * (3 * 128 * 1024))
+    with open(spool.message_path(message.id), "rb") as fh:
+        assert json.loads(fh.readline()) == {"placeholder": message.id}
+
+
+def test_the_queue_tool_does_not_show_a_file_emptied_while_it_read(spool, monkeypatch):
+    from geosmtp.queuectl import entries
+
+    message = enqueue(spool, DATA)
+    assert entries.read_message(spool, message.id, whole=True) == (DATA, None)
+    real = spool.open_body
+
+    def delivered_meanwhile(qid):
+        fh = real(qid)
+        assert spool.claim(qid)
+        spool._remove_entries([qid])  # the delivery's end: the file goes into spare/
+        return fh
+
+    monkeypatch.setattr(spool, "open_body", delivered_meanwhile)
+    assert entries.read_message(spool, message.id, whole=True) == (None, "delivered while it was read")
+
+
+def test_keep_without_a_spare_directory_leaves_the_file_to_unlink(tmp_path):
+    spares = Spares(str(tmp_path / "no-such-dir"))
+    message = write(tmp_path / "m", DATA)
+    assert not spares.keep(str(message))  # the caller unlinks it
+
+
+def test_a_master_that_only_keeps_remembers_at_most_slots_names(tmp_path, spares, monkeypatch):
+    monkeypatch.setattr(spares_module, "SLOTS", 4)
+    for i in range(20):
+        assert spares.keep(str(write(tmp_path / f"m{i}", b"x")))
+    assert len(spares._known) <= 4

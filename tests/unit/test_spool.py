@@ -31,13 +31,13 @@ from geosmtp.envelope import ClientInfo, Envelope, Recipient
 from geosmtp.groupcommit import GroupCommit
 from geosmtp.spool import (
     MAX_ENVELOPE,
-    PLACEHOLDER,
     SPILL_SIZE,
     STATES,
     MessageWriter,
     Spool,
     SpoolError,
     new_id,
+    placeholder,
     valid_id,
 )
 
@@ -228,14 +228,14 @@ def test_commit_large_message_spilled_to_disk(spool):
     for i in range(0, len(data), 4096):
         writer.write(data[i:i + 4096])
     assert writer.spilled  # it went to msg/ while DATA was still arriving
-    assert read(spool.message_path(writer.id)).startswith(PLACEHOLDER)
+    assert read(spool.message_path(writer.id)).startswith(placeholder(writer.id))
     assert files_under(spool.root) == [f"msg/{writer.id}"]
     envelope = make_envelope(writer.id, size=writer.size)
     spool.commit(writer, envelope)
     qid = writer.id
     msg, entry = spool.message_path(qid), spool.entry_path(qid, "incoming")
     assert writer.size == len(data)
-    assert read(msg) == PLACEHOLDER + data
+    assert read(msg) == placeholder(qid) + data
     assert read(entry) == envelope.to_line()  # a separate envelope file
     assert not same_file(msg, entry) and os.stat(msg).st_nlink == 1 and os.stat(entry).st_nlink == 1
     assert spool.load(qid, "incoming") == envelope
@@ -248,7 +248,7 @@ def test_message_of_exactly_the_spill_size_is_spilled(spool):
     writer.write(b"y" * SPILL_SIZE)
     assert writer.spilled
     spool.commit(writer, make_envelope(writer.id))
-    assert read(spool.message_path(writer.id)) == PLACEHOLDER + b"y" * SPILL_SIZE
+    assert read(spool.message_path(writer.id)) == placeholder(writer.id) + b"y" * SPILL_SIZE
     assert os.stat(spool.message_path(writer.id)).st_nlink == 1
 
 
@@ -597,7 +597,7 @@ def test_load_of_a_combined_entry_after_claim(spool):
 
 @pytest.mark.parametrize(
     "content",
-    [b"", PLACEHOLDER, b"{not json\n", b"[]\n", b"\n" + make_envelope("0123456789ABCDEF").to_line(),
+    [b"", placeholder("0123456789ABCDEF"), b"{not json\n", b"[]\n", b"\n" + make_envelope("0123456789ABCDEF").to_line(),
      b"\xff\xfe\n"],
     ids=["empty", "placeholder", "bad-json", "not-an-object", "blank-first-line", "not-utf8"],
 )
@@ -631,7 +631,7 @@ def test_open_body_of_a_spilled_message_skips_the_placeholder(spool):
     data = big(1)
     envelope = enqueue(spool, data)
     with spool.open_body(envelope.id) as fh:
-        assert fh.read(len(PLACEHOLDER)) == data[:len(PLACEHOLDER)]
+        assert fh.read(64) == data[:64]
 
 
 @pytest.mark.parametrize("content", [b"", b"no newline at all", b"{}"], ids=["empty", "no-newline", "cut-placeholder"])
@@ -847,7 +847,7 @@ def test_entries_reports_unreadable_envelopes(spool):
     good = enqueue(spool)
     spilled = enqueue(spool, big(1))
     write(spool.entry_path("0123456789ABCDEF", "corrupt"), b"{not json")
-    write(spool.entry_path("0123456789ABCDEG", "corrupt"), PLACEHOLDER + b"message\r\n")
+    write(spool.entry_path("0123456789ABCDEG", "corrupt"), placeholder("0123456789ABCDEG") + b"message\r\n")
     found = {(state, env.id if env else None) for state, env, _ in spool.entries()}
     assert found == {("incoming", good.id), ("incoming", spilled.id), ("corrupt", None)}
     assert len(list(spool.entries())) == 4
