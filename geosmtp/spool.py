@@ -53,10 +53,6 @@ from geosmtp.spares import Spares
 STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 COMMITTED_TO = ("incoming", "hold")  # where commit() makes entries (recover() checks them)
 SPILL_SIZE = 128 * 1024  # a message bigger than this goes to disk while DATA is still arriving
-# the first line of a message streamed to msg/ before its envelope was known; it names the
-# id, so that recovery can tell a reused file's old first line from it (older versions: "{}")
-def placeholder(qid: str) -> bytes:
-    return b'{"placeholder":"%s"}\n' % qid.encode("ascii")
 MAX_ENVELOPE = 8 * 1024 * 1024  # an envelope line longer than this is corrupt
 # room left in a checked message's envelope line for what the checks add (an
 # Authentication-Results field, a quarantine reason) without a second file
@@ -98,6 +94,12 @@ def id_time(qid: str) -> float | None:
         return int(qid[:13], 16) / 1e6
     except ValueError:
         return None
+
+
+def placeholder(qid: str) -> bytes:
+    """The first line of a message streamed to msg/ before its envelope was known. It names
+    the id, so that recovery tells a reused file's old first line from it (before: "{}")."""
+    return b'{"placeholder":"%s"}\n' % qid.encode("ascii")
 
 
 def _first_line(line: bytes) -> dict:
