@@ -80,6 +80,10 @@ def _in_threadpool(fn, *args):
 
 
 MIN_SLICE = 50_000  # names one min() call looks at (~1 ms with the GIL held)
+# a state with this many entries is listed again only after REUSE seconds: its listing
+# takes the GIL back once a name (50 ms for 100,000), which on a loaded machine the hub's
+# greenlets wait for; scraped every few seconds, a big queue is counted once in REUSE
+BIG, REUSE = 10_000, 2.0
 
 
 class SpoolCollector:
@@ -90,23 +94,34 @@ class SpoolCollector:
     def __init__(self, spool_dir: str, run: Callable = _in_threadpool):
         self.spool_dir = spool_dir
         self.run = run
+        self._big: dict[str, tuple[float, int, float | None]] = {}  # state: (when, count, oldest)
 
     def count(self) -> tuple[dict[str, int], float | None]:
         """Entries per state, and the arrival time of the oldest (None: no entry)."""
         counts, first = {}, None
         for state in QUEUE_STATES:
-            try:
-                names = os.listdir(os.path.join(self.spool_dir, "queue", state))
-            except OSError:
-                names = []
-            counts[state] = len(names)
-            if names:
-                # min() of a slice at a time: one call on a million names would hold the GIL
-                lowest = min(min(names[i:i + MIN_SLICE]) for i in range(0, len(names), MIN_SLICE))
-                stamp = id_time(lowest)
-                if stamp is not None and (first is None or stamp < first):
-                    first = stamp
+            counts[state], stamp = self._state(state)
+            if stamp is not None and (first is None or stamp < first):
+                first = stamp
         return counts, first
+
+    def _state(self, state: str) -> tuple[int, float | None]:
+        now = time.monotonic()
+        if state in self._big and now - self._big[state][0] < REUSE:
+            return self._big[state][1:]
+        try:
+            names = os.listdir(os.path.join(self.spool_dir, "queue", state))
+        except OSError:
+            names = []
+        stamp = None
+        if names:
+            # min() of a slice at a time: one call on a million names would hold the GIL
+            stamp = id_time(min(min(names[i:i + MIN_SLICE]) for i in range(0, len(names), MIN_SLICE)))
+        if len(names) >= BIG:
+            self._big[state] = (now, len(names), stamp)
+        else:
+            self._big.pop(state, None)
+        return len(names), stamp
 
     @staticmethod
     def describe():

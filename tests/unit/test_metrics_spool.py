@@ -60,3 +60,21 @@ def test_the_default_run_is_a_thread_of_gevents_pool(tmp_path):
     families = list(collector.collect())
     assert threads and threads[0] != threading.get_ident()
     assert [s.value for s in families[0].samples if s.labels == {"state": "incoming"}] == [1]
+
+
+def test_a_big_state_is_listed_again_only_after_reuse_seconds(tmp_path, monkeypatch):
+    # a listing of 100,000 names takes the GIL back once a name: scraped often, a big
+    # queue is counted once in REUSE seconds; a small state is counted at every scrape
+    monkeypatch.setattr(metrics, "BIG", 4)
+    spool_with(tmp_path, incoming=1, deferred=4)
+    collector = metrics.SpoolCollector(str(tmp_path / "spool"))
+    assert collector.count()[0]["deferred"] == 4
+    queue = tmp_path / "spool" / "queue"
+    for i in range(2):
+        (queue / "deferred" / f"{int(time.time() * 1e6):013X}{i + 100:010X}").write_bytes(b"{}\n")
+        (queue / "incoming" / f"{int(time.time() * 1e6):013X}{i + 100:010X}").write_bytes(b"{}\n")
+    counts = collector.count()[0]
+    assert counts["deferred"] == 4 and counts["incoming"] == 3
+    clock = time.monotonic
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock() + metrics.REUSE)
+    assert collector.count()[0]["deferred"] == 6
