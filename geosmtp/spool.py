@@ -102,24 +102,20 @@ def placeholder(qid: str) -> bytes:
     return b'{"placeholder":"%s"}\n' % qid.encode("ascii")
 
 
-def _first_line(line: bytes) -> dict:
+def _first_line(line: bytes) -> dict | None:
+    """A message file's first line as a JSON object, None when it is not one."""
     try:
         raw = json.loads(line)
     except ValueError:
-        return {}
-    return raw if isinstance(raw, dict) else {}
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
-def _named(line: bytes) -> str | None:
-    """The id a message file's first line names: an envelope's, or a placeholder's; None
-    for an older placeholder ("{}") or a line that is neither."""
-    raw = _first_line(line)
-    named = raw.get("placeholder", raw.get("id"))
+def _named(raw: dict | None) -> str | None:
+    """The id a first line names: an envelope's, or a placeholder's; None for an older
+    placeholder ("{}") or a line that is neither."""
+    named = (raw or {}).get("placeholder", (raw or {}).get("id"))
     return named if isinstance(named, str) else None
-
-
-def _placeholder(line: bytes) -> bool:
-    return "placeholder" in _first_line(line) or line.strip() == b"{}"
 
 
 def valid_id(qid: str) -> bool:
@@ -699,7 +695,8 @@ class Spool:
             line = fh.readline(MAX_ENVELOPE)
             entry_size = os.fstat(fh.fileno()).st_size
         whole = line.endswith(b"\n")
-        if whole and (_placeholder(line) or _named(line) not in (qid, None)):
+        raw = _first_line(line) if whole else None
+        if raw is not None and (raw == {} or "placeholder" in raw or _named(raw) not in (qid, None)):
             # a reused file's old first line (another message's envelope or placeholder;
             # an entry never begins with a placeholder): its new content never got there
             whole = False
@@ -716,7 +713,7 @@ class Spool:
                 with open(self.message_path(qid), "rb") as fh:
                     first = fh.readline(MAX_ENVELOPE)
                     whole = (os.fstat(fh.fileno()).st_size - len(first) == envelope.stored
-                             and _named(first) in (qid, None))
+                             and _named(_first_line(first)) in (qid, None))
         if whole:
             return False
         logger.warning("spool: {} in {}/ was cut short by a crash before its commit was flushed "
